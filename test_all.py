@@ -426,6 +426,9 @@ class _TLSHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
     def get_request(self):
         sock, addr = self.socket.accept()
+        # gSOAP sends a response in one buffer; without NODELAY the body
+        # would wait for the client's delayed ACK (40 ms per call).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # The handshake runs in the handler's thread, not in accept().
         return (self.fixture.context.wrap_socket(
             sock, server_side=True, do_handshake_on_connect=False), addr)
@@ -501,6 +504,7 @@ class JPPSFixture:
       drop      close the connection without answering
       drop_mid  send half of the response, then close
       hang      answer nothing until release() (or `seconds`), then drop
+                the connection, or answer normally with answer=True
       doctype   HTTP 200 with a DOCTYPE/entity declaration in the body
     `name` of StartUpload: absent, xsi:nil or text.  The WSDL declares it
     minOccurs=1, but the original client sent a NULL name and the real
@@ -643,6 +647,9 @@ class JPPSFixture:
         elif kind in ("drop", "drop_mid", "hang"):
             if kind == "hang":
                 self.released.wait(kw.get("seconds", TIMEOUT))
+                if kw.get("answer"):
+                    call.result = None
+                    return False
             elif kind == "drop_mid":
                 data = self.envelope("<jpelem:%sResponse></jpelem:%sResponse>"
                                      % (call.op, call.op)).encode()

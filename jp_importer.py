@@ -1,0 +1,2227 @@
+#!/usr/bin/env python3
+"""jp_importer -- hand LB jobs over to a JP primary storage, losing nothing.
+
+Usage: %(prog)s [options]
+       %(prog)s --status | --requeue [maildir options]
+       %(prog)s --upload FILE URL [credential options]
+
+Watches three LB maildirs: registrations (RegisterJob), LB dumps and
+sandbox tarballs (StartUpload, upload to the URL the JP primary storage
+hands back, CommitUpload).  A drop-in replacement for glite-jp-importer.
+
+Options (as the original):
+  -h, --help              show this help and exit
+  -c, --cert FILE         client certificate (host certificate or proxy)
+  -k, --key FILE          private key (default: the -c file, as in a proxy)
+  -C, --CAdir DIR         trusted CA directory
+                          (default: $X509_CERT_DIR or %(cadir)s)
+  -g, --debug             stay in the foreground, log to stderr
+  -p, --jpps URL          default JP primary storage (default: %(jpps)s);
+                          host:port, http:// and https:// all mean TLS
+  -r, --reg-mdir DIR      registration maildir (default: %(reg)s)
+  -d, --dump-mdir DIR     dump maildir (default: %(dump)s)
+  -D, --dump-slaves N     dump worker processes, 1..%(maxdump)d (default: 1)
+  -s, --sandbox-mdir DIR  sandbox maildir (default: %(sandbox)s)
+  -i, --pidfile FILE      pid file (default: %(pidfile)s)
+  -t, --poll SECONDS      idle poll interval (default: %(poll)s)
+  -S, --store DIR         keep uploaded dump files in DIR instead of
+                          deleting them (created 0750 if missing)
+
+New options (long only):
+  --once                  drain every queue once and exit (for cron)
+  --status                print the state of the maildirs; change nothing
+  --requeue               move undeliverable messages back for delivery
+  --retry SECONDS         first retry delay (default: 300 registrations,
+                          360 uploads; doubles per attempt, at most 1 h)
+  --give-up SECONDS       give a failing message up when older than this
+                          (default: %(giveup)d = 5 days)
+  --timeout SECONDS       total time for one SOAP call, and the per-read
+                          time limit of an upload (default: %(timeout)d)
+  --log FILE              log to FILE (default: syslog, or stderr with -g)
+  --upload FILE URL       upload one file by hand with the importer's
+                          credentials (checks a site's JPPS storage)
+  --dcau auto|N|A         gsiftp data channel protection (default: auto)
+  --allow-plain-ftp       allow ftp:// destinations without TLS
+  --version               print the version and exit
+
+Credentials, when -c is not given: $X509_USER_PROXY, /tmp/x509up_u<uid>,
+$X509_USER_CERT/$X509_USER_KEY, ~/.globus/usercert.pem and userkey.pem,
+and as root /etc/grid-security/hostcert.pem and hostkey.pem.
+
+Signals: TERM/INT finish the messages in hand and exit 0; HUP reloads the
+credentials and reopens the log file.
+
+Exit status: 0 success, 1 runtime error, 2 usage error.
+Requires only the Python 3.6+ standard library.
+"""
+
+__version__ = "1.0.0"
+
+import base64
+import calendar
+import errno
+import fcntl
+import getopt
+import hashlib
+import http.client
+import logging
+import logging.handlers
+import os
+import random
+import re
+import select
+import shutil
+import signal
+import socket
+import ssl
+import stat
+import sys
+import time
+import urllib.parse
+import xml.etree.ElementTree as ET
+from xml.sax.saxutils import escape
+
+# ---------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------
+
+PROG = "jp_importer"
+
+DEFAULT_JPPS = "http://localhost:8901"      # GLITE_JPPS of the original
+DEFAULT_REG_MDIR = "/var/glite/jpreg"
+DEFAULT_DUMP_MDIR = "/var/glite/jpdump"
+DEFAULT_SANDBOX_MDIR = "/var/glite/jpsandbox"
+DEFAULT_CA_DIR = "/etc/grid-security/certificates"
+DEFAULT_POLL = 2.0
+MAX_DUMP_WORKERS = 20                       # PID_POOL_SIZE of the original
+
+CALL_TIMEOUT = 120.0        # JPPS_NO_RESPONSE_TIMEOUT: one SOAP call, total
+RETRY_REGISTRATION = 300.0  # JPREG_REPEAT_TIMEOUT
+RETRY_UPLOAD = 360.0        # JP_REPEAT_TIMEOUT: longer than the JPPS upload
+                            # deadline, so a stale upload has expired
+RETRY_CAP = 3600.0
+GIVE_UP = 5 * 86400.0       # the original's 50-60 min lost every message of
+                            # a longer JPPS outage
+JITTER = 0.2                # +-20 % on every retry delay
+STALE_TMP_AGE = 86400.0     # a lone master copy older than this is requeued
+UPLOAD_DEADLINE = 300.0     # the JPPS purges unfinished uploads after this
+COMMIT_BEFORE = 1000        # seconds asked for in StartUpload (ignored by
+                            # the JPPS, sent as the original did)
+RESTART_BACKOFF_MAX = 60.0  # a crashing worker is restarted at most this
+                            # slowly, never in a tight fork loop
+
+SUBDIRS = ("tmp", "new", "work", "post", "undeliverable")
+STATE_DIR = "state"         # ours: per-message attempts, errors, reasons
+MAX_MESSAGE = 64 * 1024     # a real message is < 1 kB
+MAX_RESPONSE = 1024 * 1024  # a real JPPS answer is < 2 kB
+MAX_REASON = 500
+
+CLASS_LB = "urn:org.glite.jp.primary:lb"
+CLASS_SANDBOX = "urn:org.glite.jp.primary:isb"  # input and output sandboxes
+TYPE_LB = "text/lb"
+TYPE_SANDBOX = "tar/lb"                         # what the original sent
+REGTIME_ATTR = "http://egee.cesnet.cz/en/Schema/JP/System:regtime"
+
+NS_SOAP = "http://schemas.xmlsoap.org/soap/envelope/"
+NS_JPELEM = "http://glite.org/wsdl/elements/jp"
+ENVELOPE = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n'
+    '<SOAP-ENV:Envelope'
+    ' xmlns:SOAP-ENV="http://schemas.xmlsoap.org/soap/envelope/"'
+    ' xmlns:SOAP-ENC="http://schemas.xmlsoap.org/soap/encoding/"'
+    ' xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"'
+    ' xmlns:xsd="http://www.w3.org/2001/XMLSchema"'
+    ' xmlns:jpsrv="http://glite.org/wsdl/services/jp"'
+    ' xmlns:jptype="http://glite.org/wsdl/types/jp"'
+    ' xmlns:jpelem="http://glite.org/wsdl/elements/jp">'
+    '<SOAP-ENV:Body>%s</SOAP-ENV:Body></SOAP-ENV:Envelope>')
+
+KIND_REG, KIND_DUMP, KIND_SANDBOX = "registration", "dump", "sandbox"
+
+log = logging.getLogger(PROG)
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+class Error(Exception):
+    """Base class for the errors jp_importer reports and survives."""
+
+
+class ConfigError(Error):
+    """Bad configuration (options, credentials, directories): fatal."""
+
+
+class TransientError(Error):
+    """May succeed later: timeouts, dropped connections, 4xx replies."""
+
+
+class PermanentError(Error):
+    """Will not succeed by retrying: 5xx, authentication refused,
+    destination forbidden, untrusted or misnamed server."""
+
+
+class RetryLater(TransientError):
+    """A transient failure that must not be retried before `delay` s."""
+
+    def __init__(self, message, delay):
+        TransientError.__init__(self, message)
+        self.delay = delay
+
+
+class MalformedMessage(PermanentError):
+    """A maildir message that cannot be understood; quarantined."""
+
+
+class JPPSFault(Error):
+    """A SOAP fault from the JPPS, with the genericFault chain.
+
+    `code` is the errno of the outermost genericFault, or None when the
+    fault carried no parsable detail; `chain` lists (source, code, text,
+    description) from the outermost to the root cause.
+    """
+
+    def __init__(self, faultstring, code=None, chain=()):
+        self.faultstring, self.code, self.chain = faultstring, code, chain
+        Error.__init__(self, self.describe())
+
+    def describe(self):
+        parts = ["%s: %s" % (errno.errorcode.get(self.code, self.code),
+                             self.faultstring) if self.code is not None
+                 else self.faultstring]
+        for source, code, text, description in self.chain:
+            parts.append("%s: %s (%s)" % (source, text or code, description))
+        return "; ".join(parts)
+
+
+# Everything that can go wrong on a socket and is worth another try
+# (cf. ftplib.all_errors); socket.timeout is not a TimeoutError before 3.10.
+NETWORK_ERRORS = (socket.timeout, OSError, EOFError,
+                  http.client.HTTPException)
+
+# ---------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------
+
+
+def signame(sig):
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return "signal %d" % sig
+
+
+def decode_wait_status(status):
+    """Describe a waitpid() status as supervisor does."""
+    if os.WIFEXITED(status):
+        return "exit status %d" % os.WEXITSTATUS(status)
+    if os.WIFSIGNALED(status):
+        return "terminated by %s" % signame(os.WTERMSIG(status))
+    return "status %d" % status
+
+
+def one_line(text, limit=MAX_REASON):
+    """Text fit for one log line or a state file value."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def format_time(t):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def format_age(seconds):
+    """2d03h, 4h05m, 6m07s or 8s."""
+    s = max(0, int(seconds))
+    if s >= 86400:
+        return "%dd%02dh" % (s // 86400, s % 86400 // 3600)
+    if s >= 3600:
+        return "%dh%02dm" % (s // 3600, s % 3600 // 60)
+    if s >= 60:
+        return "%dm%02ds" % (s // 60, s % 60)
+    return "%ds" % s
+
+
+def soap_datetime(t):
+    """xsd:dateTime in UTC, the form gSOAP writes: 2010-06-21T09:30:28Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def write_private_file(path, data):
+    """Write `data` to `path` atomically (tmp, fsync, rename), mode 0600."""
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        unlink_quietly(tmp)
+        raise
+    os.close(fd)
+    os.rename(tmp, path)
+
+
+JOBID_RE = re.compile(r"^https://(\[[^\]\s/]+\]|[^\s/:?\[\]]+)(?::(\d+))?"
+                      r"/([^\s?]+)(\?\S*)?$")
+
+
+def parse_jobid(text):
+    """Parse an LB jobid as the original (SPEC 2.5); return the normal form.
+
+    https://host[:port]/unique[?info], port 9000 when absent.  Raises
+    ValueError with the reason.
+    """
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError("control character in jobid")
+    match = JOBID_RE.match(text)
+    if not match:
+        raise ValueError("not an LB jobid (https://host[:port]/unique)")
+    host, port, unique, info = match.groups()
+    port = int(port) if port else 9000
+    if not 0 < port < 65536:
+        raise ValueError("jobid port out of range")
+    return "https://%s:%d/%s%s" % (host, port, unique, info or "")
+
+
+def parse_endpoint(text):
+    """(host, port, path) of a JPPS address.
+
+    host:port, http://host:port[/path] and https://host:port[/path] all
+    mean TLS: the original's GSI transport was TLS whatever the scheme.
+    """
+    if "://" not in text:
+        text = "https://" + text
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https", "httpg") or not parts.hostname:
+        raise ConfigError("bad JPPS address %r (want host:port or "
+                          "https://host:port)" % text)
+    try:
+        port = parts.port or 8901
+    except ValueError:
+        raise ConfigError("bad port in JPPS address %r" % text)
+    return parts.hostname, port, parts.path or "/"
+
+
+# ---------------------------------------------------------------------------
+# Certificates: just enough DER to read validity and names
+# ---------------------------------------------------------------------------
+
+PEM_CERT_RE = re.compile(rb"-----BEGIN CERTIFICATE-----\s*(.+?)\s*"
+                         rb"-----END CERTIFICATE-----", re.S)
+OID_NAMES = {"2.5.4.3": "CN", "2.5.4.6": "C", "2.5.4.7": "L", "2.5.4.8": "ST",
+             "2.5.4.10": "O", "2.5.4.11": "OU",
+             "0.9.2342.19200300.100.1.25": "DC",
+             "1.2.840.113549.1.9.1": "emailAddress"}
+
+
+def der_read(data, pos=0):
+    """Read one DER TLV at `pos`; return (tag, value start, value end)."""
+    tag = data[pos]
+    length = data[pos + 1]
+    pos += 2
+    if length & 0x80:
+        count = length & 0x7f
+        length = int.from_bytes(data[pos:pos + count], "big")
+        pos += count
+    if pos + length > len(data):
+        raise ValueError("truncated DER")
+    return tag, pos, pos + length
+
+
+def der_children(data, start, end):
+    """The (tag, start, end) of each TLV inside a constructed value."""
+    items = []
+    while start < end:
+        tag, vstart, vend = der_read(data, start)
+        items.append((tag, vstart, vend))
+        start = vend
+    return items
+
+
+def der_oid(raw):
+    first = raw[0]
+    parts, value = [first // 40 if first < 80 else 2,
+                    first % 40 if first < 80 else first - 80], 0
+    for byte in raw[1:]:
+        value = value << 7 | byte & 0x7f
+        if not byte & 0x80:
+            parts.append(value)
+            value = 0
+    return ".".join(str(p) for p in parts)
+
+
+def der_timegm(der, tlv):
+    """Seconds since the epoch of a DER UTCTime or GeneralizedTime."""
+    tag, start, end = tlv
+    text = der[start:end].decode("ascii")
+    if tag == 0x17:                               # UTCTime YYMMDDhhmmssZ
+        text = ("19" if int(text[:2]) >= 50 else "20") + text
+    return calendar.timegm(time.strptime(text[:14], "%Y%m%d%H%M%S"))
+
+
+def der_name(data, start, end):
+    """An X.501 Name as a slash-form DN: /O=Grid/CN=x."""
+    out = []
+    for _, rs, re_ in der_children(data, start, end):        # RDN SETs
+        for _, as_, ae in der_children(data, rs, re_):       # AVA SEQs
+            (_, os_, oe), (_, vs, ve) = der_children(data, as_, ae)[:2]
+            oid = der_oid(data[os_:oe])
+            out.append("/%s=%s" % (OID_NAMES.get(oid, oid),
+                                   data[vs:ve].decode("utf-8", "replace")))
+    return "".join(out)
+
+
+class CertInfo:
+    """Subject, issuer and validity of one X.509 certificate (DER)."""
+
+    def __init__(self, der):
+        _, cs, ce = der_read(der)
+        tbs = der_children(der, cs, ce)[0]
+        fields = der_children(der, tbs[1], tbs[2])
+        if fields[0][0] == 0xa0:                 # explicit version [0]
+            fields = fields[1:]
+        self.serial = int.from_bytes(der[fields[0][1]:fields[0][2]], "big")
+        self.issuer = der_name(der, fields[2][1], fields[2][2])
+        validity = der_children(der, fields[3][1], fields[3][2])
+        self.not_before, self.not_after = (
+            der_timegm(der, v) for v in validity)
+        self.subject = der_name(der, fields[4][1], fields[4][2])
+        self.der = der
+
+
+def read_pem_certificates(path):
+    """CertInfo of every certificate in a PEM file, in file order."""
+    with open(path, "rb") as f:
+        data = f.read(1024 * 1024)
+    return [CertInfo(base64.b64decode(b"".join(m.group(1).split())))
+            for m in PEM_CERT_RE.finditer(data)]
+
+
+# ---------------------------------------------------------------------------
+# Credentials
+# ---------------------------------------------------------------------------
+
+def find_credentials(cert=None, key=None, environ=None, uid=None):
+    """(cert file, key file, where) by the grid lookup order.
+
+    -c/-k first; then X509_USER_PROXY, /tmp/x509up_u<uid>,
+    X509_USER_CERT/X509_USER_KEY, ~/.globus, and as root the host
+    certificate.  A proxy file holds its key, so key == cert for proxies.
+    """
+    env = os.environ if environ is None else environ
+    uid = os.geteuid() if uid is None else uid
+    if cert:
+        return cert, key or cert, "-c"
+    if key:
+        raise ConfigError("-k given without -c")
+    candidates = []
+    if env.get("X509_USER_PROXY"):
+        candidates.append((env["X509_USER_PROXY"], None, "X509_USER_PROXY"))
+    candidates.append(("/tmp/x509up_u%d" % uid, None, "default proxy"))
+    if env.get("X509_USER_CERT"):
+        candidates.append((env["X509_USER_CERT"], env.get("X509_USER_KEY"),
+                           "X509_USER_CERT"))
+    home = os.path.expanduser("~")
+    candidates.append((os.path.join(home, ".globus", "usercert.pem"),
+                       os.path.join(home, ".globus", "userkey.pem"),
+                       "~/.globus"))
+    if uid == 0:
+        candidates.append(("/etc/grid-security/hostcert.pem",
+                           "/etc/grid-security/hostkey.pem",
+                           "host certificate"))
+    for cert_file, key_file, where in candidates:
+        if os.path.exists(cert_file):
+            return cert_file, key_file or cert_file, where
+        if where in ("X509_USER_PROXY", "X509_USER_CERT"):
+            raise ConfigError("%s names %s, which does not exist"
+                              % (where, cert_file))
+    raise ConfigError("no credential found: give -c/-k, or set "
+                      "X509_USER_PROXY or X509_USER_CERT/X509_USER_KEY")
+
+
+def find_ca_dir(ca_dir=None, environ=None):
+    env = os.environ if environ is None else environ
+    path = ca_dir or env.get("X509_CERT_DIR") or DEFAULT_CA_DIR
+    if not os.path.isdir(path):
+        raise ConfigError("CA directory %s does not exist (-C or "
+                          "X509_CERT_DIR)" % path)
+    return path
+
+
+class Credentials:
+    """The importer's X.509 credential and trusted CA directory.
+
+    client_context() gives a TLS client context that presents the
+    credential and verifies servers against the CA directory, host name
+    included.  The files are watched: a credential renewed on disk (a new
+    proxy, a new host certificate) is loaded before the next call, and
+    reload() forces that (SIGHUP).  Nothing of the key is ever logged.
+    """
+
+    def __init__(self, cert_file, key_file, ca_dir):
+        self.cert_file, self.key_file, self.ca_dir = cert_file, key_file, \
+            ca_dir
+        self._stamp = None
+        self._context = None
+        self.subject = None
+        self.identity = None
+        self.not_after = None
+        self.generation = 0         # bumped on every (re)load
+
+    @classmethod
+    def from_options(cls, cert=None, key=None, ca_dir=None):
+        cert_file, key_file, _ = find_credentials(cert, key)
+        return cls(os.path.abspath(cert_file), os.path.abspath(key_file),
+                   find_ca_dir(ca_dir))
+
+    def _file_stamp(self):
+        stamp = []
+        for path in (self.cert_file, self.key_file):
+            st = os.stat(path)
+            stamp.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(stamp)
+
+    def load(self):
+        """Load and check the credential; raise ConfigError naming the file.
+
+        Checks: readable, a certificate inside, not expired or not yet
+        valid (every certificate of the chain), key matching, and warns
+        (like ssh) when the key is readable by others.
+        """
+        try:
+            stamp = self._file_stamp()
+            certs = read_pem_certificates(self.cert_file)
+        except OSError as exc:
+            raise ConfigError("cannot read credential %s: %s"
+                              % (exc.filename or self.cert_file,
+                                 exc.strerror))
+        except (ValueError, IndexError) as exc:
+            raise ConfigError("credential %s: unreadable certificate (%s)"
+                              % (self.cert_file, exc))
+        if not certs:
+            raise ConfigError("credential %s holds no certificate"
+                              % self.cert_file)
+        now = time.time()
+        for cert in certs:
+            if now > cert.not_after:
+                raise ConfigError("credential %s: certificate %s expired on "
+                                  "%s" % (self.cert_file, cert.subject,
+                                          format_time(cert.not_after)))
+            if now < cert.not_before:
+                raise ConfigError("credential %s: certificate %s is not "
+                                  "valid before %s"
+                                  % (self.cert_file, cert.subject,
+                                     format_time(cert.not_before)))
+        mode = os.stat(self.key_file).st_mode
+        if mode & 0o077:
+            log.warning("private key %s is accessible by others (mode %04o);"
+                        " it should be 0600 or 0400", self.key_file,
+                        stat.S_IMODE(mode))
+        context = ssl.create_default_context(capath=self.ca_dir)
+        set_minimum_tls(context)
+        try:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        except ssl.SSLError as exc:
+            raise ConfigError("credential %s / key %s: %s (wrong key, or an "
+                              "encrypted key?)" % (self.cert_file,
+                                                   self.key_file,
+                                                   exc.reason or exc))
+        except OSError as exc:
+            raise ConfigError("cannot read key %s: %s"
+                              % (self.key_file, exc.strerror))
+        self._context = context
+        self._stamp = stamp
+        self.subject = certs[0].subject
+        self.identity = grid_identity(certs)
+        self.not_after = min(c.not_after for c in certs)
+        self.generation += 1
+        return self
+
+    def refresh(self):
+        """Reload when the files changed on disk; keep the old on failure."""
+        try:
+            changed = self._file_stamp() != self._stamp
+        except OSError as exc:
+            log.warning("credential %s: %s; keeping the loaded one",
+                        exc.filename, exc.strerror)
+            return
+        if changed:
+            self.reload()
+
+    def reload(self):
+        try:
+            self.load()
+            log.info("credential %s loaded: %s, valid until %s",
+                     self.cert_file, self.subject,
+                     format_time(self.not_after))
+        except ConfigError as exc:
+            if self._context is None:
+                raise
+            log.error("%s; keeping the credential loaded before", exc)
+
+    def client_context(self):
+        """The TLS client context (loaded on first use)."""
+        if self._context is None:
+            self.load()
+        if time.time() > self.not_after:
+            raise TransientError("credential %s expired on %s"
+                                 % (self.cert_file,
+                                    format_time(self.not_after)))
+        return self._context
+
+
+def grid_identity(certs):
+    """The grid identity of a chain: the first non-proxy subject.
+
+    An RFC 3820 proxy's subject is its issuer's plus one CN; walking the
+    chain from the leaf, the identity is the first subject that is not
+    such an extension of the next certificate (what Globus reports).
+    """
+    identity = certs[0].subject
+    for cert in certs:
+        if cert.subject.startswith(cert.issuer + "/CN=") and \
+                "/" not in cert.subject[len(cert.issuer) + 4:]:
+            identity = cert.issuer
+        else:
+            break
+    return identity
+
+
+def set_minimum_tls(context):
+    if hasattr(ssl, "TLSVersion"):                               # novm
+        context.minimum_version = ssl.TLSVersion.TLSv1_2          # novm
+    else:
+        context.options |= (getattr(ssl, "OP_NO_TLSv1", 0)
+                            | getattr(ssl, "OP_NO_TLSv1_1", 0))
+
+
+# ---------------------------------------------------------------------------
+# JPPS client: SOAP 1.1 document/literal over HTTP/1.1 + TLS
+# ---------------------------------------------------------------------------
+
+def _local(tag):
+    return tag.rpartition("}")[2]
+
+
+def _child_text(elem, name):
+    """Text of the first child called `name`, qualified or not."""
+    for child in elem:
+        if _local(child.tag) == name:
+            return child.text or ""
+    return None
+
+
+def parse_generic_fault(elem):
+    """[(source, code, text, description), ...] from a genericFault."""
+    chain = []
+    while elem is not None:
+        code = _child_text(elem, "code")
+        try:
+            code = int(code) if code is not None else None
+        except ValueError:
+            code = None
+        chain.append((_child_text(elem, "source"), code,
+                      _child_text(elem, "text"),
+                      _child_text(elem, "description")))
+        elem = next((c for c in elem if _local(c.tag) == "reason"), None)
+    return chain
+
+
+def parse_soap_response(op, body):
+    """The response element of `op`, or raise JPPSFault / TransientError.
+
+    Hostile input is refused before parsing: a DTD could declare entities
+    (billion laughs), so any DOCTYPE or ENTITY declaration is an error.
+    """
+    if len(body) > MAX_RESPONSE:
+        raise TransientError("JPPS response larger than %d bytes"
+                             % MAX_RESPONSE)
+    head = body.lstrip()[:64 * 1024].upper()
+    if b"<!DOCTYPE" in head or b"<!ENTITY" in body.upper():
+        raise TransientError("JPPS response with a DTD refused")
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError as exc:
+        raise TransientError("JPPS response is not XML (%s)" % exc)
+    if root.tag != "{%s}Envelope" % NS_SOAP:
+        raise TransientError("JPPS response is not a SOAP 1.1 envelope "
+                             "(root %s)" % one_line(root.tag, 80))
+    soap_body = root.find("{%s}Body" % NS_SOAP)
+    if soap_body is None or not len(soap_body):
+        raise TransientError("JPPS response has an empty SOAP body")
+    first = soap_body[0]
+    if first.tag == "{%s}Fault" % NS_SOAP:
+        chain = []
+        detail = first.find("detail")
+        if detail is None:
+            detail = first.find("{%s}detail" % NS_SOAP)
+        if detail is not None:
+            for elem in detail.iter():
+                if _child_text(elem, "code") is not None and \
+                        _child_text(elem, "source") is not None:
+                    chain = parse_generic_fault(elem)
+                    break
+        faultstring = _child_text(first, "faultstring") or "SOAP fault"
+        code = chain[0][1] if chain else None
+        raise JPPSFault(one_line(faultstring, 200), code, chain)
+    if first.tag != "{%s}%sResponse" % (NS_JPELEM, op):
+        raise TransientError("JPPS answered %s with %s"
+                             % (op, one_line(first.tag, 100)))
+    return first
+
+
+class JPPSClient:
+    """One JP primary storage endpoint, one keep-alive TLS connection.
+
+    Every call has a total time budget (`timeout`); a connection the server
+    closed while idle is reopened transparently, once.
+    """
+
+    def __init__(self, address, credentials, timeout=CALL_TIMEOUT):
+        self.address = address
+        self.host, self.port, self.path = parse_endpoint(address)
+        self.credentials = credentials
+        self.timeout = timeout
+        self._conn = None
+        self._generation = None
+
+    def close(self):
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _connection(self, deadline):
+        self.credentials.refresh()
+        context = self.credentials.client_context()
+        if self._generation != self.credentials.generation:
+            self.close()                  # a new credential, a new session
+            self._generation = self.credentials.generation
+        if self._conn is None:
+            self._conn = http.client.HTTPSConnection(
+                self.host, self.port, context=context,
+                timeout=max(0.1, deadline - time.monotonic()))
+            self._reused = False
+        else:
+            self._reused = True
+        return self._conn
+
+    def call(self, op, inner_xml):
+        """POST one request; return the response element."""
+        data = (ENVELOPE % ('<jpelem:%s>%s</jpelem:%s>'
+                            % (op, inner_xml, op))).encode("utf-8")
+        headers = {"Content-Type": "text/xml; charset=utf-8",
+                   "SOAPAction": '""',
+                   "User-Agent": "%s/%s" % (PROG, __version__),
+                   "Connection": "keep-alive"}
+        deadline = time.monotonic() + self.timeout
+        for attempt in (1, 2):
+            conn = self._connection(deadline)
+            try:
+                status, body = self._exchange(conn, data, headers, deadline)
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError,
+                    ConnectionResetError) as exc:
+                self.close()
+                # A keep-alive connection the server closed while idle:
+                # the request never reached it, so one retry is safe.
+                if attempt == 2 or not self._reused:
+                    raise TransientError("JPPS %s:%d: connection lost "
+                                         "during %s (%s)"
+                                         % (self.host, self.port, op, exc))
+            except ssl.SSLError as exc:
+                self.close()
+                if isinstance(exc, ssl.SSLEOFError) or \
+                        isinstance(exc, ssl.SSLZeroReturnError):
+                    raise TransientError("JPPS %s:%d: TLS connection closed "
+                                         "during %s" % (self.host, self.port,
+                                                        op))
+                if "CERTIFICATE_VERIFY_FAILED" in str(exc) or \
+                        exc.reason in ("CERTIFICATE_VERIFY_FAILED",):
+                    raise TransientError(
+                        "JPPS %s:%d: server certificate not trusted: %s"
+                        % (self.host, self.port,
+                           getattr(exc, "verify_message", "") or exc.reason))
+                raise TransientError("JPPS %s:%d: TLS error during %s: %s"
+                                     % (self.host, self.port, op,
+                                        exc.reason or exc))
+            except ssl.CertificateError as exc:
+                self.close()
+                raise TransientError("JPPS %s:%d: server certificate does not"
+                                     " match the host name: %s"
+                                     % (self.host, self.port, exc))
+            except socket.timeout:
+                self.close()
+                raise TransientError("JPPS %s:%d: no answer to %s within "
+                                     "%.0fs" % (self.host, self.port, op,
+                                                self.timeout))
+            except NETWORK_ERRORS as exc:
+                self.close()
+                raise TransientError("JPPS %s:%d: %s failed: %s"
+                                     % (self.host, self.port, op,
+                                        getattr(exc, "strerror", None)
+                                        or exc))
+        if status not in (200, 500):
+            self.close()
+            raise TransientError("JPPS %s:%d: HTTP %d to %s"
+                                 % (self.host, self.port, status, op))
+        try:
+            return parse_soap_response(op, body)
+        except TransientError as exc:
+            self.close()
+            raise TransientError("JPPS %s:%d: %s" % (self.host, self.port,
+                                                     exc))
+
+    def _exchange(self, conn, data, headers, deadline):
+        def remaining():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("call timeout")
+            return left
+
+        conn.timeout = remaining()
+        if conn.sock is None:
+            conn.connect()
+        conn.sock.settimeout(remaining())
+        conn.request("POST", self.path, body=data, headers=headers)
+        conn.sock.settimeout(remaining())
+        resp = conn.getresponse()
+        length = resp.getheader("Content-Length")
+        if length and length.isdigit() and int(length) > MAX_RESPONSE:
+            raise TransientError("JPPS response of %s bytes refused"
+                                 % length)
+        chunks, size = [], 0
+        while True:
+            if conn.sock is not None:
+                conn.sock.settimeout(remaining())
+            chunk = resp.read(65536)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_RESPONSE:
+                raise TransientError("JPPS response larger than %d bytes"
+                                     % MAX_RESPONSE)
+            chunks.append(chunk)
+        if resp.will_close:
+            self.close()
+        return resp.status, b"".join(chunks)
+
+    # -- operations (SPEC 5.2) --------------------------------------------
+
+    def register_job(self, job, owner):
+        self.call("RegisterJob", "<job>%s</job><owner>%s</owner>"
+                  % (escape(job), escape(owner)))
+
+    def start_upload(self, job, file_class, content_type):
+        """Return (destination, commitBefore text).
+
+        `name` is omitted: the original sent a NULL name and the JPPS
+        takes an absent name as "none" (file name = the class name).
+        """
+        resp = self.call(
+            "StartUpload",
+            "<job>%s</job><class>%s</class><commitBefore>%s</commitBefore>"
+            "<contentType>%s</contentType>"
+            % (escape(job), escape(file_class),
+               soap_datetime(time.time() + COMMIT_BEFORE),
+               escape(content_type)))
+        destination = _child_text(resp, "destination")
+        if not destination:
+            raise TransientError("JPPS %s:%d: StartUpload returned no "
+                                 "destination" % (self.host, self.port))
+        return destination, _child_text(resp, "commitBefore")
+
+    def commit_upload(self, destination):
+        self.call("CommitUpload", "<destination>%s</destination>"
+                  % escape(destination))
+
+    def get_job_attributes(self, jobid, attributes):
+        resp = self.call("GetJobAttributes", "<jobid>%s</jobid>%s" % (
+            escape(jobid), "".join("<attributes>%s</attributes>"
+                                   % escape(a) for a in attributes)))
+        return [(_child_text(v, "name"), v) for v in resp]
+
+
+# ---------------------------------------------------------------------------
+# Maildir spool (the LB "maildir" layout, made loss-free)
+# ---------------------------------------------------------------------------
+#
+# Layout as the original: tmp/ holds the master copy of every message for
+# its whole life, new/ a link waiting for the first attempt, work/ the
+# message being processed, post/ a message waiting for its retry,
+# undeliverable/ what was given up.  Ours in addition: state/<name> keeps
+# the attempts, the last error, the next retry time, the reason a message
+# was given up, and the progress of an upload (so a crash between
+# CommitUpload and the maildir step is not mistaken for a failure).
+#
+# Claiming: the worker opens the message, takes flock(LOCK_EX) on it, then
+# renames it into work/ and holds the lock until the message has left
+# work/.  The lock belongs to the open file, so the kernel drops it when
+# the worker dies, even by SIGKILL: a message in work/ whose lock can be
+# taken has no owner, and whoever takes the lock delivers it.  This works
+# for any number of workers and importer instances on one machine.
+
+NAME_ORDER_RE = re.compile(r"^(\d+)_(\d+)\.")
+
+
+def _name_order(name):
+    match = NAME_ORDER_RE.match(name)
+    if match:
+        return (int(match.group(1)), int(match.group(2)), name)
+    return (float("inf"), 0, name)
+
+
+def check_directory(path, allow_shared=False, what="directory"):
+    """Refuse a directory another user could tamper with.
+
+    It must be a real directory (not a symlink), owned by us, and not
+    writable by group or others, unless allow_shared says otherwise.
+    """
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise ConfigError("%s %s: %s" % (what, path, exc.strerror))
+    if stat.S_ISLNK(st.st_mode):
+        raise ConfigError("%s %s is a symbolic link; refusing it"
+                          % (what, path))
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError("%s %s is not a directory" % (what, path))
+    if allow_shared:
+        return
+    if st.st_uid != os.geteuid():
+        raise ConfigError("%s %s is owned by uid %d, not by us (uid %d); "
+                          "use --allow-shared-dirs to accept it"
+                          % (what, path, st.st_uid, os.geteuid()))
+    if st.st_mode & 0o022:
+        raise ConfigError("%s %s is writable by group or others (mode %04o);"
+                          " use --allow-shared-dirs to accept it"
+                          % (what, path, stat.S_IMODE(st.st_mode)))
+
+
+class Maildir:
+    """One LB maildir: claim, postpone, finish and inspect messages."""
+
+    def __init__(self, root):
+        self.root = root
+        self.paths = dict((sub, os.path.join(root, sub))
+                          for sub in SUBDIRS + (STATE_DIR, "spool"))
+
+    def path(self, sub, name):
+        return os.path.join(self.paths[sub], name)
+
+    def init(self, create=True, allow_shared=False):
+        """Create missing subdirectories (0700) and check them all."""
+        for directory in [self.root] + [self.paths[s]
+                                        for s in SUBDIRS + (STATE_DIR,)]:
+            if create and not os.path.lexists(directory):
+                try:
+                    os.mkdir(directory, 0o700)
+                except OSError as exc:
+                    raise ConfigError("cannot create maildir directory %s: "
+                                      "%s" % (directory, exc.strerror))
+            check_directory(directory, allow_shared, "maildir directory")
+            if not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
+                raise ConfigError("maildir directory %s is not readable and "
+                                  "writable by us" % directory)
+        return self
+
+    def names(self, sub):
+        """Message names in a subdirectory, oldest first."""
+        try:
+            names = os.listdir(self.paths[sub])
+        except FileNotFoundError:
+            return []
+        return sorted((n for n in names if not n.startswith(".")),
+                      key=_name_order)
+
+    # -- state files --------------------------------------------------------
+
+    def read_state(self, name):
+        state = {}
+        try:
+            with open(self.path(STATE_DIR, name), "rb") as f:
+                for line in f.read(MAX_MESSAGE).decode("utf-8",
+                                                       "replace").split("\n"):
+                    key, sep, value = line.partition("=")
+                    if sep:
+                        state[key] = value
+        except FileNotFoundError:
+            pass
+        return state
+
+    def write_state(self, name, state):
+        text = "".join("%s=%s\n" % (k, one_line(v, 2000))
+                       for k, v in sorted(state.items()) if v is not None)
+        write_private_file(self.path(STATE_DIR, name), text.encode("utf-8"))
+
+    def remove_state(self, name):
+        unlink_quietly(self.path(STATE_DIR, name))
+
+    # -- claiming -----------------------------------------------------------
+
+    def claim(self, sub, name):
+        """Claim message `name` from new/, post/ or (an orphan) work/.
+
+        Returns a Message holding the lock, or None when another process
+        has it or it went away.
+        """
+        source = self.path(sub, name)
+        try:
+            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT,):
+                return None
+            if exc.errno == errno.ELOOP:
+                return self._quarantine_symlink(sub, name)
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            st = os.fstat(fd)
+            if sub != "work":
+                os.rename(source, self.path("work", name))
+            # The name must still be ours: a finished message may have been
+            # unlinked, or another claimed the name, between open and lock.
+            if os.stat(self.path("work", name)).st_ino != st.st_ino:
+                raise FileNotFoundError(name)
+        except (BlockingIOError, FileNotFoundError):
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return Message(self, name, fd, st, sub)
+
+    def _quarantine_symlink(self, sub, name):
+        """A symlink in the spool is never followed: it goes aside."""
+        try:
+            os.rename(self.path(sub, name), self.path("undeliverable", name))
+        except FileNotFoundError:
+            return None
+        self.write_state(name, {"reason": "message file is a symbolic link; "
+                                "not followed", "gave_up": str(time.time())})
+        log.error("%s: %s/%s is a symbolic link; moved to undeliverable/",
+                  self.root, sub, name)
+        return None
+
+    def due(self, name, now, default_retry):
+        """Whether a postponed message is due for its next attempt."""
+        state = self.read_state(name)
+        if "next_retry" in state:
+            try:
+                return float(state["next_retry"]) <= now
+            except ValueError:
+                return True
+        # Postponed by the original importer: its clock is the ctime.
+        try:
+            return os.stat(self.path("post", name)).st_ctime + \
+                default_retry <= now
+        except FileNotFoundError:
+            return False
+
+    # -- housekeeping -------------------------------------------------------
+
+    def requeue_stale_tmp(self, age=STALE_TMP_AGE, now=None):
+        """Queue again master copies left alone in tmp/ (B-M2).
+
+        A file in tmp/ with no other link, older than `age`, was left by a
+        writer or an importer that died between two steps.  It is linked
+        into new/: if it is partial, it will be quarantined as malformed;
+        either way nothing is silently dropped.
+        """
+        now = time.time() if now is None else now
+        count = 0
+        for name in self.names("tmp"):
+            path = self.path("tmp", name)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or \
+                    now - st.st_mtime < age:
+                continue
+            try:
+                os.link(path, self.path("new", name))
+            except FileExistsError:
+                continue
+            count += 1
+            log.warning("%s: tmp/%s was left alone since %s; queued again",
+                        self.root, name, format_time(st.st_mtime))
+        return count
+
+    def remove_stale_state(self):
+        """Remove state files whose message is gone everywhere."""
+        present = set()
+        for sub in SUBDIRS:
+            present.update(self.names(sub))
+        for name in self.names(STATE_DIR):
+            if name not in present and not name.endswith(".tmp"):
+                unlink_quietly(self.path(STATE_DIR, name))
+
+    def requeue_undeliverable(self):
+        """Move undeliverable messages back to new/; return their names."""
+        moved = []
+        for name in self.names("undeliverable"):
+            source = self.path("undeliverable", name)
+            state = self.read_state(name)
+            state.update({"requeued": str(time.time()), "attempts": "0",
+                          "next_retry": None, "reason": None,
+                          "gave_up": None})
+            self.write_state(name, state)
+            if not os.path.exists(self.path("tmp", name)):
+                try:
+                    os.link(source, self.path("tmp", name))
+                except OSError:
+                    pass
+            try:
+                os.rename(source, self.path("new", name))
+            except FileNotFoundError:
+                continue
+            moved.append(name)
+        return moved
+
+    def status(self, now=None):
+        """A dict describing the maildir, for --status."""
+        now = time.time() if now is None else now
+        info = {"root": self.root, "counts": {}, "oldest": None,
+                "next_retry": None, "undeliverable": []}
+        for sub in ("new", "work", "post", "undeliverable"):
+            names = self.names(sub)
+            info["counts"][sub] = len(names)
+            for name in names:
+                try:
+                    mtime = os.lstat(self.path(sub, name)).st_mtime
+                except FileNotFoundError:
+                    continue
+                if sub != "undeliverable" and (info["oldest"] is None
+                                               or mtime < info["oldest"]):
+                    info["oldest"] = mtime
+                state = self.read_state(name)
+                if sub == "post":
+                    retry = float(state.get("next_retry", mtime))
+                    if info["next_retry"] is None or \
+                            retry < info["next_retry"]:
+                        info["next_retry"] = retry
+                if sub == "undeliverable":
+                    info["undeliverable"].append(
+                        (name, state.get("jobid") or
+                         self._peek_jobid(self.path(sub, name)),
+                         state.get("reason", "given up by the original "
+                                   "importer (no reason recorded)")))
+        return info
+
+    @staticmethod
+    def _peek_jobid(path):
+        try:
+            with open(path, "rb") as f:
+                data = f.read(4096).decode("utf-8", "replace")
+        except OSError:
+            return "?"
+        for line in data.split("\n"):
+            words = line.split(None, 1)
+            if len(words) == 2 and words[0] == "jobid":
+                return words[1].strip()
+        first = data.split("\n", 1)[0]
+        return first if first.startswith("https://") else "?"
+
+
+class Message:
+    """A claimed message: in work/, locked by us until finished."""
+
+    def __init__(self, maildir, name, fd, st, source):
+        self.maildir, self.name, self.fd = maildir, name, fd
+        self.source = source                     # new, post or work
+        self.mtime = st.st_mtime                 # when it was written
+        self.size = st.st_size
+        self.state = maildir.read_state(name)
+        self.jobid = self.state.get("jobid")
+        self._data = None
+
+    def read(self):
+        """The message bytes; MalformedMessage when oversized."""
+        if self._data is None:
+            chunks, size = [], 0
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            while True:
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > MAX_MESSAGE:
+                    raise MalformedMessage("message larger than %d bytes"
+                                           % MAX_MESSAGE)
+                chunks.append(chunk)
+            self._data = b"".join(chunks)
+        return self._data
+
+    @property
+    def attempts(self):
+        try:
+            return int(self.state.get("attempts", "0"))
+        except ValueError:
+            return 0
+
+    def save_state(self, **changes):
+        self.state.update(changes)
+        if self.jobid:
+            self.state["jobid"] = self.jobid
+        self.maildir.write_state(self.name, self.state)
+
+    def _close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def done(self):
+        """Delivered: the message leaves the maildir."""
+        md = self.maildir
+        unlink_quietly(md.path("tmp", self.name))
+        unlink_quietly(md.path("work", self.name))
+        md.remove_state(self.name)
+        self._close()
+
+    def postpone(self, error, retry_base, give_up, now=None, at_least=0):
+        """Failed: schedule a retry, or give up when old enough.
+
+        Returns the next retry time, or None when the message was given up.
+        The delay doubles with every attempt from retry_base, capped at an
+        hour, with +-20 % jitter so that a backlog does not retry in step.
+        """
+        now = time.time() if now is None else now
+        attempts = self.attempts + 1
+        if now - self.mtime > give_up:
+            self.give_up("given up after %d attempts over %s; last error: %s"
+                         % (attempts, format_age(now - self.mtime), error),
+                         attempts=str(attempts), last_error=error)
+            return None
+        delay = min(max(RETRY_CAP, retry_base),
+                    retry_base * 2 ** (attempts - 1))
+        delay *= random.uniform(1 - JITTER, 1 + JITTER)
+        next_retry = now + max(delay, at_least)
+        self.save_state(attempts=str(attempts), last_error=one_line(error),
+                        last_attempt=str(now), next_retry=str(next_retry))
+        os.rename(self.maildir.path("work", self.name),
+                  self.maildir.path("post", self.name))
+        self._close()
+        return next_retry
+
+    def give_up(self, reason, **changes):
+        """Move to undeliverable/ with the reason recorded; keep the data."""
+        changes.update(reason=one_line(reason), gave_up=str(time.time()),
+                       next_retry=None)
+        self.save_state(**changes)
+        md = self.maildir
+        os.rename(md.path("work", self.name),
+                  md.path("undeliverable", self.name))
+        unlink_quietly(md.path("tmp", self.name))
+        self._close()
+
+    def release(self):
+        """Leave it in work/, unlocked: the next pass picks it up again."""
+        self._close()
+
+
+# ---------------------------------------------------------------------------
+# Messages: the three formats (see README, "Message formats")
+# ---------------------------------------------------------------------------
+
+def _decode_message(data):
+    if b"\0" in data:
+        raise MalformedMessage("NUL byte in message")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedMessage("message is not UTF-8 (byte %d)" % exc.start)
+
+
+def _valid_jobid(text):
+    try:
+        return parse_jobid(text)
+    except ValueError as exc:
+        raise MalformedMessage("invalid jobid %r: %s"
+                               % (one_line(text, 100), exc))
+
+
+def parse_registration(data):
+    """(jobid, owner) of a registration message: "<jobid>\\n<owner>".
+
+    The LB server writes no trailing newline; one (or CRLF) is tolerated.
+    """
+    text = _decode_message(data)
+    if "\n" not in text:
+        raise MalformedMessage("registration without a newline between "
+                               "jobid and owner")
+    jobid, owner = text.split("\n", 1)
+    owner = owner.rstrip("\r\n")
+    if "\n" in owner:
+        raise MalformedMessage("registration owner spans several lines")
+    if not owner.strip():
+        raise MalformedMessage("registration without an owner")
+    return _valid_jobid(jobid.rstrip("\r")), owner
+
+
+def parse_keyed(data):
+    """The keys of a dump or sandbox message (SPEC 2.4), as a dict.
+
+    Lines "key<blanks>value": the exporter's padded keys ("jobid  X"),
+    tabs ("jobid\\tX") or single spaces; the value is the rest of the line
+    (trailing CR dropped).  Unknown keys are ignored; a repeated known key
+    or a key without a value makes the message malformed, as do a
+    missing jobid or file.
+    """
+    text = _decode_message(data)
+    fields = {}
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r").lstrip(" \t")
+        if not line:
+            continue
+        parts = re.split(r"[ \t]+", line, 1)
+        if len(parts) < 2 or not parts[1].strip():
+            raise MalformedMessage("line %d: key %r without a value"
+                                   % (number, one_line(parts[0], 40)))
+        key, value = parts
+        if key in ("jobid", "file", "jpps", "proxy"):
+            if key in fields:
+                raise MalformedMessage("key %r given twice" % key)
+            fields[key] = value
+    for key in ("jobid", "file"):
+        if key not in fields:
+            raise MalformedMessage("no %r line" % key)
+    fields["jobid"] = _valid_jobid(fields["jobid"])
+    if not os.path.isabs(fields["file"]):
+        raise MalformedMessage("file %r is not an absolute path"
+                               % one_line(fields["file"], 200))
+    if "jpps" in fields:
+        try:
+            parse_endpoint(fields["jpps"])
+        except ConfigError as exc:
+            raise MalformedMessage(str(exc))
+    return fields
+
+
+def dump_owner(path, limit=64 * 1024):
+    """The job owner (DG.USER) named in the first lines of an LB dump."""
+    with open(path, "rb") as f:
+        head = f.read(limit)
+    match = re.search(rb'\bDG\.USER="((?:[^"\\\n]|\\.)*)"', head)
+    if not match:
+        return None
+    return re.sub(r'\\(.)', r'\1', match.group(1).decode("utf-8", "replace"))
+
+
+# ---------------------------------------------------------------------------
+# Upload transports
+# ---------------------------------------------------------------------------
+
+def upload_ftp(url, path, credentials, timeout, allow_plain=False):
+    raise TransientError("ftp:// uploads are not implemented yet")
+
+
+def upload_gsiftp(url, path, credentials, timeout, dcau="auto"):
+    raise TransientError("gsiftp:// uploads are not implemented yet")
+
+
+def upload(url, path, credentials, timeout, dcau="auto",
+           allow_plain=False):
+    """Put file `path` at `url` (gsiftp://, ftp:// or ftps://).
+
+    Returns the number of bytes sent; raises TransientError (retry) or
+    PermanentError (undeliverable).
+    """
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme == "gsiftp":
+        return upload_gsiftp(url, path, credentials, timeout, dcau=dcau)
+    if scheme in ("ftp", "ftps"):
+        return upload_ftp(url, path, credentials, timeout,
+                          allow_plain=allow_plain)
+    raise PermanentError("cannot upload to %r: unsupported scheme"
+                         % one_line(url, 200))
+
+
+# ---------------------------------------------------------------------------
+# Delivery: one worker per maildir kind
+# ---------------------------------------------------------------------------
+
+class Worker:
+    """Delivers the messages of one maildir, one at a time.
+
+    run_pass() takes every message of new/, then every due message of
+    post/, then every orphan of work/ (a worker died holding it), and
+    returns how many it handled.  Each message ends delivered (removed),
+    postponed (post/, with its state) or undeliverable (with the reason).
+    """
+
+    RETRY = {KIND_REG: RETRY_REGISTRATION, KIND_DUMP: RETRY_UPLOAD,
+             KIND_SANDBOX: RETRY_UPLOAD}
+
+    def __init__(self, kind, maildir, options, credentials):
+        self.kind, self.maildir = kind, maildir
+        self.options, self.credentials = options, credentials
+        self.retry_base = (options.retry if options.retry is not None
+                           else self.RETRY[kind])
+        self.clients = {}
+        self.stop_requested = False
+        self.reload_requested = False
+        self.deliver = {KIND_REG: self.deliver_registration,
+                        KIND_DUMP: self.deliver_dump,
+                        KIND_SANDBOX: self.deliver_sandbox}[kind]
+
+    def client(self, address=None):
+        address = address or self.options.jpps
+        client = self.clients.get(address)
+        if client is None:
+            client = self.clients[address] = JPPSClient(
+                address, self.credentials, self.options.timeout)
+        return client
+
+    def close(self):
+        for client in self.clients.values():
+            client.close()
+
+    def run_pass(self):
+        handled = 0
+        for sub in ("new", "post", "work"):
+            for name in self.maildir.names(sub):
+                if self.reload_requested:
+                    self.reload_requested = False
+                    reopen_logs()
+                    self.credentials.reload()
+                if self.stop_requested:
+                    return handled
+                if sub == "post" and not self.maildir.due(
+                        name, time.time(), self.retry_base):
+                    continue
+                msg = self.maildir.claim(sub, name)
+                if msg is None:
+                    continue
+                if sub == "work":
+                    log.warning("%s: work/%s was left by a worker that "
+                                "died; delivering it", self.maildir.root,
+                                name)
+                self.process(msg)
+                handled += 1
+        return handled
+
+    def process(self, msg):
+        """Deliver one claimed message and log one line with the outcome."""
+        started = time.monotonic()
+        attempt = msg.attempts + 1
+        level = logging.INFO
+        try:
+            outcome = self.deliver(msg)
+        except MalformedMessage as exc:
+            msg.give_up("malformed message: %s" % exc)
+            outcome, level = ("moved to undeliverable/: malformed message: %s"
+                              % exc), logging.ERROR
+        except PermanentError as exc:
+            msg.give_up(str(exc))
+            outcome, level = ("moved to undeliverable/: %s" % exc,
+                              logging.ERROR)
+        except (TransientError, JPPSFault) as exc:
+            outcome, level = self._postpone(msg, exc)
+        except Exception as exc:
+            # A bug of ours must not lose the message nor kill the worker.
+            log.exception("internal error on %s", msg.name)
+            outcome, level = self._postpone(msg, "internal error: %r" % exc)
+        else:
+            msg.done()
+        log.log(level, "%s %s: %s (attempt %d, %.2fs)", self.kind,
+                msg.jobid or msg.name, one_line(outcome, 1000), attempt,
+                time.monotonic() - started)
+
+    def _postpone(self, msg, exc):
+        next_retry = msg.postpone(one_line(exc), self.retry_base,
+                                  self.options.give_up,
+                                  at_least=getattr(exc, "delay", 0))
+        if next_retry is None:
+            return ("given up, moved to undeliverable/: %s" % exc,
+                    logging.ERROR)
+        return ("failed: %s; next attempt at %s"
+                % (exc, format_time(next_retry)), logging.WARNING)
+
+    # -- the three kinds ----------------------------------------------------
+
+    def deliver_registration(self, msg):
+        jobid, owner = parse_registration(msg.read())
+        msg.jobid = jobid
+        try:
+            self.client().register_job(jobid, owner)
+        except JPPSFault as fault:
+            if fault.code == errno.EEXIST:       # B-I3: that is success
+                return "already registered"
+            raise
+        return "registered"
+
+    def deliver_dump(self, msg):
+        fields = parse_keyed(msg.read())
+        msg.jobid = fields["jobid"]
+        return self.deliver_file(msg, fields, CLASS_LB, TYPE_LB,
+                                 failsafe=True)
+
+    def deliver_sandbox(self, msg):
+        fields = parse_keyed(msg.read())
+        msg.jobid = fields["jobid"]
+        return self.deliver_file(msg, fields, CLASS_SANDBOX, TYPE_SANDBOX,
+                                 failsafe=False)
+
+    def deliver_file(self, msg, fields, file_class, content_type, failsafe):
+        """StartUpload, upload, CommitUpload; then remove or store the file.
+
+        The progress is recorded in the message state, so a crash at any
+        step resumes correctly: after CommitUpload succeeded the message
+        ends delivered, never undeliverable for a missing file.
+        """
+        path, client = fields["file"], self.client(fields.get("jpps"))
+        if msg.state.get("committed"):
+            self.finish_file(path, file_class)
+            return "delivered (committed by an earlier attempt)"
+        pending = msg.state.get("destination")
+        if pending:
+            return self._resume_commit(msg, client, pending, path,
+                                       file_class)
+        self.check_file(path)
+        destination = self.start_upload(msg, client, fields["jobid"], path,
+                                        file_class, content_type, failsafe)
+        if destination is None:
+            self.finish_file(path, file_class)
+            return "already stored at the JPPS (StartUpload EEXIST)"
+        size = upload(destination, path, self.credentials,
+                      self.options.timeout, dcau=self.options.dcau,
+                      allow_plain=self.options.allow_plain_ftp)
+        msg.save_state(destination=destination)
+        try:
+            client.commit_upload(destination)
+        except JPPSFault:
+            msg.save_state(destination=None)
+            raise
+        msg.save_state(committed="1", destination=None)
+        self.finish_file(path, file_class)
+        return "delivered %d bytes to %s" % (size, destination)
+
+    def _resume_commit(self, msg, client, destination, path, file_class):
+        """The last attempt uploaded but may not have committed."""
+        try:
+            client.commit_upload(destination)
+            result = "delivered (committed an interrupted upload)"
+        except JPPSFault as fault:
+            if fault.code != errno.ENOENT:
+                msg.save_state(destination=None)
+                raise
+            # No upload in progress at this exact destination: the earlier
+            # CommitUpload went through before the crash.
+            result = "delivered (an earlier attempt had committed)"
+        msg.save_state(committed="1", destination=None)
+        self.finish_file(path, file_class)
+        return result
+
+    def start_upload(self, msg, client, jobid, path, file_class,
+                     content_type, failsafe):
+        """The destination URL, or None when the file is already stored."""
+        for round_ in (1, 2):
+            try:
+                destination, deadline = client.start_upload(
+                    jobid, file_class, content_type)
+                msg.save_state(eexist_since=None)
+                return destination
+            except JPPSFault as fault:
+                if fault.code == errno.EEXIST:
+                    return self._already_stored(msg, fault)
+                if fault.code in (errno.ENOENT, None) and failsafe and \
+                        round_ == 1 and self.failsafe_register(
+                            client, jobid, path, fault):
+                    continue
+                raise
+        raise AssertionError("not reached")
+
+    def _already_stored(self, msg, fault):
+        """StartUpload EEXIST: an upload in progress, or a stored file.
+
+        An unfinished upload expires at the JPPS after its deadline (300 s,
+        SPEC 5.6).  EEXIST again after that means the file is stored: a
+        crash of ours, or a duplicate message, after a successful commit.
+        """
+        now = time.time()
+        first = float(msg.state.get("eexist_since") or now)
+        if now - first > UPLOAD_DEADLINE:
+            return None
+        msg.save_state(eexist_since=str(first))
+        raise RetryLater("%s; checking again after the JPPS upload deadline"
+                         % fault, first + UPLOAD_DEADLINE + 10 - now)
+
+    def failsafe_register(self, client, jobid, path, start_fault):
+        """Register a job the JPPS does not know (StartUpload ENOENT).
+
+        Fixes of the original: the check goes to the message's JPPS (B-I7),
+        EPERM means the job exists (it belongs to someone else), and the
+        owner is the job's owner from the dump, not the importer (B-I5).
+        Returns True when the job was registered here.
+        """
+        try:
+            client.get_job_attributes(jobid, [REGTIME_ATTR])
+            exists = True
+        except JPPSFault as fault:
+            if fault.code not in (errno.ENOENT, errno.EPERM, None):
+                raise
+            exists = fault.code == errno.EPERM
+        if exists:
+            raise TransientError("StartUpload failed although the job is "
+                                 "registered: %s" % start_fault)
+        owner = dump_owner(path)
+        if owner is None:
+            owner = self.credentials.identity
+            log.warning("%s: no DG.USER in %s; registering with our own "
+                        "identity as owner", jobid, path)
+        log.info("%s: not registered at %s; failsafe registration (owner "
+                 "%s)", jobid, client.address, owner)
+        try:
+            client.register_job(jobid, owner)
+        except JPPSFault as fault:
+            if fault.code != errno.EEXIST:
+                raise
+        return True
+
+    def check_file(self, path):
+        """The file a message names must be ours and a regular file."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise PermanentError("file %s no longer exists" % path)
+        except OSError as exc:
+            raise TransientError("file %s: %s" % (path, exc.strerror))
+        if stat.S_ISLNK(st.st_mode):
+            raise PermanentError("file %s is a symbolic link; not followed"
+                                 % path)
+        if not stat.S_ISREG(st.st_mode):
+            raise PermanentError("file %s is not a regular file" % path)
+        if st.st_uid != os.geteuid() and not self.options.allow_shared_dirs:
+            raise PermanentError("file %s is owned by uid %d, not by us"
+                                 % (path, st.st_uid))
+
+    def finish_file(self, path, file_class):
+        """After the commit: keep a dump in --store, else remove the file."""
+        store = self.options.store if file_class == CLASS_LB else None
+        if not os.path.lexists(path):
+            return
+        if not store:
+            unlink_quietly(path)
+            return
+        target = os.path.join(store, os.path.basename(path))
+        if os.path.lexists(target):
+            target += ".%d" % time.time()
+        try:
+            os.rename(path, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            # Another filesystem (B-I13): copy, sync, then remove.
+            shutil.copy2(path, target + ".part")
+            fd = os.open(target + ".part", os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(target + ".part", target)
+            os.unlink(path)
+
+
+# ---------------------------------------------------------------------------
+# Process plumbing: master, workers, signals, daemon
+# ---------------------------------------------------------------------------
+
+class Wakeup:
+    """A self-pipe: signal handlers record the signal and wake wait()."""
+
+    def __init__(self):
+        self.read_fd, self.write_fd = os.pipe()
+        for fd in (self.read_fd, self.write_fd):
+            os.set_blocking(fd, False)
+            fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
+        self.signals = []
+
+    def handler(self, sig, frame):
+        self.signals.append(sig)
+        try:
+            os.write(self.write_fd, b"s")
+        except OSError:
+            pass
+
+    def install(self, signals):
+        for sig in signals:
+            signal.signal(sig, self.handler)
+
+    def wait(self, timeout):
+        """Sleep up to `timeout` s; a signal ends it at once."""
+        if self.signals:
+            return
+        try:
+            select.select([self.read_fd], [], [], max(0, timeout))
+        except InterruptedError:
+            pass
+        try:
+            while os.read(self.read_fd, 512):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def take(self):
+        sigs, self.signals[:] = list(self.signals), []
+        return sigs
+
+    def close(self):
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+def run_worker(kind, maildir, options, credentials, once=False,
+               master_pid=None):
+    """The body of a worker process: deliver until told to stop.
+
+    TERM/INT stop it after the message in hand (every call is bounded by
+    its timeout); HUP reloads the credential and reopens the log.  A
+    worker whose master went away stops too.  With `once`, it stops when
+    a pass finds nothing to do.
+    """
+    wakeup = Wakeup()
+    worker = Worker(kind, maildir, options, credentials)
+
+    def on_signal(sig, frame):
+        if sig == signal.SIGHUP:
+            worker.reload_requested = True
+        else:
+            worker.stop_requested = True
+        wakeup.handler(sig, frame)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    try:
+        while not worker.stop_requested:
+            handled = worker.run_pass()
+            if master_pid and os.getppid() != master_pid:
+                log.warning("%s worker: the master is gone; stopping", kind)
+                break
+            if handled == 0 and not worker.stop_requested:
+                if once:
+                    break
+                wakeup.wait(options.poll)
+                wakeup.take()
+    finally:
+        worker.close()
+        wakeup.close()
+    return 0
+
+
+class Master:
+    """Forks and supervises the workers (SPEC 4.3, fixed).
+
+    One registration worker, `dump_slaves` dump workers and one sandbox
+    worker.  A worker that dies is restarted; one that dies young is
+    restarted with a doubling delay (at most a minute), so a crashing
+    worker cannot fork-bomb the node.  TERM/INT: the workers finish the
+    message in hand, the master waits for them (B-I10), then returns.
+    """
+
+    STOP_GRACE = 30.0           # beyond the call timeouts, then SIGKILL
+    HOUSEKEEPING = 600.0        # stale tmp/ copies and state files
+
+    def __init__(self, options, credentials, maildirs):
+        self.options, self.credentials = options, credentials
+        self.maildirs = maildirs
+        self.slots = ([(KIND_REG, maildirs[KIND_REG])]
+                      + [(KIND_DUMP, maildirs[KIND_DUMP])]
+                      * options.dump_slaves
+                      + [(KIND_SANDBOX, maildirs[KIND_SANDBOX])])
+        self.children = {}              # pid -> slot
+        self.started = {}               # slot -> monotonic start time
+        self.backoff = {}               # slot -> next restart delay
+        self.restart_at = {}            # slot -> monotonic time
+        self.finished = set()           # slots done (--once)
+        self.wakeup = None
+
+    def spawn(self, slot):
+        kind, maildir = self.slots[slot]
+        master_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:                                     # the worker
+            status = 1
+            try:
+                for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT,
+                            signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                self.wakeup.close()
+                set_role("%s-%d" % (kind, slot))
+                status = run_worker(kind, maildir, self.options,
+                                    self.credentials, self.options.once,
+                                    master_pid)
+            except BaseException:
+                log.exception("%s worker failed", kind)
+            finally:
+                logging.shutdown()
+                os._exit(status)
+        self.children[pid] = slot
+        self.started[slot] = time.monotonic()
+
+    def reap(self, stopping):
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            slot = self.children.pop(pid, None)
+            if slot is None:
+                continue
+            kind = self.slots[slot][0]
+            if stopping or (self.options.once and os.WIFEXITED(status)
+                            and os.WEXITSTATUS(status) == 0):
+                self.finished.add(slot)
+                continue
+            lived = time.monotonic() - self.started[slot]
+            delay = 0.0 if lived > 60 else min(
+                RESTART_BACKOFF_MAX, max(1.0, 2 * self.backoff.get(slot, 0)))
+            self.backoff[slot] = delay
+            self.restart_at[slot] = time.monotonic() + delay
+            log.error("%s worker (pid %d) died: %s; restarting in %.0fs",
+                      kind, pid, decode_wait_status(status), delay)
+
+    def housekeeping(self):
+        for maildir in self.maildirs.values():
+            try:
+                maildir.requeue_stale_tmp()
+                maildir.remove_stale_state()
+            except OSError as exc:
+                log.error("%s: housekeeping failed: %s", maildir.root, exc)
+
+    def run(self):
+        self.wakeup = Wakeup()
+        self.wakeup.install((signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                             signal.SIGCHLD))
+        self.housekeeping()
+        next_housekeeping = time.monotonic() + self.HOUSEKEEPING
+        for slot in range(len(self.slots)):
+            self.spawn(slot)
+        log.info("started: %d workers (pid %s), JPPS %s", len(self.slots),
+                 " ".join(str(p) for p in sorted(self.children)),
+                 self.options.jpps)
+        stopping, kill_at = False, None
+        while True:
+            for sig in self.wakeup.take():
+                if sig in (signal.SIGTERM, signal.SIGINT) and not stopping:
+                    log.info("terminating on %s: waiting for the workers to "
+                             "finish their messages", signame(sig))
+                    stopping = True
+                    kill_at = (time.monotonic() + self.options.timeout * 2
+                               + self.STOP_GRACE)
+                    self.signal_children(signal.SIGTERM)
+                elif sig == signal.SIGHUP:
+                    log.info("SIGHUP: reloading credentials, reopening log")
+                    reopen_logs()
+                    self.credentials.reload()
+                    self.signal_children(signal.SIGHUP)
+            self.reap(stopping)
+            now = time.monotonic()
+            if stopping:
+                if not self.children:
+                    break
+                if now > kill_at:
+                    log.error("workers still busy; killing them (their "
+                              "messages are recovered at the next start)")
+                    self.signal_children(signal.SIGKILL)
+                    kill_at = now + self.STOP_GRACE
+            elif self.options.once and len(self.finished) == len(self.slots):
+                break
+            else:
+                for slot, when in list(self.restart_at.items()):
+                    if when <= now:
+                        del self.restart_at[slot]
+                        self.spawn(slot)
+                if now >= next_housekeeping:
+                    self.housekeeping()
+                    next_housekeeping = now + self.HOUSEKEEPING
+            waits = [self.HOUSEKEEPING] + [max(0, t - now) for t in
+                                            self.restart_at.values()]
+            self.wakeup.wait(min(waits + ([1.0] if stopping else [])))
+        log.info("stopped")
+        return 0
+
+    def signal_children(self, sig):
+        for pid in list(self.children):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+class PidFile:
+    """A locked pid file: two starters cannot both run (B-I17).
+
+    The lock is flock() on the open file, so it passes to the daemon
+    through the forks and goes away with the last process holding it.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = None
+
+    def acquire(self):
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT |
+                              os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise ConfigError("cannot open pid file %s: %s"
+                              % (self.path, exc.strerror))
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(self.fd, 32).decode("ascii", "replace").strip()
+            os.close(self.fd)
+            self.fd = None
+            raise ConfigError("another jp_importer is running (pid %s, pid "
+                              "file %s)" % (pid or "?", self.path))
+        fcntl.fcntl(self.fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
+        return self
+
+    def write(self):
+        os.ftruncate(self.fd, 0)
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        os.write(self.fd, b"%d\n" % os.getpid())
+        os.fsync(self.fd)
+
+    def remove(self):
+        unlink_quietly(self.path)
+        os.close(self.fd)
+
+
+def daemonize():
+    """Detach from the terminal (PEP 3143 / Stevens 13.3).
+
+    umask and working directory first, then fork and setsid so we lead a
+    session with no controlling terminal, then fork again so we can never
+    acquire one, then the standard streams go to /dev/null.
+    """
+    os.umask(0o027)
+    os.chdir("/")
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    for sig in ("SIGTSTP", "SIGTTIN", "SIGTTOU"):
+        signal.signal(getattr(signal, sig), signal.SIG_IGN)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+
+
+# -- logging ---------------------------------------------------------------
+
+_ROLE = {"role": "master"}
+
+
+class _RoleFilter(logging.Filter):
+    def filter(self, record):
+        record.role = _ROLE["role"]
+        return True
+
+
+def set_role(role):
+    _ROLE["role"] = role
+
+
+def setup_logging(logfile=None, use_syslog=False, level=logging.INFO):
+    """Log to a file, to syslog (daemon) or to stderr (foreground)."""
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+    if logfile:
+        handler = logging.handlers.WatchedFileHandler(logfile)
+        fmt = "%(asctime)s " + PROG + "[%(process)d] %(role)s: " \
+            "%(levelname)s %(message)s"
+    elif use_syslog:
+        handler = logging.handlers.SysLogHandler(
+            address="/dev/log",
+            facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        fmt = PROG + "[%(process)d]: %(role)s: %(message)s"
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        fmt = "%(asctime)s " + PROG + "[%(process)d] %(role)s: " \
+            "%(levelname)s %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    handler.addFilter(_RoleFilter())
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+
+
+def reopen_logs():
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.acquire()
+            try:
+                if handler.stream:
+                    handler.stream.close()
+                handler.stream = handler._open()
+            finally:
+                handler.release()
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+SHORTOPTS = "hc:k:C:gp:r:d:D:s:i:t:S:"
+LONGOPTS = ["help", "cert=", "key=", "CAdir=", "debug", "jpps=",
+            "reg-mdir=", "dump-mdir=", "dump-slaves=", "sandbox-mdir=",
+            "pidfile=", "poll=", "store=", "once", "status", "requeue",
+            "retry=", "give-up=", "timeout=", "log=", "upload", "dcau=",
+            "allow-plain-ftp", "allow-shared-dirs", "version"]
+
+
+def default_pidfile():
+    if os.geteuid() == 0:
+        return "/var/run/glite-jpimporter.pid"
+    return os.path.join(os.path.expanduser("~"), "glite_jpimporter.pid")
+
+
+class Options:
+    """The parsed command line (plain attributes)."""
+
+    def __init__(self):
+        self.cert = self.key = self.ca_dir = None
+        self.debug = False
+        self.jpps = DEFAULT_JPPS
+        self.reg_mdir = DEFAULT_REG_MDIR
+        self.dump_mdir = DEFAULT_DUMP_MDIR
+        self.sandbox_mdir = DEFAULT_SANDBOX_MDIR
+        self.dump_slaves = 1
+        self.pidfile = None
+        self.poll = DEFAULT_POLL
+        self.store = None
+        self.once = self.status = self.requeue = self.upload = False
+        self.retry = None
+        self.give_up = GIVE_UP
+        self.timeout = CALL_TIMEOUT
+        self.logfile = None
+        self.dcau = "auto"
+        self.allow_plain_ftp = False
+        self.allow_shared_dirs = False
+        self.help = self.version = False
+        self.args = []
+
+
+def _number(opt, value, low=None, high=None, integer=False):
+    try:
+        number = int(value) if integer else float(value)
+    except ValueError:
+        raise getopt.GetoptError("%s needs a number, not %r" % (opt, value))
+    if number != number or (low is not None and number < low) or \
+            (high is not None and number > high):
+        raise getopt.GetoptError("%s must be between %s and %s, not %s"
+                                 % (opt, low, high if high is not None
+                                    else "any", value))
+    return number
+
+
+def parse_args(argv):
+    """Options for argv (without the program name); GetoptError if bad."""
+    opts, args = getopt.gnu_getopt(argv, SHORTOPTS, LONGOPTS)
+    o = Options()
+    simple = {"-c": "cert", "--cert": "cert", "-k": "key", "--key": "key",
+              "-C": "ca_dir", "--CAdir": "ca_dir", "-p": "jpps",
+              "--jpps": "jpps", "-r": "reg_mdir", "--reg-mdir": "reg_mdir",
+              "-d": "dump_mdir", "--dump-mdir": "dump_mdir",
+              "-s": "sandbox_mdir", "--sandbox-mdir": "sandbox_mdir",
+              "-i": "pidfile", "--pidfile": "pidfile", "-S": "store",
+              "--store": "store", "--log": "logfile"}
+    flags = {"-h": "help", "--help": "help", "-g": "debug",
+             "--debug": "debug", "--once": "once", "--status": "status",
+             "--requeue": "requeue", "--upload": "upload",
+             "--allow-plain-ftp": "allow_plain_ftp",
+             "--allow-shared-dirs": "allow_shared_dirs",
+             "--version": "version"}
+    for opt, arg in opts:
+        if opt in simple:
+            if not arg:
+                raise getopt.GetoptError("%s needs a non-empty value" % opt)
+            setattr(o, simple[opt], arg)
+        elif opt in flags:
+            setattr(o, flags[opt], True)
+        elif opt in ("-D", "--dump-slaves"):
+            o.dump_slaves = _number(opt, arg, 1, MAX_DUMP_WORKERS, True)
+        elif opt in ("-t", "--poll"):
+            o.poll = _number(opt, arg, 0.01, 86400)
+        elif opt == "--retry":
+            o.retry = _number(opt, arg, 0, 86400)
+        elif opt == "--give-up":
+            o.give_up = _number(opt, arg, 0, 10 * 365 * 86400)
+        elif opt == "--timeout":
+            o.timeout = _number(opt, arg, 0.1, 86400)
+        elif opt == "--dcau":
+            if arg not in ("auto", "N", "A"):
+                raise getopt.GetoptError("--dcau must be auto, N or A")
+            o.dcau = arg
+    modes = [m for m in ("once", "status", "requeue", "upload")
+             if getattr(o, m)]
+    if len(modes) > 1:
+        raise getopt.GetoptError("--%s and --%s exclude each other"
+                                 % tuple(modes[:2]))
+    if o.upload:
+        if len(args) != 2:
+            raise getopt.GetoptError("--upload needs FILE and URL")
+    elif args:
+        raise getopt.GetoptError("unexpected argument %r" % args[0])
+    o.args = args
+    if o.store:
+        o.store = os.path.abspath(o.store)
+    o.pidfile = o.pidfile or default_pidfile()
+    return o
+
+
+def usage(stream):
+    stream.write(__doc__ % {
+        "prog": PROG, "cadir": DEFAULT_CA_DIR, "jpps": DEFAULT_JPPS,
+        "reg": DEFAULT_REG_MDIR, "dump": DEFAULT_DUMP_MDIR,
+        "sandbox": DEFAULT_SANDBOX_MDIR, "maxdump": MAX_DUMP_WORKERS,
+        "pidfile": default_pidfile(), "poll": "%g" % DEFAULT_POLL,
+        "giveup": GIVE_UP, "timeout": CALL_TIMEOUT})
+
+
+def open_maildirs(o, create=True):
+    return dict((kind, Maildir(os.path.abspath(path)).init(
+        create, o.allow_shared_dirs))
+        for kind, path in ((KIND_REG, o.reg_mdir), (KIND_DUMP, o.dump_mdir),
+                           (KIND_SANDBOX, o.sandbox_mdir)))
+
+
+def print_status(o, stream):
+    now = time.time()
+    for kind, path in ((KIND_REG, o.reg_mdir), (KIND_DUMP, o.dump_mdir),
+                       (KIND_SANDBOX, o.sandbox_mdir)):
+        stream.write("%s maildir %s\n" % (kind, path))
+        if not os.path.isdir(path):
+            stream.write("  does not exist\n")
+            continue
+        info = Maildir(path).status(now)
+        stream.write("  new %(new)d  work %(work)d  post %(post)d  "
+                     "undeliverable %(undeliverable)d\n" % info["counts"])
+        if info["oldest"] is not None:
+            stream.write("  oldest message: %s old\n"
+                         % format_age(now - info["oldest"]))
+        if info["next_retry"] is not None:
+            stream.write("  next retry: %s (%s)\n" % (
+                format_time(info["next_retry"]),
+                "due" if info["next_retry"] <= now else
+                "in " + format_age(info["next_retry"] - now)))
+        for name, jobid, reason in info["undeliverable"]:
+            stream.write("  undeliverable %s %s: %s\n"
+                         % (name, jobid, reason))
+
+
+def run_daemon(o):
+    """Start the master (daemonized unless -g or --once)."""
+    credentials = Credentials.from_options(o.cert, o.key, o.ca_dir).load()
+    maildirs = open_maildirs(o)
+    if o.store:
+        if not os.path.isdir(o.store):
+            try:
+                os.mkdir(o.store, 0o750)
+            except OSError as exc:
+                raise ConfigError("cannot create store directory %s: %s"
+                                  % (o.store, exc.strerror))
+        check_directory(o.store, o.allow_shared_dirs, "store directory")
+    foreground = o.debug or o.once
+    pidfile = None if o.once else PidFile(o.pidfile).acquire()
+    if not foreground:
+        if o.logfile is None:
+            setup_logging(use_syslog=True)        # fails here, not later
+        daemonize()
+        setup_logging(o.logfile, use_syslog=o.logfile is None)
+    if pidfile:
+        pidfile.write()
+    log.info("jp_importer %s: credential %s (%s), valid until %s",
+             __version__, credentials.cert_file, credentials.subject,
+             format_time(credentials.not_after))
+    try:
+        return Master(o, credentials, maildirs).run()
+    finally:
+        if pidfile and os.getpid() == pidfile_owner(pidfile):
+            pidfile.remove()
+
+
+def pidfile_owner(pidfile):
+    try:
+        os.lseek(pidfile.fd, 0, os.SEEK_SET)
+        return int(os.read(pidfile.fd, 32).strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def main(argv=None):
+    """Run jp_importer; return the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        o = parse_args(argv)
+    except getopt.GetoptError as exc:
+        sys.stderr.write("%s: %s\nTry '%s --help'.\n" % (PROG, exc, PROG))
+        return 2
+    if o.help:
+        usage(sys.stdout)
+        return 0
+    if o.version:
+        sys.stdout.write("%s %s\n" % (PROG, __version__))
+        return 0
+    setup_logging(o.logfile)
+    try:
+        if o.status:
+            print_status(o, sys.stdout)
+            return 0
+        if o.requeue:
+            for kind, maildir in open_maildirs(o, create=False).items():
+                moved = maildir.requeue_undeliverable()
+                sys.stdout.write("%s: %d message(s) requeued\n"
+                                 % (maildir.root, len(moved)))
+            return 0
+        if o.upload:
+            path, url = o.args
+            credentials = Credentials.from_options(o.cert, o.key,
+                                                   o.ca_dir).load()
+            started = time.monotonic()
+            size = upload(url, path, credentials, o.timeout, dcau=o.dcau,
+                          allow_plain=o.allow_plain_ftp)
+            sys.stdout.write("uploaded %d bytes to %s in %.2fs\n"
+                             % (size, url, time.monotonic() - started))
+            return 0
+        return run_daemon(o)
+    except (Error, OSError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, Error):
+            text = "%s%s" % (exc.strerror or exc,
+                             ": " + exc.filename if exc.filename else "")
+        else:
+            text = str(exc)
+        if o.logfile:
+            log.error("%s", text)
+        sys.stderr.write("%s: %s\n" % (PROG, text))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

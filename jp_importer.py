@@ -1291,7 +1291,7 @@ def parse_keyed(data):
         line = line.rstrip("\r").lstrip(" \t")
         if not line:
             continue
-        parts = re.split(r"[ \t]+", line, 1)
+        parts = re.split(r"[ \t]+", line, maxsplit=1)
         if len(parts) < 2 or not parts[1].strip():
             raise MalformedMessage("line %d: key %r without a value"
                                    % (number, one_line(parts[0], 40)))
@@ -1370,8 +1370,11 @@ class Worker:
     RETRY = {KIND_REG: RETRY_REGISTRATION, KIND_DUMP: RETRY_UPLOAD,
              KIND_SANDBOX: RETRY_UPLOAD}
 
-    def __init__(self, kind, maildir, options, credentials):
+    def __init__(self, kind, maildir, options, credentials, once=False):
         self.kind, self.maildir = kind, maildir
+        # --once tries each message at most once per run, whatever the
+        # retry delay: the run ends when every queue has been drained.
+        self.tried = set() if once else None
         self.options, self.credentials = options, credentials
         self.retry_base = (options.retry if options.retry is not None
                            else self.RETRY[kind])
@@ -1404,12 +1407,16 @@ class Worker:
                     self.credentials.reload()
                 if self.stop_requested:
                     return handled
+                if self.tried is not None and name in self.tried:
+                    continue
                 if sub == "post" and not self.maildir.due(
                         name, time.time(), self.retry_base):
                     continue
                 msg = self.maildir.claim(sub, name)
                 if msg is None:
                     continue
+                if self.tried is not None:
+                    self.tried.add(name)
                 if sub == "work":
                     log.warning("%s: work/%s was left by a worker that "
                                 "died; delivering it", self.maildir.root,
@@ -1698,7 +1705,7 @@ def run_worker(kind, maildir, options, credentials, once=False,
     a pass finds nothing to do.
     """
     wakeup = Wakeup()
-    worker = Worker(kind, maildir, options, credentials)
+    worker = Worker(kind, maildir, options, credentials, once)
 
     def on_signal(sig, frame):
         if sig == signal.SIGHUP:

@@ -21,6 +21,7 @@ import gzip
 import hashlib
 import http.server
 import io
+import logging
 import os
 import queue
 import re
@@ -419,9 +420,9 @@ class _TLSHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, fixture):
+    def __init__(self, fixture, port=0):
         self.fixture = fixture
-        http.server.HTTPServer.__init__(self, ("127.0.0.1", 0),
+        http.server.HTTPServer.__init__(self, ("127.0.0.1", port),
                                         _JPPSHandler)
 
     def get_request(self):
@@ -535,8 +536,11 @@ class JPPSFixture:
 
     # -- lifetime ---------------------------------------------------------
 
-    def start(self):
-        self.server = _TLSHTTPServer(self)
+    def start(self, port=0):
+        """Serve on `port` (default: a free one); stop() then start(port)
+        brings the same JPPS back after an outage."""
+        self.released.clear()
+        self.server = _TLSHTTPServer(self, port)
         self.port = self.server.server_address[1]
         self.url = "https://localhost:%d" % self.port
         self.hostport = "localhost:%d" % self.port
@@ -1066,6 +1070,577 @@ class TestJPPSFixture(unittest.TestCase):
                          "jptype:genericFault")
         self.assertEqual([c.tag for c in fault],
                          ["source", "code", "text", "description"])
+
+
+
+# ---------------------------------------------------------------------------
+# jp_importer: harness
+# ---------------------------------------------------------------------------
+
+import jp_importer      # noqa: E402  (the tools are modules beside this file)
+
+if not VERBOSE:     # in-process tests: the importer's log lines only with -v
+    jp_importer.log.addHandler(logging.NullHandler())
+    jp_importer.log.propagate = False
+
+MAILDIR_SUBDIRS = ("tmp", "new", "work", "post", "undeliverable")
+_message_counter = [0]
+
+
+def make_maildir(root):
+    for sub in ("",) + MAILDIR_SUBDIRS:
+        os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
+    return root
+
+
+def drop_message(root, data, name=None, age=0):
+    """Write a message the way the LB server does (tmp, link into new)."""
+    _message_counter[0] += 1
+    name = name or "%d_%06d.test" % (time.time(), _message_counter[0])
+    tmp = os.path.join(root, "tmp", name)
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, 0o600)
+    if age:
+        os.utime(tmp, (time.time() - age, time.time() - age))
+    os.link(tmp, os.path.join(root, "new", name))
+    return name
+
+
+def listing(root, sub):
+    try:
+        return sorted(os.listdir(os.path.join(root, sub)))
+    except FileNotFoundError:
+        return []
+
+
+def read_text(path):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def child_pids(pid):
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def registration(n, owner=USER_SUBJECT):
+    return ("https://lb.example.org:9000/job%05d\n%s" % (n, owner)).encode()
+
+
+class ImporterHarness:
+    """Maildirs, a JPPS fixture and ways to run jp_importer against them."""
+
+    def __init__(self, case, **jpps_kw):
+        self.case = case
+        self.dir = tempfile.mkdtemp(prefix="jp-importer-test-")
+        os.chmod(self.dir, 0o700)
+        case.addCleanup(shutil.rmtree, self.dir, True)
+        self.reg = make_maildir(self.path("reg"))
+        self.dump = make_maildir(self.path("dump"))
+        self.sandbox = make_maildir(self.path("sandbox"))
+        self.pki = pki()
+        self.jpps = JPPSFixture(self.pki, **jpps_kw).start()
+        case.addCleanup(self.jpps.stop)
+        self.pidfile = self.path("importer.pid")
+        self.logfile = self.path("importer.log")
+        self.cert, self.key = self.pki.host_cert, self.pki.host_key
+
+    def path(self, *names):
+        return os.path.join(self.dir, *names)
+
+    def args(self, *extra):
+        return ["-c", self.cert, "-k", self.key, "-C", self.pki.ca_dir,
+                "-p", self.jpps.url, "-r", self.reg, "-d", self.dump,
+                "-s", self.sandbox, "-i", self.pidfile, "-t", "0.05",
+                "--timeout", "5", "--retry", "0"] + list(extra)
+
+    def once(self, *extra, **kw):
+        proc = run([sys.executable, JP_IMPORTER, "--once"]
+                   + self.args(*extra), **kw)
+        if VERBOSE:
+            sys.stderr.write(proc.stderr)
+        return proc
+
+    def start(self, *extra, **kw):
+        """Run the importer in the foreground (-g) as a child process."""
+        out = open(self.path("stderr.log"), "ab")
+        proc = subprocess.Popen([sys.executable, JP_IMPORTER, "-g"]
+                                + self.args(*extra), stdout=out,
+                                stderr=subprocess.STDOUT, **kw)
+        out.close()
+
+        def cleanup():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(TIMEOUT)
+        self.case.addCleanup(cleanup)
+        return proc
+
+    def output(self):
+        with open(self.path("stderr.log"), errors="replace") as f:
+            return f.read()
+
+    def stop(self, proc, sig=signal.SIGTERM):
+        proc.send_signal(sig)
+        return proc.wait(TIMEOUT)
+
+    def workers(self, proc, count):
+        return wait_for(lambda: len(child_pids(proc.pid)) == count and
+                        child_pids(proc.pid), what="%d workers" % count)
+
+    def state(self, maildir, name):
+        return jp_importer.Maildir(maildir).read_state(name)
+
+
+# ---------------------------------------------------------------------------
+# jp_importer: messages, maildir engine, SOAP parsing (in-process)
+# ---------------------------------------------------------------------------
+
+class TestImporterMessages(unittest.TestCase):
+
+    def test_jobid_normalised_with_default_port(self):
+        self.assertEqual(jp_importer.parse_jobid("https://lb.example.org/x"),
+                         "https://lb.example.org:9000/x")
+        self.assertEqual(jp_importer.parse_jobid(
+            "https://[::1]:9001/a/b?i"), "https://[::1]:9001/a/b?i")
+        for bad in ("http://lb/x", "https://lb/", "https:///x",
+                    "https://lb/x y", "https://lb:0/x", "https://lb:99999/x",
+                    "https://lb/x\ty", "https://l b/x", "https://lb/\x01"):
+            with self.assertRaises(ValueError, msg=bad):
+                jp_importer.parse_jobid(bad)
+
+    def test_registration_format(self):
+        self.assertEqual(jp_importer.parse_registration(
+            b"https://lb:9000/x\n/C=CZ/CN=John Doe"),
+            ("https://lb:9000/x", "/C=CZ/CN=John Doe"))
+        with open(os.path.join(REFERENCE, "messages", "jpreg_message.bin"),
+                  "rb") as f:
+            jobid, owner = jp_importer.parse_registration(f.read())
+        self.assertEqual(owner, "/C=CZ/O=CESNET/CN=John Doe")
+
+    def test_keyed_formats_of_every_writer(self):
+        for name in ("jpdump_message.bin", "jpsandbox_message.bin"):
+            with open(os.path.join(REFERENCE, "messages", name), "rb") as f:
+                fields = jp_importer.parse_keyed(f.read())
+            self.assertEqual(fields["jobid"], "https://lb.example.org:9000/"
+                             "rReV1TpJ5oY0Z1_M4NBfHw")
+            self.assertTrue(fields["file"].startswith("/"))
+        fields = jp_importer.parse_keyed(
+            b"jobid  https://lb/x\nfile   /a b\njpps   jp:8901\n")
+        self.assertEqual(fields, {"jobid": "https://lb:9000/x",
+                                  "file": "/a b", "jpps": "jp:8901"})
+
+    def test_malformed_messages(self):
+        cases = {
+            b"jobid\thttps://lb/x\n": "no 'file'",
+            b"file\t/x\n": "no 'jobid'",
+            b"jobid\thttps://lb/x\nfile\t/x\0\n": "NUL",
+            b"jobid\thttps://lb/x\nfile\t/x\xff\n": "not UTF-8",
+            b"jobid\thttps://lb/x y\nfile\t/x\n": "invalid jobid",
+            b"jobid\thttps://lb/x\nfile\n": "without a value",
+            b"jobid\thttps://lb/x\nfile\t/x\nfile\t/y\n": "twice",
+            b"jobid\thttps://lb/x\nfile\trelative\n": "absolute",
+        }
+        for data, reason in cases.items():
+            with self.assertRaises(jp_importer.MalformedMessage,
+                                   msg=data) as cm:
+                jp_importer.parse_keyed(data)
+            self.assertIn(reason, str(cm.exception))
+        for data, reason in ((b"https://lb/x", "newline"),
+                             (b"https://lb/x\n", "owner"),
+                             (b"https://lb/x\na\nb", "several lines"),
+                             (b"nonsense\nowner", "jobid")):
+            with self.assertRaises(jp_importer.MalformedMessage) as cm:
+                jp_importer.parse_registration(data)
+            self.assertIn(reason, str(cm.exception))
+
+
+class TestImporterSoapParsing(unittest.TestCase):
+
+    def envelope(self, body):
+        return JPPSFixture.envelope(body).encode()
+
+    def test_fault_chain_both_shapes(self):
+        detail = ("<source>a</source><code>2</code><text>No such file"
+                  "</text><description>No such job registered</description>"
+                  "<reason><source>b</source><code>5</code><text>x</text>"
+                  "</reason>")
+        for wrapper in ('<fault xsi:type="jptype:genericFault">%s</fault>',
+                        '<jpelem:genericFault>%s</jpelem:genericFault>'):
+            body = self.envelope(
+                "<SOAP-ENV:Fault><faultcode>SOAP-ENV:Server</faultcode>"
+                "<faultstring>Oh, shit!</faultstring><detail>%s</detail>"
+                "</SOAP-ENV:Fault>" % (wrapper % detail))
+            with self.assertRaises(jp_importer.JPPSFault) as cm:
+                jp_importer.parse_soap_response("StartUpload", body)
+            self.assertEqual(cm.exception.code, errno.ENOENT)
+            self.assertEqual([c[0] for c in cm.exception.chain], ["a", "b"])
+            self.assertIn("No such job registered", str(cm.exception))
+
+    def test_fault_without_detail(self):
+        body = self.envelope("<SOAP-ENV:Fault><faultcode>SOAP-ENV:Server"
+                             "</faultcode><faultstring>boom</faultstring>"
+                             "</SOAP-ENV:Fault>")
+        with self.assertRaises(jp_importer.JPPSFault) as cm:
+            jp_importer.parse_soap_response("RegisterJob", body)
+        self.assertIsNone(cm.exception.code)
+
+    def test_hostile_responses_refused(self):
+        bombs = [b'<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aa">'
+                 b'<!ENTITY b "&a;&a;">]><x>&b;</x>',
+                 b"x" * (jp_importer.MAX_RESPONSE + 1),
+                 b"not xml", self.envelope("")[:60],
+                 b'<Envelope xmlns="urn:wrong"><Body/></Envelope>',
+                 self.envelope('<x:RegisterJobResponse xmlns:x="urn:wrong"/>')]
+        for body in bombs:
+            with self.assertRaises(jp_importer.TransientError,
+                                   msg=body[:40]):
+                jp_importer.parse_soap_response("RegisterJob", body)
+
+    def test_request_envelope_is_what_the_fixture_accepts(self):
+        h = ImporterHarness(self)
+        creds = jp_importer.Credentials(h.cert, h.key, h.pki.ca_dir).load()
+        client = jp_importer.JPPSClient(h.jpps.hostport, creds, timeout=5)
+        client.register_job("https://lb:9000/a<&>", "/CN=x&y")
+        dest, commit = client.start_upload("https://lb:9000/a<&>",
+                                           jp_importer.CLASS_LB, "text/lb")
+        client.commit_upload(dest)
+        with self.assertRaises(jp_importer.JPPSFault) as cm:
+            client.get_job_attributes("https://lb:9000/a<&>",
+                                      [REGTIME_ATTR])
+        self.assertEqual(cm.exception.code, errno.EPERM)  # not the owner
+        self.assertEqual([c.result for c in h.jpps.calls],
+                         ["ok", "ok", "ok", errno.EPERM])
+        self.assertEqual(h.jpps.calls[0].get("owner"), "/CN=x&y")
+        self.assertIsNone(h.jpps.calls[1].get("name"))
+        self.assertEqual(h.jpps.calls[0].identity, HOST_SUBJECT)
+        client.close()
+
+
+class TestImporterMaildir(unittest.TestCase):
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="jp-maildir-test-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.root = make_maildir(os.path.join(self.dir, "md"))
+        self.md = jp_importer.Maildir(self.root).init()
+
+    def test_claim_is_exclusive_and_dead_owner_is_detected(self):
+        name = drop_message(self.root, registration(1))
+        msg = self.md.claim("new", name)
+        self.assertEqual(listing(self.root, "work"), [name])
+        # Another process cannot take it while we hold it ...
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if self.md.claim("work", name) is None else 1)
+        self.assertEqual(os.waitpid(pid, 0)[1], 0)
+        # ... but can once we are gone (as after a SIGKILL).
+        msg.release()
+        again = self.md.claim("work", name)
+        self.assertIsNotNone(again)
+        self.assertEqual(again.read(), registration(1))
+        again.done()
+        self.assertEqual(listing(self.root, "tmp"), [])
+        self.assertEqual(listing(self.root, "work"), [])
+
+    def test_postpone_backoff_and_give_up(self):
+        name = drop_message(self.root, registration(1))
+        delays = []
+        for attempt in range(1, 9):
+            msg = self.md.claim("new" if attempt == 1 else "post", name)
+            now = time.time()
+            delays.append(msg.postpone("boom", 300, 86400, now=now) - now)
+            state = self.md.read_state(name)
+            self.assertEqual(state["attempts"], str(attempt))
+            self.assertEqual(state["last_error"], "boom")
+        for attempt, delay in enumerate(delays, 1):
+            expected = min(3600, 300 * 2 ** (attempt - 1))
+            self.assertTrue(expected * 0.8 <= delay <= expected * 1.2,
+                            (attempt, delay))
+        # Old enough and failing again: undeliverable, reason kept.
+        os.utime(os.path.join(self.root, "post", name),
+                 (time.time() - 90000,) * 2)
+        msg = self.md.claim("post", name)
+        self.assertIsNone(msg.postpone("still down", 300, 86400))
+        self.assertEqual(listing(self.root, "undeliverable"), [name])
+        self.assertIn("still down", self.md.read_state(name)["reason"])
+        self.assertEqual(listing(self.root, "tmp"), [])
+
+    def test_stale_tmp_copy_is_queued_again(self):
+        name = drop_message(self.root, registration(1), age=2 * 86400)
+        os.unlink(os.path.join(self.root, "new", name))
+        young = drop_message(self.root, registration(2))
+        os.unlink(os.path.join(self.root, "new", young))
+        self.assertEqual(self.md.requeue_stale_tmp(), 1)
+        self.assertEqual(listing(self.root, "new"), [name])
+
+    def test_symlinked_message_is_not_followed(self):
+        os.symlink("/etc/passwd", os.path.join(self.root, "new", "evil"))
+        self.assertIsNone(self.md.claim("new", "evil"))
+        self.assertEqual(listing(self.root, "undeliverable"), ["evil"])
+        self.assertIn("symbolic link", self.md.read_state("evil")["reason"])
+
+    def test_shared_directories_refused(self):
+        os.chmod(os.path.join(self.root, "new"), 0o777)
+        with self.assertRaises(jp_importer.ConfigError) as cm:
+            jp_importer.Maildir(self.root).init()
+        self.assertIn("writable by group or others", str(cm.exception))
+        jp_importer.Maildir(self.root).init(allow_shared=True)
+
+
+# ---------------------------------------------------------------------------
+# jp_importer: the daemon, end to end
+# ---------------------------------------------------------------------------
+
+class TestImporterRegistrations(unittest.TestCase):
+
+    def test_once_delivers_and_quarantines(self):
+        h = ImporterHarness(self)
+        good = [drop_message(h.reg, registration(n)) for n in range(20)]
+        h.jpps.register("https://lb.example.org:9000/job00000", "/CN=x")
+        bad = {drop_message(h.reg, data): reason for data, reason in (
+            (b"https://lb.example.org:9000/x", "newline"),
+            (b"https://lb.example.org:9000/x\0\nowner", "NUL"),
+            (b"https://lb.example.org:9000/x\n\xff\xfe", "UTF-8"),
+            (b"https://lb.example.org:9000/x y\nowner", "invalid jobid"),
+            (b"x" * 70000, "larger than"))}
+        proc = h.once()
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(len(h.jpps.ops("RegisterJob")), 20)
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 19)
+        self.assertEqual(h.jpps.ops("RegisterJob", errno.EEXIST)[0]
+                         .get("job"), "https://lb.example.org:9000/job00000")
+        for sub in ("new", "work", "post", "tmp"):
+            self.assertEqual(listing(h.reg, sub), [], sub)
+        self.assertEqual(listing(h.reg, "undeliverable"), sorted(bad))
+        for name, reason in bad.items():
+            self.assertIn(reason, h.state(h.reg, name)["reason"])
+        self.assertIn("already registered", proc.stderr)
+        self.assertEqual(good and len(good), 20)
+
+    def test_jpps_down_then_back(self):
+        h = ImporterHarness(self)
+        port = h.jpps.port
+        h.jpps.stop()
+        for n in range(3):
+            drop_message(h.reg, registration(n))
+        proc = h.once()
+        self.assertEqual(proc.returncode, 0)
+        self.assertEqual(len(listing(h.reg, "post")), 3)
+        state = h.state(h.reg, listing(h.reg, "post")[0])
+        self.assertEqual(state["attempts"], "1")
+        self.assertIn("Connection refused", state["last_error"])
+        # The JPPS returns on the same port; the retries deliver everything.
+        h.jpps.start(port)
+        proc = h.once()
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 3)
+        for sub in ("new", "work", "post", "undeliverable", "tmp", "state"):
+            self.assertEqual(listing(h.reg, sub), [], sub)
+
+    def test_hung_jpps_times_out_then_retries(self):
+        h = ImporterHarness(self)
+        h.jpps.inject("hang", "RegisterJob", seconds=30)
+        name = drop_message(h.reg, registration(1))
+        started = time.monotonic()
+        proc = h.once("--timeout", "1")
+        self.assertLess(time.monotonic() - started, 15)
+        self.assertIn("within 1s", h.state(h.reg, name)["last_error"])
+        h.jpps.release()
+        h.once()
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 1)
+        self.assertEqual(listing(h.reg, "post"), [])
+        self.assertEqual(proc.returncode, 0)
+
+    def test_server_misbehaviour_is_retried(self):
+        h = ImporterHarness(self)
+        kinds = ["http500", "garbage", "truncated", "drop", "drop_mid",
+                 "doctype", "fault"]
+        for kind in kinds:
+            h.jpps.inject(kind, "RegisterJob")
+        for n in range(len(kinds)):
+            drop_message(h.reg, registration(n))
+        h.once()
+        self.assertEqual(len(listing(h.reg, "post")), len(kinds))
+        self.assertEqual(listing(h.reg, "undeliverable"), [])
+        h.once()
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), len(kinds))
+        self.assertEqual(listing(h.reg, "post"), [])
+
+    def test_give_up_only_after_a_failed_attempt(self):
+        h = ImporterHarness(self)
+        old = drop_message(h.reg, registration(1), age=7 * 86400)
+        h.jpps.inject("fault", "RegisterJob", code=errno.EIO)
+        h.once()
+        self.assertEqual(listing(h.reg, "undeliverable"), [old])
+        reason = h.state(h.reg, old)["reason"]
+        self.assertIn("given up after 1 attempts", reason)
+        # An equally old message that works is simply delivered (B-I15).
+        drop_message(h.reg, registration(2), age=7 * 86400)
+        h.once()
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 1)
+
+    def test_status_and_requeue(self):
+        h = ImporterHarness(self)
+        drop_message(h.reg, b"no newline here")
+        h.jpps.inject("fault", "RegisterJob", code=errno.EIO)
+        drop_message(h.reg, registration(7))
+        h.once("--retry", "600")
+        proc = run([sys.executable, JP_IMPORTER, "--status"] + h.args())
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("new 0  work 0  post 1  undeliverable 1", proc.stdout)
+        self.assertIn("next retry:", proc.stdout)
+        self.assertIn("registration without a newline", proc.stdout)
+        self.assertEqual(len(listing(h.reg, "post")), 1)   # unchanged
+        proc = run([sys.executable, JP_IMPORTER, "--requeue"] + h.args())
+        self.assertIn("1 message(s) requeued", proc.stdout)
+        self.assertEqual(len(listing(h.reg, "new")), 1)
+        self.assertEqual(listing(h.reg, "undeliverable"), [])
+
+
+class TestImporterProcesses(unittest.TestCase):
+
+    def test_sigkill_of_a_busy_worker_loses_nothing(self):
+        h = ImporterHarness(self)
+        h.jpps.inject("hang", "RegisterJob")
+        name = drop_message(h.reg, registration(1))
+        proc = h.start()
+        wait_for(lambda: h.jpps.calls, what="the hung call")
+        self.assertEqual(listing(h.reg, "work"), [name])
+        reg_worker = min(h.workers(proc, 3))       # forked first
+        os.kill(reg_worker, signal.SIGKILL)
+        h.jpps.release()
+        wait_for(lambda: h.jpps.ops("RegisterJob", "ok"),
+                 what="delivery by the restarted worker")
+        wait_for(lambda: not listing(h.reg, "work"), what="empty work/")
+        self.assertEqual(h.stop(proc), 0)
+        self.assertIn("died: terminated by SIGKILL", h.output())
+        self.assertEqual(listing(h.reg, "tmp"), [])
+
+    def test_sigkill_of_the_whole_daemon_loses_nothing(self):
+        h = ImporterHarness(self)
+        h.jpps.inject("hang", "RegisterJob")
+        drop_message(h.reg, registration(1))
+        proc = h.start()
+        wait_for(lambda: h.jpps.calls, what="the hung call")
+        workers = h.workers(proc, 3)
+        for pid in [proc.pid] + workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(TIMEOUT)
+        h.jpps.release()
+        self.assertEqual(len(listing(h.reg, "work")), 1)
+        h.once()
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 1)
+        self.assertEqual(listing(h.reg, "work"), [])
+
+    def test_sigterm_finishes_the_message_in_hand(self):
+        h = ImporterHarness(self)
+        h.jpps.inject("hang", "RegisterJob", answer=True)
+        drop_message(h.reg, registration(1))
+        drop_message(h.reg, registration(2))
+        proc = h.start()
+        wait_for(lambda: h.jpps.calls, what="the hung call")
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "terminating on SIGTERM" in h.output(),
+                 what="the master's note")
+        self.assertIsNone(proc.poll())           # waits for the worker
+        h.jpps.release()
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 1)
+        self.assertEqual(len(listing(h.reg, "new")), 1)   # not started
+        self.assertFalse(os.path.exists(h.pidfile))
+
+    def test_pidfile_lock_and_real_daemon(self):
+        h = ImporterHarness(self)
+        proc = run([sys.executable, JP_IMPORTER, "--log", h.logfile]
+                   + h.args())
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        pid = wait_for(lambda: read_text(h.pidfile).strip(),
+                       what="the pid file")
+        pid = int(pid)
+        self.addCleanup(lambda: os.kill(pid, signal.SIGKILL)
+                        if os.path.exists("/proc/%d" % pid) else None)
+        self.assertNotEqual(os.getsid(pid), os.getsid(0))   # own session
+        second = h.start()
+        self.assertEqual(second.wait(TIMEOUT), 1)
+        self.assertIn("another jp_importer is running (pid %d" % pid,
+                      h.output())
+        drop_message(h.reg, registration(3))
+        wait_for(lambda: h.jpps.ops("RegisterJob", "ok"), what="delivery")
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not os.path.exists(h.pidfile),
+                 what="pid file removed")
+        with open(h.logfile) as f:
+            text = f.read()
+        self.assertIn("registered (attempt 1", text)
+        self.assertIn("stopped", text)
+
+    def test_sighup_reloads_a_renewed_credential(self):
+        h = ImporterHarness(self)
+        cred = h.path("cred.pem")
+        shutil.copy(h.pki.proxy, cred)
+        os.chmod(cred, 0o600)
+        h.cert = h.key = cred
+        proc = h.start()
+        drop_message(h.reg, registration(1))
+        wait_for(lambda: h.jpps.ops("RegisterJob", "ok"), what="first")
+        # A renewed credential with another identity: the host's.
+        with open(cred + ".new", "w") as out:
+            for part in (h.pki.host_cert, h.pki.host_key):
+                with open(part) as f:
+                    out.write(f.read())
+        os.chmod(cred + ".new", 0o600)
+        os.rename(cred + ".new", cred)
+        proc.send_signal(signal.SIGHUP)
+        drop_message(h.reg, registration(2))
+        wait_for(lambda: len(h.jpps.ops("RegisterJob", "ok")) == 2,
+                 what="second")
+        self.assertEqual([c.identity for c in h.jpps.ops("RegisterJob")],
+                         [USER_SUBJECT, HOST_SUBJECT])
+        self.assertEqual(h.stop(proc), 0)
+
+    def test_command_line_errors(self):
+        for args, text in ((["-D", "0"], "between 1 and 20"),
+                           (["-D", "21"], "between 1 and 20"),
+                           (["-t", "soon"], "needs a number"),
+                           (["--bogus"], "not recognized"),
+                           (["stray"], "unexpected argument"),
+                           (["--upload", "x"], "FILE and URL"),
+                           (["--dcau", "X"], "auto, N or A")):
+            proc = run([sys.executable, JP_IMPORTER] + args)
+            self.assertEqual(proc.returncode, 2, args)
+            self.assertIn(text, proc.stderr)
+            self.assertNotIn("Traceback", proc.stderr)
+        proc = run([sys.executable, JP_IMPORTER, "-S", "/x", "--store", "/y",
+                    "--help"])
+        self.assertEqual(proc.returncode, 0)
+        self.assertIn("--dump-slaves", proc.stdout)
+
+    def test_bad_credentials_are_clear_errors(self):
+        h = ImporterHarness(self)
+        expired = h.pki.make_proxy("expired-proxy.pem",
+                                   start="20200101000000Z",
+                                   end="20210101000000Z")
+        for cert, text in ((expired, "expired on"),
+                           ("/nonexistent.pem", "/nonexistent.pem"),
+                           (h.pki.ca_key, "holds no certificate")):
+            h.cert = h.key = cert
+            proc = h.once()
+            self.assertEqual(proc.returncode, 1, cert)
+            self.assertIn(text, proc.stderr)
+            self.assertNotIn("Traceback", proc.stderr)
+        h.cert, h.key = h.pki.user_cert, h.pki.host_key
+        proc = h.once()
+        self.assertIn("wrong key", proc.stderr)
 
 
 if __name__ == "__main__":

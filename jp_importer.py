@@ -1276,6 +1276,9 @@ def parse_registration(data):
     return _valid_jobid(jobid.rstrip("\r")), owner
 
 
+ORIGINAL_EXPORTER_JPPS_BUG = re.compile(r"^(/.*?)jpps {3}([^\s/]+:\d+)$")
+
+
 def parse_keyed(data):
     """The keys of a dump or sandbox message (SPEC 2.4), as a dict.
 
@@ -1303,6 +1306,11 @@ def parse_keyed(data):
     for key in ("jobid", "file"):
         if key not in fields:
             raise MalformedMessage("no %r line" % key)
+    broken = ORIGINAL_EXPORTER_JPPS_BUG.match(fields["file"])
+    if broken and "jpps" not in fields:
+        # The original exporter's -j forgot the newline before "jpps"
+        # (B-X1); its three-space padding makes the repair unambiguous.
+        fields["file"], fields["jpps"] = broken.groups()
     fields["jobid"] = _valid_jobid(fields["jobid"])
     if not os.path.isabs(fields["file"]):
         raise MalformedMessage("file %r is not an absolute path"
@@ -1345,6 +1353,7 @@ def upload(url, path, credentials, timeout, dcau="auto",
     PermanentError (undeliverable).
     """
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    credentials.refresh()           # a renewed proxy serves uploads too
     if scheme == "gsiftp":
         return upload_gsiftp(url, path, credentials, timeout, dcau=dcau)
     if scheme in ("ftp", "ftps"):

@@ -507,6 +507,8 @@ class JPPSFixture:
       hang      answer nothing until release() (or `seconds`), then drop
                 the connection, or answer normally with answer=True
       doctype   HTTP 200 with a DOCTYPE/entity declaration in the body
+      lose      run the operation, then close without answering (the
+                client cannot know whether it happened)
     `name` of StartUpload: absent, xsi:nil or text.  The WSDL declares it
     minOccurs=1, but the original client sent a NULL name and the real
     server treats absent and nil alike as "no name" (SPEC 5.5, 9); every
@@ -619,16 +621,23 @@ class JPPSFixture:
         with self.lock:
             self.calls.append(call)
         inj = self._take_injection(op)
-        if inj and self._misbehave(handler, inj, call):
+        if inj and inj["kind"] != "lose" and \
+                self._misbehave(handler, inj, call):
             return
         try:
             with self.lock:
                 response = getattr(self, "op_" + op)(call)
             call.result = "ok"
-            handler.reply(200, self.envelope(response))
+            status, body = 200, self.envelope(response)
         except JPPSFault as fault:
             call.result = fault.code
-            handler.reply(500, self.fault_envelope(fault))
+            status, body = 500, self.fault_envelope(fault)
+        if inj and inj["kind"] == "lose":
+            call.result = "lost-%s" % call.result
+            handler.close_connection = True
+            handler.request.shutdown(socket.SHUT_RDWR)
+            return
+        handler.reply(status, body)
 
     def _misbehave(self, handler, inj, call):
         kind, kw = inj["kind"], inj["kw"]
@@ -1232,6 +1241,12 @@ class TestImporterMessages(unittest.TestCase):
             self.assertEqual(fields["jobid"], "https://lb.example.org:9000/"
                              "rReV1TpJ5oY0Z1_M4NBfHw")
             self.assertTrue(fields["file"].startswith("/"))
+        with open(os.path.join(REFERENCE, "messages",
+                               "jpdump_message_with_jpps_BROKEN.bin"),
+                  "rb") as f:
+            fields = jp_importer.parse_keyed(f.read())
+        self.assertEqual(fields["jpps"], "jp.example.org:8901")
+        self.assertTrue(fields["file"].endswith(".1276000000_123456"))
         fields = jp_importer.parse_keyed(
             b"jobid  https://lb/x\nfile   /a b\njpps   jp:8901\n")
         self.assertEqual(fields, {"jobid": "https://lb:9000/x",
@@ -1643,5 +1658,119 @@ class TestImporterProcesses(unittest.TestCase):
         self.assertIn("wrong key", proc.stderr)
 
 
+
+# ---------------------------------------------------------------------------
+# The demonstration (python3 test_all.py --demo)
+# ---------------------------------------------------------------------------
+
+DEMO_SAMPLE = os.path.join(REFERENCE, "samples", "sample_job_waiting")
+DEMO_JOBID = "https://scientific.civ.zcu.cz:9200/1Yjk3Wlaspl07y45iX8Tng"
+DEMO_OWNER = "/O=CESNET/O=Masaryk University/CN=Ales Krenek"
+
+
+def run_demo(out=sys.stdout):
+    """The whole chain on 127.0.0.1 with throwaway credentials.
+
+    A registration, a real LB purge dump and a sandbox go through the
+    maildirs and jp_importer to the JPPS fixture and the FTPS fixture.
+    Returns 0 when everything was delivered.
+    """
+    def say(text=""):
+        out.write(text + "\n")
+        out.flush()
+
+    work = tempfile.mkdtemp(prefix="jp-demo-")
+    os.chmod(work, 0o700)
+    servers = []
+    try:
+        say("== throwaway PKI (openssl) in %s" % work)
+        p = PKI(os.path.join(work, "pki"))
+        ftproot = os.path.join(work, "ftp-root")
+        os.mkdir(ftproot)
+        ftps = FTPSFixture(p, ftproot).start()
+        servers.append(ftps)
+        jpps = JPPSFixture(p, dest_base=ftps.url("jpps"),
+                           local_root=ftproot).start()
+        servers.append(jpps)
+        say("== JPPS fixture on %s, FTPS fixture on %s"
+            % (jpps.url, ftps.url("")))
+        reg, dump, sandbox = (make_maildir(os.path.join(work, n))
+                              for n in ("jpreg", "jpdump", "jpsandbox"))
+        store = os.path.join(work, "lbexport")
+
+        say("== LB server: registration message for %s" % DEMO_JOBID)
+        drop_message(reg, ("%s\n%s" % (DEMO_JOBID, DEMO_OWNER)).encode(),
+                     name="%d_%06d.lb.example.org" % (time.time(), 1))
+
+        say("== lb_dump_exporter.py -d %s" % os.path.basename(DEMO_SAMPLE))
+        if not os.path.exists(LB_DUMP_EXPORTER):
+            say("   lb_dump_exporter.py does not exist yet: skipped")
+        else:
+            proc = run([sys.executable, LB_DUMP_EXPORTER, "-q", "-d",
+                        DEMO_SAMPLE, "-s", store, "-m", dump])
+            say("   exit %d; %s" % (proc.returncode,
+                                    (proc.stdout + proc.stderr).strip()))
+
+        say("== jp_upload_files.py: sandbox of two files")
+        sandbox_files = []
+        for name, text in (("input.jdl", "[ Executable = \"/bin/date\"; ]\n"),
+                           ("stdout.txt", "Sun Nov 22 12:00:00 UTC 2026\n")):
+            path = os.path.join(work, name)
+            with open(path, "w") as f:
+                f.write(text)
+            sandbox_files.append(path)
+        if not os.path.exists(JP_UPLOAD_FILES):
+            say("   jp_upload_files.py does not exist yet: skipped")
+        else:
+            proc = run([sys.executable, JP_UPLOAD_FILES, "-j", DEMO_JOBID,
+                        "-m", sandbox, "-p", p.proxy] + sandbox_files)
+            say("   exit %d %s" % (proc.returncode,
+                                   (proc.stdout + proc.stderr).strip()))
+
+        say("== jp_importer.py --once (with the host certificate)")
+        args = [sys.executable, JP_IMPORTER, "--once", "-c", p.host_cert,
+                "-k", p.host_key, "-C", p.ca_dir, "-p", jpps.url,
+                "-r", reg, "-d", dump, "-s", sandbox, "--retry", "0",
+                "--timeout", "10", "-t", "0.1"]
+        for attempt in (1, 2, 3):
+            proc = run(args)
+            for line in proc.stderr.splitlines():
+                if "attempt" in line or "ERROR" in line:
+                    say("   " + line.split(": ", 1)[-1])
+            left = sum(len(listing(m, sub)) for m in (reg, dump, sandbox)
+                       for sub in ("new", "post", "work"))
+            if not left:
+                break
+
+        say("== what the JP primary storage received")
+        for call in jpps.calls:
+            say("   %-16s %-44s -> %s" % (
+                call.op, call.get("job") or call.get("jobid") or
+                call.get("destination"), call.result))
+        for destination, digest in sorted(jpps.committed.items()):
+            size = os.path.getsize(jpps.local_path(destination))
+            say("   committed %s (%d bytes, sha256 %s...)"
+                % (destination, size, digest[:16]))
+        delivered = len(jpps.committed)
+        with open(DEMO_SAMPLE, "rb") as f:
+            sample_digest = hashlib.sha256(f.read()).hexdigest()
+        dump_ok = sample_digest in jpps.committed.values()
+        say("   the dump stored is byte-identical to the sample: %s"
+            % ("yes" if dump_ok else "NO"))
+        undeliverable = [(m, n) for m in (reg, dump, sandbox)
+                         for n in listing(m, "undeliverable")]
+        say("== result: %d job registered, %d files committed, "
+            "%d undeliverable, %d still queued"
+            % (len(jpps.jobs), delivered, len(undeliverable), left))
+        return 0 if (dump_ok and delivered == 2 and not left and
+                     not undeliverable) else 1
+    finally:
+        for server in reversed(servers):
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 if __name__ == "__main__":
+    if "--demo" in sys.argv[1:]:
+        sys.exit(run_demo())
     unittest.main()

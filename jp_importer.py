@@ -1020,20 +1020,18 @@ class Maildir:
                   self.root, sub, name)
         return None
 
-    def due(self, name, now, default_retry):
-        """Whether a postponed message is due for its next attempt."""
+    def next_retry(self, name, default_retry):
+        """When a postponed message is due; None when it is gone."""
         state = self.read_state(name)
-        if "next_retry" in state:
-            try:
-                return float(state["next_retry"]) <= now
-            except ValueError:
-                return True
+        try:
+            return float(state["next_retry"])
+        except (KeyError, ValueError):
+            pass
         # Postponed by the original importer: its clock is the ctime.
         try:
-            return os.stat(self.path("post", name)).st_ctime + \
-                default_retry <= now
+            return os.stat(self.path("post", name)).st_ctime + default_retry
         except FileNotFoundError:
-            return False
+            return None
 
     # -- housekeeping -------------------------------------------------------
 
@@ -1147,9 +1145,15 @@ class Message:
     def __init__(self, maildir, name, fd, st, source):
         self.maildir, self.name, self.fd = maildir, name, fd
         self.source = source                     # new, post or work
-        self.mtime = st.st_mtime                 # when it was written
         self.size = st.st_size
         self.state = maildir.read_state(name)
+        # The give-up clock: when it was written, or when an admin sent it
+        # back with --requeue.
+        try:
+            self.mtime = max(st.st_mtime, float(self.state.get("requeued",
+                                                               0)))
+        except ValueError:
+            self.mtime = st.st_mtime
         self.jobid = self.state.get("jobid")
         self._data = None
 
@@ -1388,6 +1392,10 @@ class Worker:
         self.retry_base = (options.retry if options.retry is not None
                            else self.RETRY[kind])
         self.clients = {}
+        # name -> a time before which a postponed message is surely not
+        # due; saves re-reading every state file of a big backlog in post/
+        # on every pass.  Retry times only move later, so it stays true.
+        self.not_before = {}
         self.stop_requested = False
         self.reload_requested = False
         self.deliver = {KIND_REG: self.deliver_registration,
@@ -1418,8 +1426,7 @@ class Worker:
                     return handled
                 if self.tried is not None and name in self.tried:
                     continue
-                if sub == "post" and not self.maildir.due(
-                        name, time.time(), self.retry_base):
+                if sub == "post" and not self._due(name):
                     continue
                 msg = self.maildir.claim(sub, name)
                 if msg is None:
@@ -1433,6 +1440,18 @@ class Worker:
                 self.process(msg)
                 handled += 1
         return handled
+
+    def _due(self, name):
+        now = time.time()
+        if self.not_before.get(name, 0) > now:
+            return False
+        next_retry = self.maildir.next_retry(name, self.retry_base)
+        if next_retry is None or next_retry > now:
+            if next_retry is not None:
+                self.not_before[name] = next_retry
+            return False
+        self.not_before.pop(name, None)
+        return True
 
     def process(self, msg):
         """Deliver one claimed message and log one line with the outcome."""
@@ -1468,6 +1487,7 @@ class Worker:
         if next_retry is None:
             return ("given up, moved to undeliverable/: %s" % exc,
                     logging.ERROR)
+        self.not_before[msg.name] = next_retry
         return ("failed: %s; next attempt at %s"
                 % (exc, format_time(next_retry)), logging.WARNING)
 

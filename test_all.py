@@ -1388,6 +1388,16 @@ class TestImporterMaildir(unittest.TestCase):
         self.assertIn("still down", self.md.read_state(name)["reason"])
         self.assertEqual(listing(self.root, "tmp"), [])
 
+    def test_requeue_restarts_the_give_up_clock(self):
+        name = drop_message(self.root, registration(1), age=7 * 86400)
+        self.assertIsNone(self.md.claim("new", name).postpone(
+            "down", 300, 86400))
+        self.assertEqual(self.md.requeue_undeliverable(), [name])
+        self.assertEqual(listing(self.root, "tmp"), [name])
+        msg = self.md.claim("new", name)
+        self.assertIsNotNone(msg.postpone("still down", 300, 86400))
+        self.assertEqual(listing(self.root, "post"), [name])
+
     def test_stale_tmp_copy_is_queued_again(self):
         name = drop_message(self.root, registration(1), age=2 * 86400)
         os.unlink(os.path.join(self.root, "new", name))

@@ -832,13 +832,15 @@ class JPPSClient:
     def start_upload(self, job, file_class, content_type):
         """Return (destination, commitBefore text).
 
-        `name` is omitted: the original sent a NULL name and the JPPS
-        takes an absent name as "none" (file name = the class name).
+        `name` is sent as xsi:nil: the WSDL requires the element, the
+        original sent a NULL name, and the JPPS (gSOAP) reads nil as NULL,
+        so the file is named after its class alone.  An empty <name/>
+        would be "" there, and the file "lb." instead of "lb".
         """
         resp = self.call(
             "StartUpload",
-            "<job>%s</job><class>%s</class><commitBefore>%s</commitBefore>"
-            "<contentType>%s</contentType>"
+            '<job>%s</job><class>%s</class><name xsi:nil="true"/>'
+            "<commitBefore>%s</commitBefore><contentType>%s</contentType>"
             % (escape(job), escape(file_class),
                soap_datetime(time.time() + COMMIT_BEFORE),
                escape(content_type)))

@@ -403,8 +403,9 @@ class JPPSFault(Exception):
 class JPPSCall:
     """One recorded call: op, fields (dict of lists), identity, result."""
 
-    def __init__(self, op, fields, identity):
+    def __init__(self, op, fields, identity, raw=b""):
         self.op, self.fields, self.identity = op, fields, identity
+        self.raw = raw                # the request body as received
         self.result = None          # "ok", an errno, or "client-error"
         self.time = time.time()
 
@@ -509,10 +510,11 @@ class JPPSFixture:
       doctype   HTTP 200 with a DOCTYPE/entity declaration in the body
       lose      run the operation, then close without answering (the
                 client cannot know whether it happened)
-    `name` of StartUpload: absent, xsi:nil or text.  The WSDL declares it
-    minOccurs=1, but the original client sent a NULL name and the real
-    server treats absent and nil alike as "no name" (SPEC 5.5, 9); every
-    other element is required as declared.
+    `name` of StartUpload: xsi:nil or text, or absent.  The WSDL declares
+    it minOccurs=1 (our client sends xsi:nil), but the original client
+    sent a NULL name that some gSOAP versions omitted, and the real server
+    reads absent and nil alike as "no name" (SPEC 5.5, 9); every other
+    element is required as declared.
     """
 
     def __init__(self, pki, dest_base="ftp://localhost:2811/jpps",
@@ -617,7 +619,7 @@ class JPPSFixture:
                 self.calls.append(call)
             handler.reply(500, self.client_fault(str(exc)))
             return
-        call = JPPSCall(op, fields, handler.identity)
+        call = JPPSCall(op, fields, handler.identity, body)
         with self.lock:
             self.calls.append(call)
         inj = self._take_injection(op)
@@ -632,8 +634,10 @@ class JPPSFixture:
         except JPPSFault as fault:
             call.result = fault.code
             status, body = 500, self.fault_envelope(fault)
+        call.response = body
         if inj and inj["kind"] == "lose":
             call.result = "lost-%s" % call.result
+            call.response = body
             handler.close_connection = True
             handler.request.shutdown(socket.SHUT_RDWR)
             return

@@ -14,6 +14,7 @@ them those tests skip with a reason, and JP_TEST_REQUIRE_PEERS=1 turns every
 such skip into a failure (CI sets it).
 """
 
+import atexit
 import base64
 import contextlib
 import errno
@@ -324,13 +325,11 @@ def pki():
             raise unittest.SkipTest("the openssl command is not installed")
         _PKI_DIR = tempfile.mkdtemp(prefix="jp-test-pki-")
         os.chmod(_PKI_DIR, 0o755)     # peers running as other users read it
+        # atexit, not tearDownModule: bench.py and CI scripts use it too.
+        # Forked children leave with os._exit and do not run it.
+        atexit.register(shutil.rmtree, _PKI_DIR, True)
         _PKI = PKI(_PKI_DIR)
     return _PKI
-
-
-def tearDownModule():
-    if _PKI_DIR:
-        shutil.rmtree(_PKI_DIR, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""bench -- side-by-side benchmarks of the JP import tools and baselines.
+
+Usage: python3 bench.py [--quick] [--runs N] [--json FILE] [WORKLOAD...]
+
+Workloads (all by default): registrations, dumps, uploads, end-to-end,
+startup.  Every figure is the median of several runs, and every comparison
+is a ratio against a baseline measured in the same run, because the
+machines are shared and noisy.  --quick runs small sizes once: a smoke
+test that the benchmark works (it asserts no timing).
+
+Uses test_all.py's fixtures (PKI, JPPS fixture, FTPS fixture, real peers).
+Standard library only.
+"""
+
+import getopt
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import test_all                                             # noqa: E402
+from test_all import (JP_IMPORTER, LB_DUMP_EXPORTER,        # noqa: E402
+                      JP_UPLOAD_FILES, drop_message, make_maildir)
+
+WORKLOADS = ["registrations", "dumps", "uploads", "end-to-end", "startup"]
+BARE_CLIENT = r'''
+import http.client, ssl, sys, time
+port, count, cert, key, ca, path = sys.argv[1:7]
+ctx = ssl.create_default_context(cafile=ca)
+ctx.load_cert_chain(cert, key)
+conn = http.client.HTTPSConnection("localhost", int(port), context=ctx)
+bodies = open(path, "rb").read().split(b"\0")
+started = time.perf_counter()
+for body in bodies:
+    conn.request("POST", "/", body=body, headers={
+        "Content-Type": "text/xml; charset=utf-8", "SOAPAction": '""'})
+    conn.getresponse().read()
+print(time.perf_counter() - started)
+'''
+
+
+class Table:
+    """Rows of results, printed at the end and written as JSON."""
+
+    def __init__(self):
+        self.rows = []
+
+    def add(self, workload, what, value, unit, baseline=None, ratio=None,
+            note=""):
+        row = {"workload": workload, "what": what, "value": value,
+               "unit": unit, "baseline": baseline, "ratio": ratio,
+               "note": note}
+        self.rows.append(row)
+        print("  %-14s %-46s %12s %-8s %s%s" % (
+            workload, what, fmt(value), unit,
+            "ratio %.2f" % ratio if ratio is not None else "",
+            ("  " + note) if note else ""), flush=True)
+
+    def skip(self, workload, reason):
+        self.add(workload, "skipped: " + reason, None, "")
+
+
+def fmt(value):
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "%.3g" % value if value < 100 else "%.0f" % value
+    return str(value)
+
+
+def median_of(runs, func):
+    """Run func() `runs` times; the median of each key of its dict."""
+    results = [func() for _ in range(runs)]
+    return dict((k, statistics.median(r[k] for r in results))
+                for k in results[0])
+
+
+def child_run(cmd, **kw):
+    """Run cmd; return (seconds, peak RSS in MB of that child alone)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, **kw)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError("%s exited with %d" % (cmd[:3], proc.returncode))
+    return elapsed, usage.ru_maxrss / 1024.0
+
+
+# ---------------------------------------------------------------------------
+# 1. Registrations
+# ---------------------------------------------------------------------------
+
+def bench_registrations(table, quick, runs):
+    """jp_importer draining N registrations vs a bare http.client loop."""
+    count = 1000 if quick else 20000
+    p = test_all.pki()
+    import jp_importer
+    work = tempfile.mkdtemp(prefix="jp-bench-")
+    try:
+        envelopes = os.path.join(work, "envelopes")
+        with open(envelopes, "wb") as f:
+            f.write(b"\0".join(
+                (jp_importer.ENVELOPE % (
+                    "<jpelem:RegisterJob><job>https://lb.example.org:9000/"
+                    "bare%06d</job><owner>/O=Grid/CN=u</owner>"
+                    "</jpelem:RegisterJob>" % i)).encode()
+                for i in range(count)))
+        script = os.path.join(work, "bare.py")
+        with open(script, "w") as f:
+            f.write(BARE_CLIENT)
+
+        def once():
+            jpps = test_all.JPPSFixture(p).start()
+            try:
+                run_dir = tempfile.mkdtemp(dir=work)
+                reg = make_maildir(os.path.join(run_dir, "reg"))
+                for i in range(count):
+                    drop_message(reg, (
+                        "https://lb.example.org:9000/job%06d\n/O=Grid/CN=u"
+                        % i).encode())
+                imp, _ = child_run([
+                    sys.executable, JP_IMPORTER, "--once", "-c", p.host_cert,
+                    "-k", p.host_key, "-C", p.ca_dir, "-p", jpps.url,
+                    "-r", reg, "-d", os.path.join(run_dir, "d"),
+                    "-s", os.path.join(run_dir, "s"),
+                    "--log", os.path.join(run_dir, "log")])
+                delivered = len(jpps.ops("RegisterJob", "ok"))
+                if delivered != count:
+                    raise RuntimeError("only %d of %d registered"
+                                       % (delivered, count))
+                out = subprocess.check_output([
+                    sys.executable, script, str(jpps.port), str(count),
+                    p.host_cert, p.host_key, p.ca_cert, envelopes])
+                return {"importer": count / imp,
+                        "bare": count / float(out)}
+            finally:
+                jpps.stop()
+
+        m = median_of(runs, once)
+        table.add("registrations", "bare keep-alive http.client loop",
+                  m["bare"], "jobs/s")
+        table.add("registrations", "jp_importer --once, %d messages" % count,
+                  m["importer"], "jobs/s", m["bare"],
+                  m["importer"] / m["bare"],
+                  "%.1f M jobs/day" % (m["importer"] * 86400 / 1e6))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# 5. Start-up
+# ---------------------------------------------------------------------------
+
+def bench_startup(table, quick, runs):
+    """Wall time of the short-lived commands against `python3 -c pass`."""
+    work = tempfile.mkdtemp(prefix="jp-bench-")
+    try:
+        p = test_all.pki()
+        sandbox = os.path.join(work, "sandbox")
+        reg = make_maildir(os.path.join(work, "reg"))
+        payload = os.path.join(work, "stdout.txt")
+        with open(payload, "w") as f:
+            f.write("hello\n")
+        repeat = 3 if quick else 20
+        commands = [("python3 -c pass", [sys.executable, "-c", "pass"])]
+        if os.path.exists(JP_UPLOAD_FILES):
+            commands.append(("jp_upload_files.py, one request", [
+                sys.executable, JP_UPLOAD_FILES, "-j",
+                "https://lb.example.org:9000/bench", "-m", sandbox,
+                "-p", p.proxy, payload]))
+        commands.append(("jp_importer.py --status", [
+            sys.executable, JP_IMPORTER, "--status", "-r", reg, "-d", reg,
+            "-s", reg]))
+        times = {}
+        for _ in range(runs):
+            for name, cmd in commands:
+                samples = []
+                for _ in range(repeat):
+                    samples.append(child_run(cmd, stdout=subprocess.DEVNULL)
+                                   [0])
+                times.setdefault(name, []).append(statistics.median(samples))
+        base = statistics.median(times["python3 -c pass"]) * 1000
+        table.add("startup", "python3 -c pass", base, "ms")
+        for name, _ in commands[1:]:
+            value = statistics.median(times[name]) * 1000
+            table.add("startup", name, value, "ms", base, value / base)
+        if not os.path.exists(JP_UPLOAD_FILES):
+            table.skip("startup", "jp_upload_files.py is not there")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+BENCHES = {"registrations": bench_registrations, "startup": bench_startup}
+
+
+def machine():
+    return {"host": platform.node(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "system": platform.platform(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        opts, args = getopt.gnu_getopt(argv, "h", ["quick", "runs=",
+                                                   "json=", "help"])
+    except getopt.GetoptError as exc:
+        sys.stderr.write("bench.py: %s\n" % exc)
+        return 2
+    opts = dict(opts)
+    if "-h" in opts or "--help" in opts:
+        sys.stdout.write(__doc__)
+        return 0
+    quick = "--quick" in opts
+    runs = int(opts.get("--runs", 1 if quick else 3))
+    chosen = args or WORKLOADS
+    unknown = [w for w in chosen if w not in WORKLOADS]
+    if unknown:
+        sys.stderr.write("bench.py: unknown workload %s\n" % unknown[0])
+        return 2
+    table = Table()
+    info = machine()
+    print("bench.py %s: %d run(s) each, median; %s, Python %s, %d CPUs"
+          % ("--quick" if quick else "full", runs, info["system"],
+             info["python"], info["cpus"]))
+    for name in chosen:
+        if name not in BENCHES:
+            table.skip(name, "not written yet")
+            continue
+        try:
+            BENCHES[name](table, quick, runs)
+        except test_all.unittest.SkipTest as exc:
+            table.skip(name, str(exc))
+    if "--json" in opts:
+        with open(opts["--json"], "w") as f:
+            json.dump({"machine": info, "quick": quick, "runs": runs,
+                       "rows": table.rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

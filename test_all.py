@@ -31,6 +31,7 @@ import signal
 import socket
 import socketserver
 import ssl
+import stat
 import subprocess
 import sys
 import tarfile
@@ -1679,6 +1680,246 @@ class TestImporterProcesses(unittest.TestCase):
 DEMO_SAMPLE = os.path.join(REFERENCE, "samples", "sample_job_waiting")
 DEMO_JOBID = "https://scientific.civ.zcu.cz:9200/1Yjk3Wlaspl07y45iX8Tng"
 DEMO_OWNER = "/O=CESNET/O=Masaryk University/CN=Ales Krenek"
+
+
+# ---------------------------------------------------------------------------
+# jp_upload_files: archive, message, errors, function interface
+# ---------------------------------------------------------------------------
+
+import jp_upload_files  # noqa: E402  (after sys.path is set above)
+
+
+class TestUploadFiles(unittest.TestCase):
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="jp-upload-files-test-")
+        os.chmod(self.dir, 0o755)
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.maildir = os.path.join(self.dir, "jpsandbox")
+        self.proxy = self.write("x509up_u500", b"not read, only named\n")
+        self.small = self.write("stdout.txt", b"Hello, grid\n")
+        self.large = self.write("sub/output.bin", os.urandom(3 * 1024 * 1024
+                                                             + 17))
+        self.jobid = "https://lb.example.org/rReV1TpJ5oY0Z1_M4NBfHw"
+
+    def write(self, name, data):
+        path = os.path.join(self.dir, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def cli(self, *args, **kw):
+        env = dict(os.environ)
+        env.pop("X509_USER_PROXY", None)
+        env.update(kw.pop("env", {}))
+        return run([sys.executable, JP_UPLOAD_FILES] + list(args), env=env,
+                   cwd=self.dir, **kw)
+
+    def left_behind(self):
+        """Every file under the maildir (an aborted request leaves none)."""
+        found = []
+        for top, _, names in os.walk(self.maildir):
+            found.extend(os.path.join(top, n) for n in names)
+        return found
+
+    def test_archive_is_a_complete_gnu_tar(self):
+        cwd = os.getcwd()
+        os.chdir(self.dir)
+        self.addCleanup(os.chdir, cwd)
+        message = jp_upload_files.upload_files(
+            self.jobid, [self.small, "sub/output.bin"], self.proxy,
+            self.maildir)
+        fields = dict(line.split("\t", 1) for line in
+                      read_text(message).splitlines())
+        archive = fields["file"]
+        self.assertEqual(os.path.dirname(archive),
+                         os.path.join(self.maildir, "spool"))
+        self.assertEqual(stat.S_IMODE(os.stat(archive).st_mode), 0o600)
+        with open(archive, "rb") as f:
+            raw = f.read()
+        # GNU magic in the first header, end-of-archive blocks at the end
+        # (the original wrote none, B-U1), whole 512-byte records.
+        self.assertEqual(raw[257:265], b"ustar  \0")
+        self.assertEqual(len(raw) % 512, 0)
+        self.assertEqual(raw[-1024:], b"\0" * 1024)
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            self.assertEqual([m.name for m in members],
+                             [self.small.lstrip("/"), "sub/output.bin"])
+            for member, source in zip(members, (self.small, self.large)):
+                with open(source, "rb") as f:
+                    self.assertEqual(tar.extractfile(member).read(),
+                                     f.read())
+        if shutil.which("tar"):
+            listed = run(["tar", "-tf", archive])
+            self.assertEqual(listed.returncode, 0, listed.stderr)
+            self.assertEqual(listed.stdout.split(),
+                             [self.small.lstrip("/"), "sub/output.bin"])
+
+    def test_message_bytes_and_maildir_way(self):
+        message = jp_upload_files.upload_files(
+            self.jobid, [self.small], self.proxy, self.maildir,
+            jpps="jp.example.org:8901")
+        name = os.path.basename(message)
+        self.assertRegex(name, r"^\d+_\d{6}\.localhost$")
+        self.assertEqual(os.path.dirname(message),
+                         os.path.join(self.maildir, "new"))
+        tmp = os.path.join(self.maildir, "tmp", name)
+        self.assertTrue(os.path.samefile(message, tmp))
+        self.assertEqual(stat.S_IMODE(os.stat(message).st_mode), 0o600)
+        archive = listing(self.maildir, "spool")
+        self.assertEqual(len(archive), 1)
+        with open(message, "rb") as f:
+            self.assertEqual(f.read(), (
+                "jobid\thttps://lb.example.org:9000/rReV1TpJ5oY0Z1_M4NBfHw\n"
+                "file\t%s\nproxy\t%s\njpps\tjp.example.org:8901\n"
+                % (os.path.join(self.maildir, "spool", archive[0]),
+                   self.proxy)).encode())
+        for sub in ("", "tmp", "new", "spool"):
+            mode = os.stat(os.path.join(self.maildir, sub)).st_mode
+            self.assertEqual(stat.S_IMODE(mode), 0o700, sub)
+        # jp_importer reads it as it is written.
+        fields = jp_importer.parse_keyed(open(message, "rb").read())
+        self.assertEqual(fields["jobid"],
+                         "https://lb.example.org:9000/rReV1TpJ5oY0Z1_M4NBfHw")
+        self.assertEqual(fields["jpps"], "jp.example.org:8901")
+
+    def test_command_line_writes_one_request(self):
+        proc = self.cli("-j", self.jobid, "-m", self.maildir,
+                        env={"X509_USER_PROXY": self.proxy},
+                        *[self.small, "sub/output.bin"])
+        self.assertEqual((proc.returncode, proc.stdout, proc.stderr),
+                         (0, "", ""))
+        self.assertEqual(len(listing(self.maildir, "new")), 1)
+        self.assertEqual(len(listing(self.maildir, "spool")), 1)
+        proc = self.cli("--jobid=" + self.jobid, "--maildir", self.maildir,
+                        "--proxy", self.proxy, "--jpps", "jp:8901",
+                        self.small)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(len(listing(self.maildir, "new")), 2)
+        for flag in ("-h", "-?", "--help"):
+            proc = self.cli(flag)
+            self.assertEqual(proc.returncode, 0)
+            self.assertIn("/var/glite/jpsandbox", proc.stdout)
+        proc = self.cli("--version")
+        self.assertEqual(proc.stdout, "jp_upload_files %s\n"
+                         % jp_upload_files.__version__)
+
+    def test_default_maildir_is_the_importers(self):
+        self.assertEqual(jp_upload_files.DEFAULT_MAILDIR,
+                         jp_importer.DEFAULT_SANDBOX_MDIR)
+
+    def test_errors_are_one_line_and_leave_nothing(self):
+        fifo = os.path.join(self.dir, "fifo")
+        os.mkfifo(fifo)
+        blocker = self.write("plain-file", b"x")
+        m = ["-m", self.maildir]
+        cases = [
+            ((self.small,) + tuple(m) + ("-p", self.proxy), 2,
+             "-j JOBID is required"),
+            (("-j", self.jobid, "-p", self.proxy) + tuple(m), 2,
+             "no files given"),
+            (("-j", "https://lb.example.org/a b", "-p", self.proxy,
+              self.small) + tuple(m), 2, "invalid jobid"),
+            (("-j", "http://lb.example.org/abc", "-p", self.proxy,
+              self.small) + tuple(m), 2, "invalid jobid"),
+            (("-j", self.jobid, "-p", self.proxy, "-s", "jp example:1",
+              self.small) + tuple(m), 2, "invalid JPPS address"),
+            (("-j", self.jobid, self.small) + tuple(m), 2, "no proxy"),
+            (("-j", self.jobid, "-p", self.proxy + ".gone",
+              self.small) + tuple(m), 1, "does not exist"),
+            (("-j", self.jobid, "-p", self.proxy, self.small, "missing.txt")
+             + tuple(m), 1, "missing.txt: No such file or directory"),
+            (("-j", self.jobid, "-p", self.proxy, self.dir) + tuple(m), 1,
+             "is not a regular file"),
+            (("-j", self.jobid, "-p", self.proxy, fifo) + tuple(m), 1,
+             "is not a regular file"),
+            (("-j", self.jobid, "-p", self.proxy, "sub/../stdout.txt")
+             + tuple(m), 2, "'..'"),
+            (("-j", self.jobid, "-p", self.proxy, self.small, self.small)
+             + tuple(m), 2, "given twice"),
+            (("-j", self.jobid, "-p", self.proxy, "-m",
+              os.path.join(blocker, "md"), self.small), 1,
+             "cannot create directory"),
+            (("-j", self.jobid, "-x", self.small), 2, "not recognized"),
+        ]
+        for args, status, text in cases:
+            proc = self.cli(*args)
+            self.assertEqual(proc.returncode, status, (args, proc.stderr))
+            self.assertEqual(len(proc.stderr.splitlines()),
+                             1 if status == 1 or "Try" not in proc.stderr
+                             else 2, proc.stderr)
+            self.assertIn(text, proc.stderr)
+            self.assertNotIn("Traceback", proc.stderr)
+            self.assertEqual(self.left_behind(), [], args)
+
+    def test_unreadable_file_is_refused(self):
+        secret = self.write("secret.txt", b"nobody reads this\n")
+        os.chmod(secret, 0)
+        prefix = []
+        if os.geteuid() == 0:
+            # Root reads any file; without these two capabilities it
+            # cannot, like the grid user the tool normally runs as.
+            if not shutil.which("setpriv"):
+                skip_or_fail("setpriv (util-linux) is not installed")
+            prefix = ["setpriv",
+                      "--bounding-set=-dac_override,-dac_read_search"]
+        env = dict(os.environ)
+        env.pop("X509_USER_PROXY", None)
+        proc = run(prefix + [sys.executable, JP_UPLOAD_FILES, "-j",
+                             self.jobid, "-p", self.proxy, "-m",
+                             self.maildir, self.small, secret], env=env)
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertEqual(proc.stderr, "jp_upload_files: %s: Permission "
+                         "denied\n" % secret)
+        self.assertEqual(self.left_behind(), [])
+
+    def test_failure_while_writing_leaves_nothing(self):
+        import resource
+        def small_files():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1024 * 1024,) * 2)
+        proc = self.cli("-j", self.jobid, "-p", self.proxy, "-m",
+                        self.maildir, self.small, self.large,
+                        preexec_fn=small_files)
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertIn("cannot write the archive", proc.stderr)
+        self.assertEqual(len(proc.stderr.splitlines()), 1, proc.stderr)
+        self.assertEqual(self.left_behind(), [])
+
+    def test_shared_maildir_refused_unless_allowed(self):
+        make_maildir(self.maildir)
+        os.chmod(self.maildir, 0o777)
+        with self.assertRaises(jp_upload_files.UploadFilesError) as cm:
+            jp_upload_files.upload_files(self.jobid, [self.small],
+                                         self.proxy, self.maildir)
+        self.assertIn("writable by group or others", str(cm.exception))
+        self.assertEqual(self.left_behind(), [])
+        message = jp_upload_files.upload_files(
+            self.jobid, [self.small], self.proxy, self.maildir,
+            allow_shared_dirs=True)
+        self.assertTrue(os.path.exists(message))
+
+    def test_function_interface(self):
+        with self.assertRaises(jp_upload_files.UploadFilesError) as cm:
+            jp_upload_files.upload_files("not-a-jobid", [self.small],
+                                         self.proxy, self.maildir)
+        self.assertIn("invalid jobid 'not-a-jobid'", str(cm.exception))
+        with self.assertRaises(jp_upload_files.UploadFilesError):
+            jp_upload_files.upload_files(self.jobid, self.small, self.proxy,
+                                         self.maildir)
+        old = os.environ.get("X509_USER_PROXY")
+        os.environ["X509_USER_PROXY"] = self.proxy
+        try:
+            message = jp_upload_files.upload_files(self.jobid, [self.small],
+                                                   maildir=self.maildir)
+        finally:
+            if old is None:
+                del os.environ["X509_USER_PROXY"]
+            else:
+                os.environ["X509_USER_PROXY"] = old
+        self.assertIn("proxy\t%s\n" % self.proxy, read_text(message))
+        self.assertNotIn("jpps", read_text(message))
 
 
 def run_demo(out=sys.stdout):

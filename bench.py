@@ -158,6 +158,98 @@ def bench_registrations(table, quick, runs):
 
 
 # ---------------------------------------------------------------------------
+# 2. Dump splitting
+# ---------------------------------------------------------------------------
+
+DUMP_TEMPLATE = os.path.join(test_all.REFERENCE, "samples", "job_template")
+AWK_SPLIT = r'''
+match($0, /DG\.JOBID="[^"]*"/) {
+    f = substr($0, RSTART + 10, RLENGTH - 11); gsub(/[^A-Za-z0-9_-]/, "_", f)
+    f = dir "/" f
+    if (f != last) { if (last != "") close(last); last = f }
+    print >> f
+}'''
+
+
+def make_dump(path, jobs, interleave=1):
+    """A purge dump of `jobs` jobs of about 10 kB each, from job_template.
+
+    interleave > 1 mixes the lines of each `interleave` consecutive jobs
+    (as a server dump ordered by arrival would), the input of -x.
+    """
+    with open(DUMP_TEMPLATE, "rb") as f:
+        lines = f.read().splitlines(True)
+    lines = lines + lines[1:5]          # 14 + 4 events: about 10 kB a job
+    with open(path, "wb", buffering=4 << 20) as out:
+        for first in range(0, jobs, interleave):
+            block = [[line.replace(b"_CHANGE_ME_JOBID_",
+                                   b"https://lb.example.org:9000/bench%07d"
+                                   % job) for line in lines]
+                     for job in range(first, min(first + interleave, jobs))]
+            for i in range(len(lines)):
+                out.write(b"".join(job_lines[i] for job_lines in block))
+    return os.path.getsize(path)
+
+
+def bench_dumps(table, quick, runs):
+    """lb_dump_exporter against cp + sync and an awk one-liner."""
+    if not os.path.exists(LB_DUMP_EXPORTER):
+        table.skip("dumps", "lb_dump_exporter.py is not there")
+        return
+    sizes = [2000] if quick else [10000, 100000]     # jobs: 20 MB / 100 MB, 1 GB
+    work = tempfile.mkdtemp(prefix="jp-bench-", dir=os.environ.get(
+        "JP_BENCH_DIR"))
+    try:
+        for jobs in sizes:
+            for mode, interleave in (("grouped", 1), ("interleaved -x", 100)):
+                dump = os.path.join(work, "dump")
+                size = make_dump(dump, jobs, interleave)
+                mb = size / 1e6
+
+                def once():
+                    out = tempfile.mkdtemp(dir=work)
+                    try:
+                        cmd = [sys.executable, LB_DUMP_EXPORTER, "-q", "-d",
+                               dump, "-s", os.path.join(out, "store"),
+                               "-m", os.path.join(out, "md")]
+                        if interleave > 1:
+                            cmd.append("-x")
+                        exporter, rss = child_run(cmd)
+                        made = len(os.listdir(os.path.join(out, "md", "new")))
+                        if made != jobs:
+                            raise RuntimeError("%d messages for %d jobs"
+                                               % (made, jobs))
+                        started = time.perf_counter()
+                        subprocess.check_call(["cp", dump, os.path.join(
+                            out, "copy")])
+                        subprocess.check_call(["sync"])
+                        copy = time.perf_counter() - started
+                        os.mkdir(os.path.join(out, "awk"))
+                        awk, _ = child_run(["awk", "-v", "dir=" + os.path.join(
+                            out, "awk"), AWK_SPLIT, dump])
+                        return {"exporter": exporter, "rss": rss,
+                                "copy": copy, "awk": awk}
+                    finally:
+                        shutil.rmtree(out, ignore_errors=True)
+
+                m = median_of(runs, once)
+                what = "%s, %d jobs, %.0f MB" % (mode, jobs, mb)
+                table.add("dumps", "cp + sync: " + what, mb / m["copy"],
+                          "MB/s")
+                table.add("dumps", "awk split: " + what, mb / m["awk"],
+                          "MB/s", mb / m["copy"], m["copy"] / m["awk"])
+                table.add("dumps", "lb_dump_exporter: " + what,
+                          mb / m["exporter"], "MB/s", mb / m["copy"],
+                          m["copy"] / m["exporter"],
+                          "%.0f jobs/s, peak RSS %.1f MB, %.2f x awk"
+                          % (jobs / m["exporter"], m["rss"],
+                             m["awk"] / m["exporter"]))
+                os.unlink(dump)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
 # 5. Start-up
 # ---------------------------------------------------------------------------
 
@@ -204,7 +296,8 @@ def bench_startup(table, quick, runs):
 # Command line
 # ---------------------------------------------------------------------------
 
-BENCHES = {"registrations": bench_registrations, "startup": bench_startup}
+BENCHES = {"registrations": bench_registrations, "dumps": bench_dumps,
+           "startup": bench_startup}
 
 
 def machine():

@@ -1533,6 +1533,166 @@ class TestImporterRegistrations(unittest.TestCase):
         self.assertEqual(listing(h.reg, "undeliverable"), [])
 
 
+def upload_harness(case, **jpps_kw):
+    """An ImporterHarness whose JPPS hands out destinations on a fresh
+    FTPS fixture; the fixture is h.ftps, its root h.ftp_root."""
+    root = tempfile.mkdtemp(prefix="jp-ftp-root-")
+    case.addCleanup(shutil.rmtree, root, True)
+    ftps = FTPSFixture(pki(), root).start()
+    case.addCleanup(ftps.stop)
+    h = ImporterHarness(case, dest_base=ftps.url("jpps"), local_root=root,
+                        **jpps_kw)
+    h.ftps, h.ftp_root = ftps, root
+    return h
+
+
+def write_dump(h, n, owner=USER_SUBJECT, size=5000):
+    """An LB dump file of job n in the harness directory; (jobid, path)."""
+    jobid = "https://lb.example.org:9000/dump%05d" % n
+    os.makedirs(h.path("lbexport"), mode=0o700, exist_ok=True)
+    path = h.path("lbexport", "dump%05d.1795350000_000001" % n)
+    line = ('DG.ARRIVED=20261122120000.000000 DATE=20261122120000.000001 '
+            'HOST="lb.example.org" PROG=edg-wms LVL=SYSTEM DG.PRIORITY=0 '
+            'DG.SOURCE="UserInterface" DG.SRC_INSTANCE="" DG.EVNT="RegJob" '
+            'DG.JOBID="%s" DG.SEQCODE="UI=000001" DG.USER="%s" '
+            'DG.REGJOB.JDL="%s" \n' % (jobid, owner.replace('"', '\\"'),
+                                       "x" * size))
+    with open(path, "w") as f:
+        f.write(line)
+    return jobid, path
+
+
+def dump_message(jobid, path, jpps=None):
+    data = "jobid  %s\nfile   %s\n" % (jobid, path)
+    if jpps:
+        data += "jpps   %s\n" % jpps
+    return data.encode()
+
+
+def sha256_of(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+class TestImporterUploads(unittest.TestCase):
+
+    def assert_drained(self, maildir):
+        for sub in ("new", "work", "post", "undeliverable", "tmp", "state"):
+            self.assertEqual(listing(maildir, sub), [], sub)
+
+    def test_dumps_delivered_and_files_removed(self):
+        h = upload_harness(self)
+        digests = {}
+        for n in range(3):
+            jobid, path = write_dump(h, n, size=n * 40000)
+            h.jpps.register(jobid, USER_SUBJECT)
+            digests[jobid] = sha256_of(path)
+            drop_message(h.dump, dump_message(jobid, path))
+        proc = h.once()
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(sorted(h.jpps.committed.values()),
+                         sorted(digests.values()))
+        for call in h.jpps.ops("StartUpload", "ok"):
+            self.assertEqual((call.get("class"), call.get("contentType")),
+                             ("urn:org.glite.jp.primary:lb", "text/lb"))
+        self.assertEqual(os.listdir(h.path("lbexport")), [])
+        self.assert_drained(h.dump)
+
+    def test_store_keeps_dumps_across_filesystems(self):
+        h = upload_harness(self)
+        # /dev/shm is a tmpfs: another filesystem than the temp dir, so
+        # the move is a copy, fsync and unlink (B-I13), where it exists.
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else h.dir
+        store = tempfile.mkdtemp(prefix="jp-store-", dir=base)
+        self.addCleanup(shutil.rmtree, store, True)
+        jobid, path = write_dump(h, 1)
+        digest = sha256_of(path)
+        h.jpps.register(jobid, USER_SUBJECT)
+        drop_message(h.dump, dump_message(jobid, path))
+        h.once("-S", store)
+        kept = os.path.join(store, os.path.basename(path))
+        self.assertEqual(sha256_of(kept), digest)
+        self.assertFalse(os.path.exists(path))
+        self.assertEqual(os.listdir(store), [os.path.basename(path)])
+
+    def test_failsafe_registration_uses_the_dump_owner(self):
+        h = upload_harness(self)
+        owner = '/O=Grid/OU=Test/CN=Owner "Quoted" Name'
+        jobid, path = write_dump(h, 2, owner=owner)
+        drop_message(h.dump, dump_message(jobid, path))
+        h.once()
+        self.assertEqual([c.op for c in h.jpps.calls], [
+            "StartUpload", "GetJobAttributes", "RegisterJob", "StartUpload",
+            "CommitUpload"])
+        self.assertEqual(h.jpps.ops("RegisterJob")[0].get("owner"), owner)
+        self.assertEqual(len(h.jpps.committed), 1)
+        self.assert_drained(h.dump)
+
+    def test_missing_file_is_undeliverable_with_reason(self):
+        h = upload_harness(self)
+        jobid, path = write_dump(h, 3)
+        os.unlink(path)
+        name = drop_message(h.dump, dump_message(jobid, path))
+        h.once()
+        self.assertEqual(listing(h.dump, "undeliverable"), [name])
+        self.assertIn("no longer exists", h.state(h.dump, name)["reason"])
+        self.assertEqual(h.jpps.calls, [])
+
+    def test_sandbox_start_upload_fault_is_retried(self):
+        h = upload_harness(self)
+        jobid = "https://lb.example.org:9000/sandbox1"
+        h.jpps.register(jobid, USER_SUBJECT)
+        archive = h.path("sandbox", "spool", "1.tar")
+        os.makedirs(os.path.dirname(archive), mode=0o700)
+        with open(archive, "wb") as f:
+            f.write(b"tar data" * 1000)
+        h.jpps.inject("fault", "StartUpload", code=errno.EIO)
+        name = drop_message(h.sandbox, (
+            "jobid\t%s\nfile\t%s\nproxy\t%s\n" % (jobid, archive,
+                                                  h.pki.proxy)).encode())
+        h.once()
+        self.assertEqual(listing(h.sandbox, "post"), [name])
+        self.assertIn("EIO", h.state(h.sandbox, name)["last_error"])
+        h.once()
+        self.assertEqual(len(h.jpps.committed), 1)
+        self.assertFalse(os.path.exists(archive))
+        self.assert_drained(h.sandbox)
+
+    def test_lost_commit_answer_ends_delivered_once(self):
+        h = upload_harness(self)
+        jobid, path = write_dump(h, 4)
+        h.jpps.register(jobid, USER_SUBJECT)
+        name = drop_message(h.dump, dump_message(jobid, path))
+        # The JPPS commits, then the connection drops before the answer.
+        h.jpps.inject("lose", "CommitUpload")
+        h.once()
+        self.assertEqual(listing(h.dump, "post"), [name])
+        self.assertTrue(h.state(h.dump, name).get("destination"))
+        h.once()
+        self.assertEqual(len(h.jpps.ops("StartUpload")), 1)
+        self.assertEqual(len(h.jpps.committed), 1)
+        self.assertFalse(os.path.exists(path))
+        self.assert_drained(h.dump)
+
+    def test_upload_refused_then_accepted(self):
+        h = upload_harness(self)
+        jobid, path = write_dump(h, 5)
+        h.jpps.register(jobid, USER_SUBJECT)
+        name = drop_message(h.dump, dump_message(jobid, path))
+        h.ftps.inject("full")
+        h.once()
+        self.assertEqual(listing(h.dump, "post"), [name])
+        self.assertIn("452", h.state(h.dump, name)["last_error"])
+        self.assertTrue(os.path.exists(path))
+        # The JPPS still holds the first upload until its deadline: the
+        # next attempt waits it out (EEXIST), then StartUpload again.
+        for f in h.jpps.files.values():
+            f["deadline"] = 0
+        h.once()
+        self.assertEqual(len(h.jpps.committed), 1)
+        self.assert_drained(h.dump)
+
+
 class TestImporterProcesses(unittest.TestCase):
 
     def test_sigkill_of_a_busy_worker_loses_nothing(self):
@@ -1680,6 +1840,323 @@ class TestImporterProcesses(unittest.TestCase):
 DEMO_SAMPLE = os.path.join(REFERENCE, "samples", "sample_job_waiting")
 DEMO_JOBID = "https://scientific.civ.zcu.cz:9200/1Yjk3Wlaspl07y45iX8Tng"
 DEMO_OWNER = "/O=CESNET/O=Masaryk University/CN=Ales Krenek"
+
+
+# ---------------------------------------------------------------------------
+# lb_dump_exporter: splitting, messages, rejects, crashes, full disks
+# ---------------------------------------------------------------------------
+
+SAMPLES = os.path.join(REFERENCE, "samples")
+ULM_LINE = ('DG.ARRIVED=20261122120000.%06d DATE=20261122120000.%06d '
+            'HOST="lb.example.org" PROG=edg-wms LVL=SYSTEM DG.PRIORITY=0 '
+            'DG.SOURCE="LogMonitor" DG.SRC_INSTANCE="" DG.EVNT="Running" '
+            'DG.JOBID="%s" DG.SEQCODE="UI=000001" DG.USER="/O=Grid/CN=u" '
+            'DG.RUNNING.NODE="wn%d \\"quoted\\" %s" \n')
+
+
+def ulm_line(jobid, n, pad=0):
+    return (ULM_LINE % (n % 1000000, n % 1000000, jobid, n, "p" * pad)
+            ).encode()
+
+
+def generated_dump(jobs, per_job=5, interleave=1, pad=100):
+    """[(jobid, [lines])] and the dump bytes; interleave > 1 mixes the
+    lines of that many consecutive jobs."""
+    table = [("https://lb.example.org:9000/gen%05d" % j,
+              [ulm_line("https://lb.example.org:9000/gen%05d" % j,
+                        j * per_job + i, pad) for i in range(per_job)])
+             for j in range(jobs)]
+    out = []
+    for first in range(0, jobs, interleave):
+        block = table[first:first + interleave]
+        for i in range(per_job):
+            out.extend(lines[i] for _, lines in block)
+    return table, b"".join(out)
+
+
+class ExporterRun:
+    """A store and a maildir, and ways to run lb_dump_exporter on them."""
+
+    def __init__(self, case):
+        self.case = case
+        self.dir = tempfile.mkdtemp(prefix="jp-exporter-test-")
+        os.chmod(self.dir, 0o700)
+        case.addCleanup(shutil.rmtree, self.dir, True)
+        self.store = os.path.join(self.dir, "lbexport")
+        self.maildir = os.path.join(self.dir, "jpdump")
+
+    def args(self, *extra):
+        return [sys.executable, LB_DUMP_EXPORTER, "-s", self.store,
+                "-m", self.maildir] + list(extra)
+
+    def run(self, *extra, **kw):
+        return run(self.args(*extra), **kw)
+
+    def dump_file(self, data, name="dump"):
+        path = os.path.join(self.dir, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def messages(self):
+        """{jobid: (fields, message name)} of every message in new/;
+        fails on two messages of one job."""
+        found = {}
+        for name in listing(self.maildir, "new"):
+            with open(os.path.join(self.maildir, "new", name), "rb") as f:
+                data = f.read()
+            fields = jp_importer.parse_keyed(data)
+            self.case.assertNotIn(fields["jobid"], found, "two messages")
+            found[fields["jobid"]] = (fields, name, data)
+        return found
+
+    def assert_exported(self, table, complete=True):
+        """Each message names a file holding exactly its job's lines."""
+        messages = self.messages()
+        expected = dict((jobid, b"".join(lines)) for jobid, lines in table)
+        for jobid, (fields, name, _) in messages.items():
+            with open(fields["file"], "rb") as f:
+                self.case.assertEqual(f.read(), expected[jobid], jobid)
+            self.case.assertEqual(os.path.dirname(fields["file"]),
+                                  self.store)
+        if complete:
+            self.case.assertEqual(sorted(messages), sorted(expected))
+            data_files = [n for n in os.listdir(self.store)
+                          if not n.startswith((".", "lb_dump_exporter."))]
+            self.case.assertEqual(len(data_files), len(expected))
+        return messages
+
+    def rejects(self):
+        names = [n for n in os.listdir(self.store) if n.endswith(".rejects")]
+        if not names:
+            return b""
+        with open(os.path.join(self.store, names[0]), "rb") as f:
+            return f.read()
+
+
+class TestDumpExporter(unittest.TestCase):
+
+    def test_real_samples(self):
+        for sample in ("sample_job_waiting", "sample_job_aborted",
+                       "sample_job_cleared", "sample_job_tagged_done"):
+            x = ExporterRun(self)
+            path = os.path.join(SAMPLES, sample)
+            with open(path, "rb") as f:
+                data = f.read()
+            jobid = re.search(rb'DG\.JOBID="([^"]*)"', data).group(1).decode()
+            proc = x.run("-d", path)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            self.assertEqual(proc.stdout, "")
+            lines = len(data.splitlines())
+            self.assertIn("1 job(s) exported from %s" % path, proc.stderr)
+            self.assertIn("%d lines, %d exported, 0 rejected" % (lines,
+                                                                  lines),
+                          proc.stderr)
+            messages = x.assert_exported([(jp_importer.parse_jobid(jobid),
+                                           [data])])
+            fields, name, raw = list(messages.values())[0]
+            self.assertEqual(raw, ("jobid  %s\nfile   %s\n" % (
+                jp_importer.parse_jobid(jobid), fields["file"])).encode())
+            self.assertRegex(name, r"^\d+_\d{6}\.localhost$")
+            self.assertTrue(os.path.samefile(
+                os.path.join(x.maildir, "new", name),
+                os.path.join(x.maildir, "tmp", name)))
+            self.assertEqual(stat.S_IMODE(os.stat(fields["file"]).st_mode),
+                             0o640)
+
+    def test_template_with_placeholder_jobids_is_rejected_line_by_line(self):
+        x = ExporterRun(self)
+        path = os.path.join(SAMPLES, "job_template")
+        proc = x.run("-d", path)
+        self.assertEqual(proc.returncode, 1)
+        self.assertEqual(x.messages(), {})
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+        rejects = x.rejects().split(b"\n")
+        self.assertEqual(rejects[0], b"# line 1: invalid jobid "
+                         b"'_CHANGE_ME_JOBID_'")
+        self.assertEqual(rejects[1::2][:len(lines)], lines)
+        self.assertIn("%s:14: invalid jobid" % path, proc.stderr)
+
+    def test_large_dump_grouped_and_interleaved_with_bad_lines(self):
+        bad = [(b"DG.ARRIVED=1 DATE=2 HOST=\"h\" DG.EVNT=\"Running\"",
+                "no DG.JOBID field"),
+               (b'DG.JOBID="https://lb.example.org:9000/a b" X="1"',
+                "invalid jobid"),
+               (b'DG.JOBID="https://lb.example.org:9000/open X="1"',
+                "unbalanced quotes"),
+               (b'DG.JOBID="https://lb.example.org:9000/gen00001" X="\0"',
+                "NUL byte"),
+               (b'DG.JOBID="http://lb.example.org:9000/wrong"',
+                "invalid jobid"),
+               (b'DG.JOBID="https://lb.example.org:9000/x" '
+                b'DG.JOBID="https://lb.example.org:9000/y"',
+                "DG.JOBID given twice")]
+        for interleave, options in ((1, ()), (7, ("-x",))):
+            x = ExporterRun(self)
+            table, data = generated_dump(3000, per_job=4,
+                                         interleave=interleave)
+            lines = data.splitlines(True)
+            # Bad lines and blank lines between the good ones.
+            for i, (line, _) in enumerate(bad):
+                lines.insert(100 + i * 997, line + b"\n")
+            lines.insert(50, b"\n")
+            dump = x.dump_file(b"".join(lines))
+            proc = x.run("-d", dump, *options)
+            self.assertEqual(proc.returncode, 1, proc.stderr)
+            x.assert_exported(table)
+            rejects = x.rejects()
+            for line, reason in bad:
+                number = lines.index(line + b"\n") + 1
+                self.assertIn(b"# line %d: %s" % (number, reason.encode()),
+                              rejects)
+                self.assertIn(b"\n" + line + b"\n", rejects)
+                self.assertIn("%s:%d: %s" % (dump, number, reason),
+                              proc.stderr)
+            self.assertIn("%d lines, %d exported, %d rejected, 1 blank"
+                          % (len(lines), len(lines) - len(bad) - 1,
+                             len(bad)), proc.stderr)
+
+    def test_regrouped_job_in_grouped_mode_gives_one_file(self):
+        x = ExporterRun(self)
+        a, b, c = ("https://lb.example.org:9000/%s" % n for n in "abc")
+        order = [(a, 0), (a, 1), (b, 2), (c, 3), (a, 4), (b, 5)]
+        # Many jobs in between, so that the first ones are published
+        # before they reappear: the exporter must take them back.
+        table, filler = generated_dump(2500, per_job=1)
+        data = b"".join(ulm_line(j, n) for j, n in order[:4]) + filler + \
+            b"".join(ulm_line(j, n) for j, n in order[4:])
+        proc = x.run("-d", x.dump_file(data))
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        table += [(j, [ulm_line(j, n) for jj, n in order if jj == j])
+                  for j in (a, b, c)]
+        x.assert_exported(table)
+
+    def test_jpps_option_and_long_options(self):
+        x = ExporterRun(self)
+        table, data = generated_dump(2)
+        dump = x.dump_file(data)
+        proc = run([sys.executable, LB_DUMP_EXPORTER, "--dump", dump,
+                    "--store", x.store, "--lbmaildir", x.maildir,
+                    "--jpps", "jp.example.org:8901", "--quiet"])
+        self.assertEqual((proc.returncode, proc.stderr), (0, ""))
+        for fields, name, raw in x.assert_exported(table).values():
+            self.assertEqual(raw, (
+                "jobid  %s\nfile   %s\njpps   jp.example.org:8901\n"
+                % (fields["jobid"], fields["file"])).encode())
+        for args, text in ((["-j", "jp example:1"], "invalid JPPS"),
+                           (["stray"], "unexpected argument"),
+                           (["--dump"], "requires argument"),
+                           (["-y"], "not recognized")):
+            proc = x.run(*args)
+            self.assertEqual(proc.returncode, 2)
+            self.assertIn(text, proc.stderr)
+            self.assertNotIn("Traceback", proc.stderr)
+
+    def test_gzip_and_stdin(self):
+        table, data = generated_dump(50, per_job=3, interleave=5)
+        x = ExporterRun(self)
+        proc = x.run("-x", "-q", "-d", x.dump_file(gzip.compress(data),
+                                                   "dump.gz"))
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        x.assert_exported(table)
+        for args in ([], ["-d", "-"]):
+            x = ExporterRun(self)
+            proc = run(x.args("-x", *args), input=data,
+                       universal_newlines=False)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            self.assertIn(b"from <stdin>", proc.stderr)
+            x.assert_exported(table)
+
+    def test_unsafe_unique_stays_in_the_store(self):
+        x = ExporterRun(self)
+        jobs = ["https://lb.example.org:9000/a/b/../../etc",
+                "https://lb.example.org/.hidden", "https://[::1]:9000/" +
+                "u" * 300]
+        data = b"".join(ulm_line(j, n) for n, j in enumerate(jobs))
+        proc = x.run("-d", x.dump_file(data))
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        table = [(jp_importer.parse_jobid(j), [ulm_line(j, n)])
+                 for n, j in enumerate(jobs)]
+        messages = x.assert_exported(table)
+        for fields, _, _ in messages.values():
+            name = os.path.basename(fields["file"])
+            self.assertFalse(name.startswith("."))
+            self.assertLess(len(name), 200)
+
+    def test_world_writable_store_gets_a_private_subdirectory(self):
+        x = ExporterRun(self)
+        shared = os.path.join(x.dir, "shared-tmp")
+        os.mkdir(shared)
+        os.chmod(shared, 0o1777)
+        table, data = generated_dump(1)
+        proc = run([sys.executable, LB_DUMP_EXPORTER, "-q", "-s", shared,
+                    "-m", x.maildir, "-d", x.dump_file(data)])
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        private = os.path.join(shared, "lb_dump_exporter.%d" % os.geteuid())
+        fields = list(x.messages().values())[0][0]
+        self.assertEqual(os.path.dirname(fields["file"]), private)
+        self.assertEqual(stat.S_IMODE(os.stat(private).st_mode), 0o750)
+        os.chmod(x.store if os.path.exists(x.store) else x.dir, 0o700)
+        group_writable = os.path.join(x.dir, "group")
+        os.mkdir(group_writable)
+        os.chmod(group_writable, 0o770)
+        proc = run([sys.executable, LB_DUMP_EXPORTER, "-s", group_writable,
+                    "-m", x.maildir, "-d", x.dump_file(data)])
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("writable by group or others", proc.stderr)
+
+    def test_sigkill_then_rerun_publishes_each_job_once(self):
+        x = ExporterRun(self)
+        table, data = generated_dump(4000, per_job=3, pad=300)
+        proc = subprocess.Popen(x.args("-q"), stdin=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        half = len(data) // 2
+        proc.stdin.write(data[:half])
+        proc.stdin.flush()
+        # The exporter is waiting for the rest: kill it once it has
+        # published at least one batch.
+        wait_for(lambda: listing(x.maildir, "new"), what="a first batch")
+        proc.kill()
+        proc.wait(TIMEOUT)
+        proc.stdin.close()
+        proc.stderr.close()
+        published = x.assert_exported(table, complete=False)
+        self.assertTrue(0 < len(published) < len(table))
+        rerun = run(x.args("-q"), input=data, universal_newlines=False)
+        self.assertEqual(rerun.returncode, 0, rerun.stderr)
+        after = x.assert_exported(table)
+        for jobid, (_, name, _) in published.items():
+            self.assertEqual(after[jobid][1], name)    # not announced twice
+        # A third run of the same dump has nothing to do.
+        again = run(x.args(), input=data, universal_newlines=False)
+        self.assertEqual(again.returncode, 0)
+        self.assertIn(b"exported completely before", again.stderr)
+        self.assertEqual(len(listing(x.maildir, "new")), len(table))
+
+    def test_file_size_limit_is_a_clear_error_and_rerun_completes(self):
+        import resource
+        x = ExporterRun(self)
+        table, data = generated_dump(30, per_job=2, pad=200)
+        big = "https://lb.example.org:9000/big"
+        table.insert(20, (big, [ulm_line(big, 1, pad=300000),
+                                ulm_line(big, 2, pad=300000)]))
+        data = b"".join(b"".join(lines) for _, lines in table)
+        dump = x.dump_file(data)
+
+        def limit():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (400000, 400000))
+        proc = run(x.args("-q", "-d", dump), preexec_fn=limit)
+        self.assertEqual(proc.returncode, 1)
+        self.assertEqual(len(proc.stderr.splitlines()), 1, proc.stderr)
+        self.assertIn("File too large", proc.stderr)
+        self.assertNotIn(big, x.messages())
+        x.assert_exported(table, complete=False)
+        self.assertFalse([n for n in os.listdir(x.store)
+                          if n.startswith("big.")])
+        proc = run(x.args("-q", "-d", dump))
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        x.assert_exported(table)
 
 
 # ---------------------------------------------------------------------------
@@ -1899,6 +2376,33 @@ class TestUploadFiles(unittest.TestCase):
             self.jobid, [self.small], self.proxy, self.maildir,
             allow_shared_dirs=True)
         self.assertTrue(os.path.exists(message))
+
+    def test_end_to_end_through_the_importer(self):
+        root = os.path.join(self.dir, "ftp-root")
+        os.mkdir(root)
+        ftps = FTPSFixture(pki(), root).start()
+        self.addCleanup(ftps.stop)
+        h = ImporterHarness(self, dest_base=ftps.url("jpps"),
+                            local_root=root)
+        h.jpps.register(self.jobid, USER_SUBJECT)
+        message = jp_upload_files.upload_files(
+            self.jobid, [self.small, self.large], self.proxy, h.sandbox)
+        archive = read_text(message).split("\n")[1].split("\t")[1]
+        with open(archive, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        proc = h.once()
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(list(h.jpps.committed.values()), [digest])
+        call = h.jpps.ops("StartUpload", "ok")[0]
+        self.assertEqual((call.get("class"), call.get("contentType")),
+                         ("urn:org.glite.jp.primary:isb", "tar/lb"))
+        self.assertFalse(os.path.exists(archive))
+        for sub in ("tmp", "new", "work", "post", "undeliverable", "spool"):
+            self.assertEqual(listing(h.sandbox, sub), [], sub)
+        with tarfile.open(h.jpps.local_path(
+                list(h.jpps.committed)[0])) as tar:
+            self.assertEqual(tar.getnames(), [self.small.lstrip("/"),
+                                              self.large.lstrip("/")])
 
     def test_function_interface(self):
         with self.assertRaises(jp_upload_files.UploadFilesError) as cm:

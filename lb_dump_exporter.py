@@ -1,0 +1,943 @@
+#!/usr/bin/env python3
+"""lb_dump_exporter -- split an LB purge dump into one upload per job.
+
+Usage: %(prog)s [-h] [-d FILE] [-s DIR] [-j HOST:PORT] [-m DIR] [-x] [-q]
+
+Reads an LB purge dump (lines "DG.ARRIVED=<date> <ULM event>"), writes
+each job's lines into one file under the store directory and, for each
+job, an upload message into the dump maildir, which jp_importer delivers
+to the JP primary storage.  A drop-in replacement for
+glite-lb-dump_exporter.
+
+Options (as the original; the long ones now take their argument):
+  -h, --help              show this help and exit
+  -d, --dump FILE         the dump to read; '-' or absent: standard input;
+                          gzip-compressed input is read transparently
+  -s, --store DIR         directory for the per-job files (default: %(store)s;
+                          created 0750 if missing)
+  -j, --jpps HOST:PORT    JP primary storage written into every message
+  -m, --lbmaildir DIR     dump maildir (default: %(maildir)s; its
+                          subdirectories are created if missing)
+  -x, --mixed             the dump is not grouped by job (a server dump):
+                          every job stays open until the end
+
+New options:
+  -q, --quiet             no progress line and no summary
+  --allow-shared-dirs     accept a store or maildir owned by another user or
+                          writable by group or others
+  --version               print the version and exit
+
+Bad lines (no DG.JOBID, unbalanced quotes, an invalid jobid, NUL bytes,
+longer than %(maxline)d bytes) do not stop the run: each is written with
+its line number and reason to STORE/lb_dump_exporter.<dump id>.rejects
+and reported on stderr.  A run cut short (crash, kill, full disk) is
+completed by running the same command again: jobs already announced are
+not announced twice (STORE/.lb_dump_exporter.<dump id>.journal).
+
+Exit status: 0 every line exported, 1 some lines rejected or a runtime
+error, 2 usage error.
+Requires only the Python 3.6+ standard library.
+"""
+
+__version__ = "1.0.0"
+
+import errno
+import getopt
+import gzip
+import hashlib
+import io
+import os
+import re
+import signal
+import stat
+import sys
+import time
+import urllib.parse
+import zlib
+
+# ---------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------
+
+PROG = "lb_dump_exporter"
+DEFAULT_STORE = "/tmp"                   # DUMP_FILE_STORE_PREFIX
+DEFAULT_MAILDIR = "/tmp/dumpinfo_lbmd"   # LB_MAILDIR_PATH
+SUBDIRS = ("tmp", "new", "work", "post", "undeliverable")
+
+CHUNK = 4 * 1024 * 1024          # read size: the loop works on big blocks
+MAX_LINE = 4 * 1024 * 1024       # a longer "line" is not an LB event
+FINGERPRINT_BYTES = 1024 * 1024  # the dump id hashes this much of the input
+# A batch of finished jobs is made durable with one sync and then
+# published; these bound how much is waiting.
+BATCH_JOBS = 1000
+BATCH_BYTES = 64 * 1024 * 1024
+BATCH_SECONDS = 2.0
+SYNC_EACH_BELOW = 16             # fewer files than this: fsync each one
+MAX_OPEN_FILES = 200             # -x: per-job descriptors kept open
+JOB_BUFFER = 256 * 1024          # lines of a job written in one go
+MIXED_BUFFER = 32 * 1024 * 1024  # -x: at most this much buffered in all
+MAX_SAFE_NAME = 120
+
+JOBID_FIELD = b'DG.JOBID="'
+JOBID_RE = re.compile(r"^https://(\[[^\]\s/]+\]|[^\s/:?\[\]]+)(?::(\d+))?"
+                      r"/([^\s?]+)(\?\S*)?$")
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# A whole ULM line: KEY=VALUE fields, values bare or quoted with \-escapes.
+ULM_LINE_RE = re.compile(rb'(?:[A-Za-z_][A-Za-z0-9_.]*='
+                         rb'(?:"(?:[^"\\]|\\.)*"|[^\s"]*)[ \t]*)*\r?')
+UNSAFE_NAME_RE = re.compile(r"[^A-Za-z0-9_.-]|^\.")
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+
+class Error(Exception):
+    """A runtime error that ends the run; str() is the one-line reason."""
+
+
+class BadLine(Exception):
+    """A dump line that cannot be exported; str() is the reason."""
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+def parse_jobid(text):
+    """(normal form, unique) of an LB jobid, parsed as the original.
+
+    https://host[:port]/unique[?info], port 9000 when absent; whitespace
+    or control characters anywhere make it invalid (SPEC 2.5).
+    """
+    match = JOBID_RE.match(text)
+    if not match or CONTROL_RE.search(text):
+        raise BadLine("invalid jobid %r" % text[:200])
+    host, port, unique, info = match.groups()
+    port = int(port) if port else 9000
+    if not 0 < port < 65536:
+        raise BadLine("invalid jobid %r: port out of range" % text[:200])
+    return "https://%s:%d/%s%s" % (host, port, unique, info or ""), unique
+
+
+def safe_name(unique):
+    """A file name for a jobid's unique part that stays in its directory.
+
+    '/' and anything outside [A-Za-z0-9_.-] (and a leading '.') become
+    %XX escapes, so the name is one path component (bug B-X7); an
+    overlong one is cut and made unique again with a hash.
+    """
+    name = UNSAFE_NAME_RE.sub(
+        lambda m: "".join("%%%02X" % b for b in m.group().encode()), unique)
+    if len(name) > MAX_SAFE_NAME:
+        name = "%s~%s" % (name[:MAX_SAFE_NAME - 17], hashlib.sha256(
+            unique.encode()).hexdigest()[:16])
+    return name
+
+
+def check_jpps(text):
+    """A JPPS address as jp_importer reads it (host:port or a URL)."""
+    url = text if "://" in text else "https://" + text
+    try:
+        parts = urllib.parse.urlsplit(url)
+        ok = parts.scheme in ("http", "https", "httpg") and parts.hostname \
+            and not any(c.isspace() or c < " " for c in text)
+        parts.port                              # raises on a bad port
+    except ValueError:
+        ok = False
+    if not ok:
+        raise getopt.GetoptError("invalid JPPS address %r (want host:port)"
+                                 % text)
+    return text
+
+
+def prepare_directory(path, mode, allow_shared, what):
+    """Create `path` with `mode` when missing; refuse it if unsafe.
+
+    Unsafe: a symbolic link, not a directory, owned by another user, or
+    writable by group or others (another user could swap our files).
+    """
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise Error("cannot create %s %s: %s" % (what, path, exc.strerror))
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise Error("%s %s is not a directory (or is a symbolic link)"
+                    % (what, path))
+    if allow_shared:
+        return
+    if st.st_uid != os.geteuid():
+        raise Error("%s %s is owned by uid %d, not by us; use "
+                    "--allow-shared-dirs to accept it"
+                    % (what, path, st.st_uid))
+    if st.st_mode & 0o022:
+        raise Error("%s %s is writable by group or others (mode %04o); use "
+                    "--allow-shared-dirs to accept it"
+                    % (what, path, stat.S_IMODE(st.st_mode)))
+
+
+def private_store(store, allow_shared):
+    """The directory the per-job files really go to.
+
+    The original default, /tmp, is world-writable: there, anybody could
+    plant a file under a job's name.  In such a directory (sticky,
+    writable by others) we use our own subdirectory instead.
+    """
+    try:
+        st = os.stat(store)
+    except FileNotFoundError:
+        return store
+    except OSError as exc:
+        raise Error("store %s: %s" % (store, exc.strerror))
+    if not allow_shared and st.st_mode & stat.S_ISVTX and \
+            st.st_mode & 0o002:
+        return os.path.join(store, "%s.%d" % (PROG, os.geteuid()))
+    return store
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def open_input(path):
+    """(binary stream, total size or None) of the dump; gzip unwrapped."""
+    if path in (None, "-"):
+        raw = sys.stdin.buffer
+        total = None
+    else:
+        try:
+            raw = open(path, "rb")
+        except OSError as exc:
+            raise Error("cannot open dump %s: %s" % (path, exc.strerror))
+        total = os.fstat(raw.fileno()).st_size
+    if not hasattr(raw, "peek"):
+        raw = io.BufferedReader(raw)
+    if raw.peek(2)[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=raw, mode="rb"), total, raw
+    return raw, total, raw
+
+
+# ---------------------------------------------------------------------------
+# Core: jobs, batches, the journal
+# ---------------------------------------------------------------------------
+
+class Job:
+    """One job of the dump: its file, its message, where it stands."""
+
+    __slots__ = ("jobid", "name", "path", "fd", "buf", "buffered", "size",
+                 "message", "retracted")
+
+    def __init__(self, jobid, name, path):
+        self.jobid, self.name, self.path = jobid, name, path
+        self.fd = None
+        self.buf = []             # lines not yet written
+        self.buffered = 0
+        self.size = 0
+        self.message = None       # its maildir name, once written
+        self.retracted = None     # private path of a message taken back
+
+
+class Exporter:
+    """Split one dump into per-job files and publish one message each.
+
+    Order that makes a crash at any point harmless: a job's file is
+    complete and synced before its message exists in tmp/; the message
+    is in the journal, synced, before it is linked into new/.  A rerun
+    of the same dump (same dump id) skips the jobs whose message was
+    linked, and removes and redoes everything else.
+    """
+
+    def __init__(self, store, maildir, jpps=None, mixed=False,
+                 allow_shared=False, reject=None):
+        self.store, self.maildir, self.jpps = store, maildir, jpps
+        self.mixed = mixed
+        self.allow_shared = allow_shared
+        self.report_reject = reject
+        self.open = {}            # key -> Job still being written
+        self.lru = []             # -x: jobs holding a descriptor
+        self.pending = []         # finished, not yet published
+        self.pending_bytes = 0
+        self.pending_since = None
+        self.published_keys = set()   # keys of this run's published jobs
+        self.handed_over = set()      # reappeared, but the importer has it
+        self.announced = set()    # names announced by an earlier run
+        self.journal_fd = None
+        self.rejects_fd = None
+        self.unflushed = 0        # -x: bytes read since the last flush
+        self.current = None       # grouped mode: the job being written
+        self.current_field = None
+        self.counts = {"jobs": 0, "lines": 0, "exported": 0, "rejected": 0,
+                       "blank": 0, "earlier": 0, "bytes": 0}
+        self.msg_seq = 0
+        self.dump_id = None
+
+    # -- set-up -----------------------------------------------------------
+
+    def prepare(self):
+        prepare_directory(self.store, 0o750, self.allow_shared, "store")
+        prepare_directory(self.maildir, 0o700, self.allow_shared, "maildir")
+        for sub in SUBDIRS:
+            prepare_directory(os.path.join(self.maildir, sub), 0o700,
+                              self.allow_shared, "maildir directory")
+
+    def begin(self, head):
+        """Name the run after the dump and recover an earlier cut run."""
+        self.dump_id = hashlib.sha256(
+            head[:FINGERPRINT_BYTES]).hexdigest()[:12]
+        self.suffix = "." + self.dump_id
+        journal = self.journal_path()
+        if os.path.exists(journal):
+            if self._recover(journal):
+                return False
+        self.journal_fd = os.open(journal, os.O_WRONLY | os.O_APPEND |
+                                  os.O_CREAT, 0o600)
+        self.rejects_path = os.path.join(
+            self.store, "%s.%s.rejects" % (PROG, self.dump_id))
+        unlink_quietly(self.rejects_path)
+        return True
+
+    def journal_path(self):
+        return os.path.join(self.store, ".%s.%s.journal"
+                            % (PROG, self.dump_id))
+
+    def _recover(self, journal):
+        """Read an earlier run's journal; True when it had finished."""
+        entries, complete = [], False
+        with open(journal, "r", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line == "complete\n":
+                    complete = True
+                    continue
+                fields = line.rstrip("\n").split("\t")
+                if len(fields) == 3 and line.endswith("\n"):
+                    entries.append(fields)
+        if complete:
+            return True
+        tmp = os.path.join(self.maildir, "tmp")
+        # A message taken back to append to when the run was cut: its
+        # job is redone from the dump, like one never published.
+        retracted = set()
+        for name in os.listdir(tmp):
+            if name.endswith(".retracted"):
+                retracted.add(name[:-len(".retracted")])
+                unlink_quietly(os.path.join(tmp, name))
+        for message, jobid, filename in entries:
+            name = filename[:-len(self.suffix)]
+            master = os.path.join(tmp, message)
+            try:
+                linked = os.stat(master).st_nlink > 1
+            except FileNotFoundError:
+                linked = True             # delivered and removed already
+            if linked and message not in retracted:
+                self.announced.add(name)
+            else:
+                unlink_quietly(master)    # written, never published
+                self.announced.discard(name)
+        for filename in os.listdir(self.store):
+            if filename.endswith(self.suffix) and \
+                    filename[:-len(self.suffix)] not in self.announced:
+                unlink_quietly(os.path.join(self.store, filename))
+        return False
+
+    # -- lines ------------------------------------------------------------
+
+    def lines(self, number, lines, size=0):
+        """Route lines (without LF), numbered from `number` + 1.
+
+        The hot loop: a line of the job being written (every line but
+        the first of a job in a grouped dump) costs a few bytes
+        operations; everything else goes the long way.
+        """
+        field, job = self.current_field, self.current
+        quotes_ok = self._quotes_ok
+        for line in lines:
+            number += 1
+            if field is not None and field in line and \
+                    b"\0" not in line and \
+                    line.count(JOBID_FIELD) == 1 and quotes_ok(line):
+                job.buf.append(line)
+                job.buffered += len(line) + 1
+                if job.buffered > JOB_BUFFER:
+                    self._flush(job)
+                continue
+            if not line or line == b"\r":
+                self.counts["blank"] += 1
+                continue
+            try:
+                found = self._job_of(line)
+            except BadLine as exc:
+                self.reject(number, line, str(exc))
+                continue
+            if found is None:             # announced by an earlier run
+                self.counts["earlier"] += 1
+                continue
+            found.buf.append(line)
+            found.buffered += len(line) + 1
+            if found.buffered > JOB_BUFFER:
+                self._flush(found)
+            field, job = self.current_field, self.current
+        if self.mixed:
+            # Every job is open: bound the lines buffered over all of them.
+            self.unflushed += size
+            if self.unflushed > MIXED_BUFFER:
+                for job in self.open.values():
+                    self._flush(job)
+                self.unflushed = 0
+        return number
+
+    @staticmethod
+    def _quotes_ok(line):
+        if b"\\" not in line:
+            return line.count(b'"') % 2 == 0
+        return ULM_LINE_RE.fullmatch(line) is not None
+
+    def _job_of(self, line):
+        if b"\0" in line:
+            raise BadLine("NUL byte in line")
+        start = line.find(JOBID_FIELD)
+        if start < 0 or (start and line[start - 1] not in b" \t"):
+            raise BadLine("no DG.JOBID field")
+        if line.count(JOBID_FIELD) != 1:
+            raise BadLine("DG.JOBID given twice")
+        if not self._quotes_ok(line):
+            raise BadLine("unbalanced quotes")
+        end = line.find(b'"', start + len(JOBID_FIELD))
+        raw = line[start + len(JOBID_FIELD):end]
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadLine("jobid is not UTF-8")
+        if "\\" in text:
+            raise BadLine("invalid jobid %r" % text[:200])
+        jobid, unique = parse_jobid(text)
+        return self._switch(line[start:end + 1], jobid, safe_name(unique))
+
+    def _switch(self, field, jobid, name):
+        """The Job for a jobid seen in a line; None if announced earlier."""
+        if name in self.announced:
+            return None
+        job = self.open.get(name)
+        if job is None:
+            job = self._start(jobid, name)
+        if not self.mixed:
+            if self.current is not None and self.current is not job:
+                self._finish(self.current)
+            self.current, self.current_field = job, field
+        return job
+
+    def _start(self, jobid, name):
+        path = os.path.join(self.store, name + self.suffix)
+        job = Job(jobid, name, path)
+        try:
+            job.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                             0o640)
+        except FileExistsError:
+            # Seen before in this run: not grouped after all.
+            job = self._reopen(jobid, name, path)
+        except OSError as exc:
+            raise Error("cannot create %s: %s" % (path, exc.strerror))
+        else:
+            self.counts["jobs"] += 1
+        self.open[name] = job
+        self._track(job)
+        return job
+
+    def _reopen(self, jobid, name, path):
+        if name in self.handed_over:
+            raise BadLine("job %s reappeared after its dump was handed to "
+                          "the importer" % jobid)
+        for job in self.pending:
+            if job.name == name:      # finished, not yet published
+                self.pending.remove(job)
+                break
+        else:
+            job = Job(jobid, name, path)
+            self._retract(job)
+        job.fd = self._open_append(path)
+        return job
+
+    def _retract(self, job):
+        """Take back the published message of a job that reappeared.
+
+        Renaming it out of new/ is atomic against the importer's claim
+        (also a rename): if it is still there, it is ours again.  If the
+        importer has it already, the late lines cannot join the file and
+        are rejected, never published as a second dump of the job.
+        """
+        message = self._journaled_message(job.name)
+        if message is None:
+            raise BadLine("job %s reappeared but its message is unknown"
+                          % job.jobid)
+        private = os.path.join(self.maildir, "tmp", message + ".retracted")
+        try:
+            os.rename(os.path.join(self.maildir, "new", message), private)
+        except FileNotFoundError:
+            self.handed_over.add(job.name)
+            raise BadLine("job %s reappeared after its dump was handed to "
+                          "the importer" % job.jobid)
+        job.message, job.retracted = message, private
+        job.size = os.path.getsize(job.path)
+
+    def _journaled_message(self, name):
+        with open(self.journal_path(), "r", errors="replace") as f:
+            found = None
+            for line in f:
+                fields = line.rstrip("\n").split("\t")
+                if len(fields) == 3 and fields[2] == name + self.suffix:
+                    found = fields[0]
+        return found
+
+    def _open_append(self, path):
+        try:
+            return os.open(path, os.O_WRONLY | os.O_APPEND)
+        except OSError as exc:
+            raise Error("cannot reopen %s: %s" % (path, exc.strerror))
+
+    def _track(self, job):
+        """-x: keep at most MAX_OPEN_FILES descriptors open."""
+        if not self.mixed:
+            return
+        self.lru.append(job)
+        if len(self.lru) > MAX_OPEN_FILES:
+            old = self.lru.pop(0)
+            if old.fd is not None:
+                os.close(old.fd)
+                old.fd = None
+
+    def _flush(self, job):
+        """Write the lines buffered for a job to its file."""
+        if not job.buf:
+            return
+        if job.fd is None:
+            job.fd = self._open_append(job.path)
+            self._track(job)
+        data = b"\n".join(job.buf) + b"\n"
+        try:
+            write_all(job.fd, data)
+        except OSError as exc:
+            raise Error("cannot write %s: %s" % (job.path, exc.strerror))
+        self.counts["exported"] += len(job.buf)
+        job.size += len(data)
+        job.buf = []
+        job.buffered = 0
+
+    def reject(self, number, line, reason, more=()):
+        """Keep a bad line where the admin sees it; go on with the rest.
+
+        The rejects file holds, for each bad line, "# line N: reason"
+        and then the line itself, byte for byte (`more`: further pieces
+        of an overlong line), so nothing of the input is lost.
+        """
+        self.counts["rejected"] += 1
+        try:
+            if self.rejects_fd is None:
+                self.rejects_fd = os.open(self.rejects_path, os.O_WRONLY |
+                                          os.O_CREAT | os.O_APPEND, 0o600)
+            write_all(self.rejects_fd, b"# line %d: %s\n%s" % (
+                number, reason.encode("utf-8", "replace"), line))
+            for piece in more:
+                write_all(self.rejects_fd, piece)
+            write_all(self.rejects_fd, b"\n")
+        except OSError as exc:
+            raise Error("cannot write %s: %s" % (self.rejects_path,
+                                                 exc.strerror))
+        if self.report_reject:
+            self.report_reject(number, reason)
+
+    # -- publication --------------------------------------------------------
+
+    def _finish(self, job):
+        """A job is complete: queue it for the next batch."""
+        del self.open[job.name]
+        self._flush(job)
+        if job.fd is not None:
+            os.close(job.fd)          # fsync reopens it: fds are limited
+            job.fd = None
+        if self.pending_since is None:
+            self.pending_since = time.monotonic()
+        self.pending.append(job)
+        self.pending_bytes += job.size
+        if len(self.pending) >= BATCH_JOBS or \
+                self.pending_bytes >= BATCH_BYTES or \
+                time.monotonic() - self.pending_since >= BATCH_SECONDS:
+            self.publish()
+
+    def publish(self):
+        """Make the pending jobs durable, then announce them.
+
+        One sync for the whole batch (files, messages, journal) keeps a
+        dump of 100,000 small jobs fast; nothing is linked into new/
+        before that sync returned.
+        """
+        batch, self.pending = self.pending, []
+        self.pending_bytes, self.pending_since = 0, None
+        if not batch:
+            return
+        tmp = os.path.join(self.maildir, "tmp")
+        try:
+            # 1. the files are complete on disk before any message exists;
+            self._sync([job.path for job in batch] + [self.store])
+            # 2. the messages (in tmp/, invisible) and the journal, synced;
+            fresh = [job for job in batch if job.retracted is None]
+            for job in fresh:
+                job.message = self._write_message(job)
+            write_all(self.journal_fd, "".join(
+                "%s\t%s\t%s\n" % (job.message, job.jobid,
+                                   job.name + self.suffix)
+                for job in fresh).encode("utf-8"))
+            self._sync([os.path.join(tmp, job.message) for job in fresh]
+                       + [tmp, self.journal_path()])
+        except OSError as exc:
+            raise Error("cannot make the batch durable: %s" % exc.strerror)
+        # 3. only then are they published.
+        new = os.path.join(self.maildir, "new")
+        for job in batch:
+            target = os.path.join(new, job.message)
+            try:
+                if job.retracted:
+                    os.rename(job.retracted, target)
+                else:
+                    os.link(os.path.join(self.maildir, "tmp", job.message),
+                            target)
+            except OSError as exc:
+                raise Error("cannot publish %s: %s" % (target, exc.strerror))
+            self.published_keys.add(job.name)
+        fsync_dir(new)
+
+    @staticmethod
+    def _sync(paths):
+        """Make `paths` (files and directories) durable.
+
+        A few are fsynced one by one; for many, one sync(2) is much
+        cheaper than thousands of fsyncs (each a journal commit).
+        """
+        if len(paths) >= SYNC_EACH_BELOW:
+            os.sync()
+            return
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _write_message(self, job):
+        """The job's message in tmp/ (the maildir way; linked later)."""
+        data = "jobid  %s\nfile   %s\n" % (job.jobid, job.path)
+        if self.jpps:
+            data += "jpps   %s\n" % self.jpps
+        tmp = os.path.join(self.maildir, "tmp")
+        now = time.time()
+        sec, usec = int(now), int(now % 1 * 1e6)
+        while True:
+            name = "%d_%06d.localhost" % (sec, usec)
+            path = os.path.join(tmp, name)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                             0o600)
+                break
+            except FileExistsError:
+                usec += 1
+                if usec == 1000000:
+                    sec, usec = sec + 1, 0
+            except OSError as exc:
+                raise Error("cannot write a message in %s: %s"
+                            % (tmp, exc.strerror))
+        try:
+            write_all(fd, data.encode("utf-8"))
+        except OSError as exc:
+            os.close(fd)
+            unlink_quietly(path)
+            raise Error("cannot write message %s: %s" % (path, exc.strerror))
+        os.close(fd)
+        return name
+
+    def finish(self):
+        """End of input: publish every job still open, mark the journal."""
+        for job in list(self.open.values()):
+            self._finish(job)
+        self.current = self.current_field = None
+        self.publish()
+        write_all(self.journal_fd, b"complete\n")
+        os.fsync(self.journal_fd)
+
+    def abandon(self):
+        """After a fatal error: remove what no message will point at.
+
+        Jobs not published lose their file and their unlinked tmp/
+        message (the importer would queue a lone tmp/ copy after a day);
+        the rerun exports them again.
+        """
+        tmp = os.path.join(self.maildir, "tmp")
+        for job in list(self.open.values()) + self.pending:
+            if job.fd is not None:
+                try:
+                    os.close(job.fd)
+                except OSError:
+                    pass
+            if job.name in self.published_keys:
+                continue
+            if job.retracted:
+                unlink_quietly(job.retracted)
+            if job.message:
+                unlink_quietly(os.path.join(tmp, job.message))
+            unlink_quietly(job.path)
+
+
+# ---------------------------------------------------------------------------
+# The run: read, split, report
+# ---------------------------------------------------------------------------
+
+class Progress:
+    """A progress line on a terminal, every half second."""
+
+    def __init__(self, stream, total):
+        self.stream, self.total = stream, total
+        self.started = self.last = time.monotonic()
+
+    def update(self, done, jobs, final=False):
+        now = time.monotonic()
+        if not final and now - self.last < 0.5:
+            return
+        self.last = now
+        rate = done / 1e6 / max(now - self.started, 1e-6)
+        of = " of %.0f MB (%d%%)" % (self.total / 1e6, done * 100 //
+                                     self.total) if self.total else ""
+        self.stream.write("\r%.0f MB%s, %d jobs, %.0f MB/s " % (
+            done / 1e6, of, jobs, rate))
+        if final:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def export(o, stderr=sys.stderr):
+    """Run the export of options `o`; return the exit status."""
+    store = private_store(os.path.abspath(o.store), o.allow_shared_dirs)
+    maildir = os.path.abspath(o.maildir)
+    source = o.dump if o.dump not in (None, "-") else "<stdin>"
+
+    def report(number, reason):
+        stderr.write("%s:%d: %s\n" % (source, number, reason))
+
+    exporter = Exporter(store, maildir, o.jpps, o.mixed,
+                        o.allow_shared_dirs, reject=report)
+    stream, total, raw = open_input(o.dump)
+    try:
+        exporter.prepare()
+    except Error:
+        stream.close()
+        raise
+    started = time.monotonic()
+    progress = None
+    if not o.quiet and stderr.isatty():
+        progress = Progress(stderr, total)
+    read = reader(stream, source)
+
+    def position():
+        # Of the file as stored (compressed or not) when it is a file.
+        return raw.tell() if total is not None else read.done
+    try:
+        chunk = read()
+        head = chunk
+        while len(head) < FINGERPRINT_BYTES and chunk:
+            chunk = read()
+            head += chunk
+        if not exporter.begin(head):
+            if not o.quiet:
+                stderr.write("%s: %s was exported completely before (see "
+                             "%s); nothing to do\n"
+                             % (PROG, source, exporter.journal_path()))
+            return 0
+        try:
+            tick = None
+            if progress:
+                def tick():
+                    progress.update(position(), exporter.counts["jobs"])
+            number = split(exporter, read, head, tick)
+            exporter.finish()
+        except BaseException:
+            exporter.abandon()
+            raise
+    finally:
+        stream.close()
+    counts = exporter.counts
+    if progress:
+        progress.update(position(), counts["jobs"], final=True)
+    if not o.quiet:
+        stderr.write(
+            "%s: %d job(s) exported from %s in %.1fs: %d lines, %d exported, "
+            "%d rejected, %d blank%s%s\n" % (
+                PROG, counts["jobs"], source, time.monotonic() - started,
+                number, counts["exported"], counts["rejected"],
+                counts["blank"],
+                ", %d of jobs announced by an earlier run" % counts["earlier"]
+                if counts["earlier"] else "",
+                "; rejects in %s" % exporter.rejects_path
+                if counts["rejected"] else ""))
+    return 1 if counts["rejected"] else 0
+
+
+def reader(stream, source):
+    """read() of CHUNK bytes, with read errors as one clear Error."""
+    # read1: what is there, up to CHUNK; read() would wait on a pipe for
+    # the whole CHUNK, holding back the jobs already complete.
+    read_some = getattr(stream, "read1", stream.read)
+
+    def read():
+        try:
+            data = read_some(CHUNK)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise Error("cannot read %s: %s" % (source, getattr(
+                exc, "strerror", None) or exc))
+        read.done += len(data)
+        return data
+    read.done = 0
+    return read
+
+
+def split(exporter, read, data, tick=None):
+    """Feed every line of the input to the exporter; the line count.
+
+    The input is read in big blocks and split with bytes.split: the
+    per-line work left in Python is a few bytes operations.
+    """
+    number = 0
+    carry = b""
+    while True:
+        if carry:
+            data = carry + data
+        lines = data.split(b"\n")
+        carry = lines.pop()
+        number = exporter.lines(number, lines, len(data))
+        if len(carry) > MAX_LINE:
+            # No end in sight: keep it all in the rejects file.
+            number += 1
+            pieces, data = [], read()
+            while data and b"\n" not in data:
+                pieces.append(data)
+                data = read()
+            end = data.find(b"\n") if data else 0
+            pieces.append(data[:end])
+            exporter.reject(number, carry, "line longer than %d bytes"
+                            % MAX_LINE, pieces)
+            carry, data = b"", data[end + 1:]
+            if not data:
+                data = read()
+                if not data:
+                    break
+            continue
+        if tick:
+            tick()
+        data = read()
+        if not data:
+            break
+    if carry:                  # a last line without LF (bug B-X3)
+        number = exporter.lines(number, [carry])
+    return number
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+SHORTOPTS = "hd:s:j:m:xq"
+LONGOPTS = ["help", "dump=", "store=", "jpps=", "lbmaildir=", "mixed",
+            "quiet", "allow-shared-dirs", "version"]
+
+
+class Options:
+    """The parsed command line."""
+
+    def __init__(self):
+        self.help = self.version = self.mixed = self.quiet = False
+        self.allow_shared_dirs = False
+        self.dump = self.jpps = None
+        self.store = DEFAULT_STORE
+        self.maildir = DEFAULT_MAILDIR
+
+
+def parse_args(argv):
+    """Options for argv; raises getopt.GetoptError on a usage error."""
+    opts, args = getopt.gnu_getopt(argv, SHORTOPTS, LONGOPTS)
+    if args:
+        raise getopt.GetoptError("unexpected argument %r" % args[0])
+    o = Options()
+    for opt, arg in opts:
+        if opt in ("-h", "--help"):
+            o.help = True
+        elif opt == "--version":
+            o.version = True
+        elif opt in ("-d", "--dump"):
+            o.dump = arg
+        elif opt in ("-s", "--store"):
+            o.store = arg
+        elif opt in ("-j", "--jpps"):
+            o.jpps = check_jpps(arg)
+        elif opt in ("-m", "--lbmaildir"):
+            o.maildir = arg
+        elif opt in ("-x", "--mixed"):
+            o.mixed = True
+        elif opt in ("-q", "--quiet"):
+            o.quiet = True
+        elif opt == "--allow-shared-dirs":
+            o.allow_shared_dirs = True
+    return o
+
+
+def usage(stream):
+    stream.write(__doc__ % {"prog": PROG, "store": DEFAULT_STORE,
+                            "maildir": DEFAULT_MAILDIR, "maxline": MAX_LINE})
+
+
+def main(argv=None):
+    """Run the command; return the exit status."""
+    if argv is None:
+        argv = sys.argv[1:]
+    try:
+        o = parse_args(argv)
+    except getopt.GetoptError as exc:
+        sys.stderr.write("%s: %s\nTry '%s --help'.\n" % (PROG, exc, PROG))
+        return 2
+    if o.help:
+        usage(sys.stdout)
+        return 0
+    if o.version:
+        sys.stdout.write("%s %s\n" % (PROG, __version__))
+        return 0
+    # Past a file size limit, write() fails with EFBIG (a clear error)
+    # instead of the process being killed by the signal.
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        return export(o)
+    except Error as exc:
+        sys.stderr.write("%s: %s\n" % (PROG, exc))
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("%s: interrupted; run the same command again to "
+                         "finish\n" % PROG)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

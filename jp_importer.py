@@ -61,6 +61,7 @@ import base64
 import calendar
 import errno
 import fcntl
+import ftplib
 import getopt
 import hashlib
 import http.client
@@ -1407,8 +1408,192 @@ def dump_owner(path, limit=64 * 1024):
 # Upload transports
 # ---------------------------------------------------------------------------
 
+# -- ftp:// and ftps://
+
+UPLOAD_BLOCK = 256 * 1024      # read and sent at a time: files are streamed
+FTPS_IMPLICIT_PORT = 990
+
+
+class _FTPS(ftplib.FTP_TLS):
+    """ftplib's FTP over TLS, with what our uploads need besides.
+
+    - The data connection resumes the control connection's TLS session
+      (RFC 4217 section 10.2; vsftpd's require_ssl_reuse=YES refuses a
+      data connection that does not, and ftplib does not do it by
+      itself, CPython issue 63699).
+    - Implicit TLS (ftps:// on port 990): TLS from the first byte.
+    """
+
+    def __init__(self, context, timeout, implicit=False):
+        ftplib.FTP_TLS.__init__(self, context=context, timeout=timeout)
+        self.implicit = implicit
+
+    def connect(self, host, port, timeout):
+        if not self.implicit:
+            return ftplib.FTP_TLS.connect(self, host, port, timeout)
+        self.host, self.port, self.timeout = host, port, timeout
+        sock = socket.create_connection((host, port), timeout)
+        self.sock = self.context.wrap_socket(sock, server_hostname=host)
+        self.af = self.sock.family
+        self.file = self.sock.makefile("r", encoding=self.encoding)
+        self._prot_p = True
+        self.welcome = self.getresp()
+        return self.welcome
+
+    def ntransfercmd(self, cmd, rest=None):
+        conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
+        if self._prot_p:
+            conn = self.context.wrap_socket(conn, server_hostname=self.host,
+                                            session=self.sock.session)
+        return conn, size
+
+
+def _ftp_error(exc, where):
+    """The importer's error for an FTP failure: permanent or transient.
+
+    Permanent: refusals that another attempt cannot change (login
+    refused, destination forbidden or invalid).  Transient: 4xx, a full
+    server (452, and 552 "exceeded storage allocation", which a site
+    frees), timeouts, dropped connections, certificate trouble that the
+    admin will fix on either side.
+    """
+    text = one_line(str(exc), 300)
+    if isinstance(exc, ftplib.error_perm) and not text.startswith("552"):
+        return PermanentError("%s refused: %s" % (where, text))
+    if isinstance(exc, ssl.CertificateError) or (
+            isinstance(exc, ssl.SSLError) and
+            "CERTIFICATE_VERIFY_FAILED" in str(exc)):
+        return TransientError("%s: server certificate not accepted: %s"
+                              % (where, text))
+    if isinstance(exc, socket.timeout):
+        return TransientError("%s: no answer within the time limit" % where)
+    return TransientError("%s: %s" % (where, text))
+
+
+def _ftp_mkdirs(ftp, directory):
+    """Create the missing directories of `directory` (MKD each level)."""
+    parts = [p for p in directory.split("/") if p]
+    prefix = "/" if directory.startswith("/") else ""
+    for i in range(len(parts)):
+        try:
+            ftp.voidcmd("MKD " + prefix + "/".join(parts[:i + 1]))
+        except ftplib.error_perm:
+            pass            # it exists (or cannot be made: STOR will say)
+
+
 def upload_ftp(url, path, credentials, timeout, allow_plain=False):
-    raise TransientError("ftp:// uploads are not implemented yet")
+    """Upload `path` to an ftp:// or ftps:// URL over TLS (RFC 4217).
+
+    Explicit TLS (AUTH TLS, PBSZ 0, PROT P) with the importer's client
+    certificate, the server verified against the CA directory with its
+    host name; ftps:// on port 990 (or without a port) is implicit TLS.
+    Plain FTP only with allow_plain, when the server refuses AUTH TLS.
+    The user and password come from the URL, else anonymous.  Every
+    socket operation is limited to `timeout` seconds.  Returns the bytes
+    sent, checked with SIZE where the server has it.
+    """
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname
+    try:
+        implicit = parts.scheme == "ftps" and parts.port in (
+            None, FTPS_IMPLICIT_PORT)
+        port = parts.port or (FTPS_IMPLICIT_PORT if implicit else 21)
+    except ValueError:
+        raise PermanentError("bad port in %s" % one_line(url, 200))
+    target = urllib.parse.unquote(parts.path)
+    if not host or not target or target.endswith("/"):
+        raise PermanentError("cannot upload to %s: no host or file name"
+                             % one_line(url, 200))
+    user = urllib.parse.unquote(parts.username or "anonymous")
+    password = urllib.parse.unquote(parts.password or "")
+    where = "ftp %s:%d" % (host, port)
+    try:
+        source = open(path, "rb")
+    except OSError as exc:
+        raise TransientError("cannot read %s: %s" % (path, exc.strerror))
+    ftp = _FTPS(credentials.client_context(), timeout, implicit)
+    try:
+        with source:
+            ftp.connect(host, port, timeout)
+            if not implicit:
+                try:
+                    ftp.auth()
+                except ftplib.error_perm as exc:
+                    if not allow_plain:
+                        raise PermanentError(
+                            "%s refuses TLS (%s); plain FTP is allowed only "
+                            "with --allow-plain-ftp" % (where, one_line(
+                                str(exc), 200)))
+                    ftp = _plain_ftp(ftp)
+            if isinstance(ftp, _FTPS):
+                ftp.prot_p()                      # PBSZ 0, PROT P
+            ftplib.FTP.login(ftp, user, password)   # TLS is set up above
+            ftp.voidcmd("TYPE I")
+            try:
+                ftp.voidcmd("MODE S")
+            except ftplib.error_perm:
+                pass                              # stream mode is the default
+            _ftp_mkdirs(ftp, target.rsplit("/", 1)[0])
+            sent = _ftp_store(ftp, target, source)
+            _ftp_check_size(ftp, target, sent, where)
+            try:
+                ftp.quit()
+            except ftplib.all_errors:
+                pass                    # stored and checked: that is enough
+            return sent
+    except Error:
+        raise
+    except (ftplib.Error, ssl.SSLError, ssl.CertificateError, OSError,
+            EOFError) as exc:
+        raise _ftp_error(exc, where)
+    finally:
+        ftp.close()
+
+
+def _plain_ftp(tls):
+    """Go on without TLS on the connection of `tls` (--allow-plain-ftp)."""
+    plain = ftplib.FTP(timeout=tls.timeout)
+    plain.host, plain.port, plain.af = tls.host, tls.port, tls.af
+    plain.sock, plain.file, plain.welcome = tls.sock, tls.file, tls.welcome
+    log.warning("ftp %s:%d: no TLS (--allow-plain-ftp): the upload is not "
+                "encrypted", tls.host, tls.port)
+    return plain
+
+
+def _ftp_store(ftp, target, source):
+    """STOR `source` as `target` from its first byte; the bytes sent."""
+    sent = 0
+    conn = ftp.transfercmd("STOR " + target)
+    try:
+        while True:
+            block = source.read(UPLOAD_BLOCK)
+            if not block:
+                break
+            conn.sendall(block)
+            sent += len(block)
+        if isinstance(conn, ssl.SSLSocket):
+            # close_notify marks the end of the file.  A server that
+            # closes without answering it is no failure: its reply to
+            # STOR and SIZE say whether the file arrived whole.
+            try:
+                conn.unwrap()
+            except (ssl.SSLError, OSError):
+                pass
+    finally:
+        conn.close()
+    ftp.voidresp()
+    return sent
+
+
+def _ftp_check_size(ftp, target, sent, where):
+    """SIZE after STOR: a short file is a failed upload."""
+    try:
+        size = ftp.size(target)
+    except ftplib.error_perm:
+        return                          # no SIZE here: trust the 226
+    if size is not None and size != sent:
+        raise TransientError("%s stored %d bytes of %d in %s"
+                             % (where, size, sent, target))
 
 
 def upload_gsiftp(url, path, credentials, timeout, dcau="auto"):
@@ -1665,32 +1850,40 @@ class Worker:
         if destination is None:
             self.finish_file(path, file_class)
             return "already stored at the JPPS (StartUpload EEXIST)"
+        started = time.time()
         size = upload(destination, path, self.credentials,
                       self.options.timeout, dcau=self.options.dcau,
                       allow_plain=self.options.allow_plain_ftp)
-        msg.save_state(destination=destination)
-        try:
-            client.commit_upload(destination)
-        except JPPSFault:
-            msg.save_state(destination=None)
-            raise
-        msg.save_state(committed="1", destination=None)
-        self.finish_file(path, file_class)
-        return "delivered %d bytes to %s" % (size, destination)
+        msg.save_state(destination=destination, upload_started=str(started))
+        return self._commit(msg, client, destination, path, file_class,
+                            "delivered %d bytes to %s" % (size, destination))
 
     def _resume_commit(self, msg, client, destination, path, file_class):
         """The last attempt uploaded but may not have committed."""
+        return self._commit(msg, client, destination, path, file_class,
+                            "delivered (committed an interrupted upload)")
+
+    def _commit(self, msg, client, destination, path, file_class, result):
+        """CommitUpload; an ENOENT answer may mean it was done already.
+
+        ENOENT, "no such upload in progress", comes after a CommitUpload
+        whose answer was lost (our client sends a call again on a new
+        connection when the old one drops), or after a crash between the
+        commit and the maildir step; but also when the upload expired at
+        the JPPS, UPLOAD_DEADLINE after StartUpload.  Only well within
+        that deadline does ENOENT prove the commit; later, the attempt
+        starts over, and StartUpload tells (EEXIST: stored).
+        """
         try:
             client.commit_upload(destination)
-            result = "delivered (committed an interrupted upload)"
         except JPPSFault as fault:
-            if fault.code != errno.ENOENT:
-                msg.save_state(destination=None)
+            started = float(msg.state.get("upload_started") or 0)
+            if fault.code != errno.ENOENT or \
+                    time.time() - started > UPLOAD_DEADLINE - 60:
+                msg.save_state(destination=None, upload_started=None)
                 raise
-            # No upload in progress at this exact destination: the earlier
-            # CommitUpload went through before the crash.
-            result = "delivered (an earlier attempt had committed)"
-        msg.save_state(committed="1", destination=None)
+            result = "delivered (the JPPS had the commit already)"
+        msg.save_state(committed="1", destination=None, upload_started=None)
         self.finish_file(path, file_class)
         return result
 

@@ -1533,6 +1533,296 @@ class TestImporterRegistrations(unittest.TestCase):
         self.assertEqual(listing(h.reg, "undeliverable"), [])
 
 
+# ---------------------------------------------------------------------------
+# FTPS fixture: explicit FTP over TLS, as vsftpd behaves for our client
+# ---------------------------------------------------------------------------
+
+class FTPSFixture:
+    """An FTP-over-TLS server on 127.0.0.1 storing uploads under `root`.
+
+    Explicit TLS (AUTH TLS), PBSZ/PROT, client certificate required and
+    verified against the test CA (RFC 3820 proxies accepted), and, like
+    vsftpd with require_ssl_reuse=YES, a PROT P data connection must
+    resume the control connection's TLS session (else 522).  Commands:
+    USER PASS AUTH PBSZ PROT TYPE MODE PWD CWD MKD PASV EPSV STOR SIZE
+    FEAT NOOP QUIT.  Tests inject trouble with inject(kind, count=1,
+    **kw); kinds:
+      refuse_login  530 to PASS
+      full          452 to STOR (the disk is full)
+      drop_data     close the data connection after `after` bytes of a
+                    STOR, answer 426
+      stall         stop answering at command `command` (default STOR)
+                    until release()
+      short         store one byte less than received (SIZE differs)
+    `stores` counts completed STORs, `connections` control connections.
+    """
+
+    def __init__(self, pki, root, require_reuse=True):
+        self.pki, self.root = pki, root
+        self.require_reuse = require_reuse
+        self.context = pki.server_context()
+        self.lock = threading.Lock()
+        self.injections = []
+        self.released = threading.Event()
+        self.stores = 0
+        self.connections = 0
+        self.sock = None
+
+    def start(self):
+        self.released.clear()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._accept)
+        self.thread.daemon = True
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.released.set()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def url(self, path):
+        return "ftp://localhost:%d/%s" % (self.port, path.lstrip("/"))
+
+    def inject(self, kind, count=1, **kw):
+        with self.lock:
+            self.injections.append({"kind": kind, "count": count, "kw": kw})
+
+    def release(self):
+        self.released.set()
+
+    def _take(self, kind):
+        with self.lock:
+            for inj in self.injections:
+                if inj["kind"] == kind and inj["count"] > 0:
+                    inj["count"] -= 1
+                    return inj["kw"]
+        return None
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            t = threading.Thread(target=self._session, args=(conn,))
+            t.daemon = True
+            t.start()
+
+    def local(self, path, cwd="/"):
+        full = os.path.normpath(os.path.join(cwd, path))
+        return os.path.join(self.root, full.lstrip("/")), full
+
+    def _session(self, conn):
+        conn.settimeout(TIMEOUT)
+        state = {"conn": conn, "tls": None, "prot": "C", "cwd": "/",
+                 "pasv": None, "user": None}
+        try:
+            self._reply(state, "220 FTPS fixture ready")
+            reader = conn.makefile("rb")
+            while True:
+                line = reader.readline()
+                if not line:
+                    return
+                cmd, _, arg = line.decode("utf-8", "replace").rstrip(
+                    "\r\n").partition(" ")
+                cmd = cmd.upper()
+                stall = None
+                with self.lock:
+                    for inj in self.injections:
+                        if inj["kind"] == "stall" and inj["count"] > 0 and \
+                                inj["kw"].get("command", "STOR") == cmd:
+                            inj["count"] -= 1
+                            stall = inj
+                if stall is not None:
+                    self.released.wait(TIMEOUT)
+                    return
+                if cmd == "AUTH":
+                    if arg.upper() not in ("TLS", "TLS-C", "SSL"):
+                        self._reply(state, "504 AUTH TLS only")
+                        continue
+                    self._reply(state, "234 Proceed with negotiation.")
+                    try:
+                        tls = self.context.wrap_socket(conn, server_side=True)
+                    except (ssl.SSLError, OSError):
+                        return
+                    state["tls"] = conn = tls
+                    state["conn"] = tls
+                    reader = tls.makefile("rb")
+                    continue
+                if state["tls"] is None and cmd not in ("QUIT", "FEAT"):
+                    self._reply(state, "530 Non-anonymous sessions must use "
+                                "encryption.")
+                    continue
+                handler = getattr(self, "_cmd_" + cmd, None)
+                if handler is None:
+                    self._reply(state, "502 Command not implemented.")
+                    continue
+                if handler(state, arg) == "quit":
+                    return
+        except (OSError, ssl.SSLError):
+            return
+        finally:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def _reply(self, state, text):
+        state["conn"].sendall((text + "\r\n").encode())
+
+    def _cmd_FEAT(self, state, arg):
+        self._reply(state, "211-Features:\r\n AUTH TLS\r\n PBSZ\r\n PROT\r\n"
+                    " SIZE\r\n EPSV\r\n PASV\r\n211 End")
+
+    def _cmd_PBSZ(self, state, arg):
+        self._reply(state, "200 PBSZ set to 0.")
+
+    def _cmd_PROT(self, state, arg):
+        if arg.upper() not in ("C", "P"):
+            self._reply(state, "536 PROT C or P only")
+            return
+        state["prot"] = arg.upper()
+        self._reply(state, "200 PROT now %s." % ("Private" if arg.upper()
+                                                 == "P" else "Clear"))
+
+    def _cmd_USER(self, state, arg):
+        state["user"] = arg
+        self._reply(state, "331 Please specify the password.")
+
+    def _cmd_PASS(self, state, arg):
+        if self._take("refuse_login") is not None:
+            self._reply(state, "530 Login incorrect.")
+            return
+        self._reply(state, "230 Login successful.")
+
+    def _cmd_TYPE(self, state, arg):
+        self._reply(state, "200 Switching to Binary mode.")
+
+    def _cmd_MODE(self, state, arg):
+        if arg.upper() == "S":
+            self._reply(state, "200 Mode set to S.")
+        else:
+            self._reply(state, "504 Bad MODE command.")
+
+    def _cmd_NOOP(self, state, arg):
+        self._reply(state, "200 NOOP ok.")
+
+    def _cmd_PWD(self, state, arg):
+        self._reply(state, '257 "%s" is the current directory' %
+                    state["cwd"])
+
+    def _cmd_CWD(self, state, arg):
+        local, full = self.local(arg, state["cwd"])
+        if os.path.isdir(local):
+            state["cwd"] = full
+            self._reply(state, "250 Directory successfully changed.")
+        else:
+            self._reply(state, "550 Failed to change directory.")
+
+    def _cmd_MKD(self, state, arg):
+        local, full = self.local(arg, state["cwd"])
+        try:
+            os.mkdir(local)
+            self._reply(state, '257 "%s" created' % full)
+        except OSError:
+            self._reply(state, "550 Create directory operation failed.")
+
+    def _cmd_SIZE(self, state, arg):
+        local, _ = self.local(arg, state["cwd"])
+        if os.path.isfile(local):
+            self._reply(state, "213 %d" % os.path.getsize(local))
+        else:
+            self._reply(state, "550 Could not get file size.")
+
+    def _cmd_PASV(self, state, arg):
+        self._listen(state)
+        port = state["pasv"].getsockname()[1]
+        self._reply(state, "227 Entering Passive Mode (127,0,0,1,%d,%d)."
+                    % (port >> 8, port & 255))
+
+    def _cmd_EPSV(self, state, arg):
+        self._listen(state)
+        self._reply(state, "229 Entering Extended Passive Mode (|||%d|)"
+                    % state["pasv"].getsockname()[1])
+
+    def _listen(self, state):
+        if state["pasv"] is not None:
+            state["pasv"].close()
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(TIMEOUT)
+        state["pasv"] = listener
+
+    def _cmd_STOR(self, state, arg):
+        local, _ = self.local(arg, state["cwd"])
+        if state["pasv"] is None:
+            self._reply(state, "425 Use PORT or PASV first.")
+            return
+        if self._take("full") is not None:
+            state["pasv"].close()
+            state["pasv"] = None
+            self._reply(state, "452 Insufficient storage space.")
+            return
+        if not os.path.isdir(os.path.dirname(local)):
+            self._reply(state, "553 Could not create file.")
+            return
+        self._reply(state, "150 Ok to send data.")
+        data, _ = state["pasv"].accept()
+        state["pasv"].close()
+        state["pasv"] = None
+        data.settimeout(TIMEOUT)
+        try:
+            if state["prot"] == "P":
+                try:
+                    data = self.context.wrap_socket(data, server_side=True)
+                except (ssl.SSLError, OSError):
+                    self._reply(state, "522 SSL connection failed.")
+                    return
+                if self.require_reuse and not data.session_reused:
+                    self._reply(state, "522 SSL connection failed; session "
+                                "reuse required: see require_ssl_reuse "
+                                "option in vsftpd.conf man page")
+                    return
+            drop = self._take("drop_data")
+            short = self._take("short")
+            received = 0
+            with open(local, "wb") as out:
+                while True:
+                    block = data.recv(65536)
+                    if not block:
+                        if isinstance(data, ssl.SSLSocket):
+                            data.unwrap()       # as vsftpd: close_notify
+                        break
+                    if drop is not None and received + len(block) > \
+                            drop.get("after", 0):
+                        out.write(block[:drop.get("after", 0) - received])
+                        data.close()
+                        self._reply(state, "426 Failure reading network "
+                                    "stream.")
+                        return
+                    out.write(block)
+                    received += len(block)
+                if short is not None and received:
+                    out.truncate(received - 1)
+        finally:
+            data.close()
+        with self.lock:
+            self.stores += 1
+        self._reply(state, "226 Transfer complete.")
+
+    def _cmd_QUIT(self, state, arg):
+        self._reply(state, "221 Goodbye.")
+        return "quit"
+
+
 def upload_harness(case, **jpps_kw):
     """An ImporterHarness whose JPPS hands out destinations on a fresh
     FTPS fixture; the fixture is h.ftps, its root h.ftp_root."""
@@ -1664,14 +1954,35 @@ class TestImporterUploads(unittest.TestCase):
         h.jpps.register(jobid, USER_SUBJECT)
         name = drop_message(h.dump, dump_message(jobid, path))
         # The JPPS commits, then the connection drops before the answer.
+        # The client sends it again on a new connection and gets ENOENT,
+        # which well within the upload deadline proves the commit.
         h.jpps.inject("lose", "CommitUpload")
-        h.once()
-        self.assertEqual(listing(h.dump, "post"), [name])
-        self.assertTrue(h.state(h.dump, name).get("destination"))
-        h.once()
+        proc = h.once()
+        self.assertEqual([c.result for c in h.jpps.ops("CommitUpload")],
+                         ["lost-ok", errno.ENOENT])
+        self.assertIn("the JPPS had the commit already", proc.stderr)
         self.assertEqual(len(h.jpps.ops("StartUpload")), 1)
         self.assertEqual(len(h.jpps.committed), 1)
         self.assertFalse(os.path.exists(path))
+        self.assert_drained(h.dump)
+        self.assertTrue(name)
+
+    def test_commit_enoent_after_the_deadline_starts_over(self):
+        h = upload_harness(self)
+        jobid, path = write_dump(h, 6)
+        h.jpps.register(jobid, USER_SUBJECT)
+        name = drop_message(h.dump, dump_message(jobid, path))
+        # As if a crash had left an upload recorded long ago: ENOENT
+        # then proves nothing, so the message starts over.
+        m = jp_importer.Maildir(h.dump).init()
+        m.write_state(name, {"destination": h.ftps.url("jpps/stale"),
+                             "upload_started": str(time.time() - 3600),
+                             "attempts": "1"})
+        h.once()
+        self.assertEqual(listing(h.dump, "post"), [name])
+        self.assertNotIn("destination", h.state(h.dump, name))
+        h.once()
+        self.assertEqual(len(h.jpps.committed), 1)
         self.assert_drained(h.dump)
 
     def test_upload_refused_then_accepted(self):

@@ -1465,6 +1465,11 @@ def _ftp_error(exc, where):
             "CERTIFICATE_VERIFY_FAILED" in str(exc)):
         return TransientError("%s: server certificate not accepted: %s"
                               % (where, text))
+    if isinstance(exc, ssl.SSLError) and re.search(
+            r"ALERT_(UNKNOWN_CA|BAD_CERTIFICATE|CERTIFICATE_\w+|"
+            r"ACCESS_DENIED)|CERTIFICATE_REQUIRED", str(exc)):
+        return PermanentError("%s: our certificate was refused: %s"
+                              % (where, text))
     if isinstance(exc, socket.timeout):
         return TransientError("%s: no answer within the time limit" % where)
     return TransientError("%s: %s" % (where, text))

@@ -76,6 +76,7 @@ SYNC_EACH_BELOW = 16             # fewer files than this: fsync each one
 MAX_OPEN_FILES = 200             # -x: per-job descriptors kept open
 JOB_BUFFER = 256 * 1024          # lines of a job written in one go
 MIXED_BUFFER = 32 * 1024 * 1024  # -x: at most this much buffered in all
+KNOWN_JOBIDS = 10000             # parsed jobids remembered (-x mostly)
 MAX_SAFE_NAME = 120
 
 JOBID_FIELD = b'DG.JOBID="'
@@ -284,6 +285,7 @@ class Exporter:
         self.journal_fd = None
         self.rejects_fd = None
         self.unflushed = 0        # -x: bytes read since the last flush
+        self.known = {}           # DG.JOBID field -> (jobid, file name)
         self.current = None       # grouped mode: the job being written
         self.current_field = None
         self.counts = {"jobs": 0, "lines": 0, "exported": 0, "rejected": 0,
@@ -361,20 +363,31 @@ class Exporter:
 
     # -- lines ------------------------------------------------------------
 
-    def lines(self, number, lines, size=0):
+    def lines(self, number, lines, size=0, clean=False):
         """Route lines (without LF), numbered from `number` + 1.
 
         The hot loop: a line of the job being written (every line but
         the first of a job in a grouped dump) costs a few bytes
-        operations; everything else goes the long way.
+        operations; everything else goes the long way.  `clean` says the
+        block has no NUL byte and no backslash: then a line's quotes are
+        balanced when their number is even.
         """
         field, job = self.current_field, self.current
         quotes_ok = self._quotes_ok
         for line in lines:
             number += 1
-            if field is not None and field in line and \
-                    b"\0" not in line and \
-                    line.count(JOBID_FIELD) == 1 and quotes_ok(line):
+            if field is not None:
+                at = line.find(field)
+                if at >= 0 and (at == 0 or line[at - 1] == 32) and \
+                        line.count(JOBID_FIELD) == 1 and (
+                            not line.count(b'"') & 1 if clean else
+                            b"\0" not in line and quotes_ok(line)):
+                    ok = True
+                else:
+                    ok = False
+            else:
+                ok = False
+            if ok:
                 job.buf.append(line)
                 job.buffered += len(line) + 1
                 if job.buffered > JOB_BUFFER:
@@ -422,15 +435,22 @@ class Exporter:
         if not self._quotes_ok(line):
             raise BadLine("unbalanced quotes")
         end = line.find(b'"', start + len(JOBID_FIELD))
-        raw = line[start + len(JOBID_FIELD):end]
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadLine("jobid is not UTF-8")
-        if "\\" in text:
-            raise BadLine("invalid jobid %r" % text[:200])
-        jobid, unique = parse_jobid(text)
-        return self._switch(line[start:end + 1], jobid, safe_name(unique))
+        field = line[start:end + 1]
+        known = self.known.get(field)
+        if known is None:
+            raw = line[start + len(JOBID_FIELD):end]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadLine("jobid is not UTF-8")
+            if "\\" in text:
+                raise BadLine("invalid jobid %r" % text[:200])
+            jobid, unique = parse_jobid(text)
+            known = jobid, safe_name(unique)
+            if len(self.known) >= KNOWN_JOBIDS:
+                self.known.clear()
+            self.known[field] = known
+        return self._switch(field, known[0], known[1])
 
     def _switch(self, field, jobid, name):
         """The Job for a jobid seen in a line; None if announced earlier."""
@@ -828,7 +848,8 @@ def split(exporter, read, data, tick=None):
             data = carry + data
         lines = data.split(b"\n")
         carry = lines.pop()
-        number = exporter.lines(number, lines, len(data))
+        number = exporter.lines(number, lines, len(data),
+                                b"\0" not in data and b"\\" not in data)
         if len(carry) > MAX_LINE:
             # No end in sight: keep it all in the rejects file.
             number += 1

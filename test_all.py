@@ -2272,6 +2272,100 @@ class TestFTPSUpload(unittest.TestCase):
         self.assertFalse(os.path.exists(path))
 
 
+class GridFTPPeer:
+    """The real globus-gridftp-server on 127.0.0.1 with GSI.
+
+    The host credential of the test PKI; a grid-mapfile mapping the host
+    and user DNs to the existing `nobody` account (no account is made);
+    uploads go to `root`, a temporary directory owned by nobody, which
+    url() addresses.  Needs root (the server setuids per connection).
+    """
+
+    def __init__(self, pki, extra=()):
+        if not shutil.which("globus-gridftp-server"):
+            skip_or_fail("globus-gridftp-server is not installed")
+        if os.geteuid() != 0:
+            skip_or_fail("globus-gridftp-server needs root to run")
+        import pwd
+        nobody = pwd.getpwnam("nobody")
+        self.dir = tempfile.mkdtemp(prefix="jp-gridftp-")
+        os.chmod(self.dir, 0o755)
+        self.root = os.path.join(self.dir, "storage")
+        os.mkdir(self.root, 0o755)
+        os.chown(self.root, nobody.pw_uid, nobody.pw_gid)
+        gridmap = os.path.join(self.dir, "grid-mapfile")
+        with open(gridmap, "w") as f:
+            f.write('"%s" nobody\n"%s" nobody\n' % (pki.user_dn, pki.host_dn))
+        self.port = free_port()
+        self.log = os.path.join(self.dir, "gridftp.log")
+        env = dict(os.environ, X509_CERT_DIR=pki.ca_dir,
+                   X509_USER_CERT=pki.host_cert, X509_USER_KEY=pki.host_key,
+                   GRIDMAP=gridmap, GLOBUS_TCP_PORT_RANGE="50000,50100")
+        env.pop("X509_USER_PROXY", None)
+        self.proc = subprocess.Popen(
+            ["globus-gridftp-server", "-c", "/dev/null", "-p",
+             str(self.port), "-control-interface", "127.0.0.1",
+             "-data-interface", "127.0.0.1", "-port-range", "50000,50100",
+             "-d", "ALL", "-l", self.log] + list(extra), env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(self._listening, what="globus-gridftp-server on %d"
+                     % self.port)
+        except AssertionError:
+            self.stop()
+            raise
+
+    def _listening(self):
+        if self.proc.poll() is not None:
+            raise AssertionError("globus-gridftp-server exited with %d"
+                                 % self.proc.returncode)
+        with contextlib.closing(socket.socket()) as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def url(self, path):
+        return "gsiftp://localhost:%d%s/%s" % (self.port, self.root,
+                                               path.lstrip("/"))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(TIMEOUT)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class TestGridFTPPeer(unittest.TestCase):
+    """The real GridFTP server starts and takes uploads from the
+    reference client; our own gsiftp transport is not written yet."""
+
+    def test_reference_client_uploads_with_a_proxy(self):
+        p = pki()
+        if not shutil.which("globus-url-copy"):
+            skip_or_fail("globus-url-copy is not installed")
+        peer = GridFTPPeer(p)
+        self.addCleanup(peer.stop)
+        work = tempfile.mkdtemp(prefix="jp-gridftp-client-")
+        self.addCleanup(shutil.rmtree, work, True)
+        size, path, digest = payloads(work, (5000,))[0]
+        env = dict(os.environ, X509_USER_PROXY=p.proxy,
+                   X509_CERT_DIR=p.ca_dir)
+        proc = run(["globus-url-copy", "-nodcau", "file://" + path,
+                    peer.url("reference")], env=env)
+        self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+        self.assertEqual(sha256_of(os.path.join(peer.root, "reference")),
+                         digest)
+        with open(peer.log, errors="replace") as f:
+            log_text = f.read()
+        self.assertIn("[CLIENT]: DCAU N", log_text)
+        self.assertIn("USER=nobody", log_text)
+
+    def test_our_gsiftp_transport_says_it_is_missing(self):
+        p = pki()
+        creds = jp_importer.Credentials(p.host_cert, p.host_key, p.ca_dir)
+        with self.assertRaises(jp_importer.TransientError) as cm:
+            jp_importer.upload("gsiftp://localhost:1/x", p.ca_cert, creds, 5)
+        self.assertIn("not implemented yet", str(cm.exception))
+
+
 class TestImporterProcesses(unittest.TestCase):
 
     def test_sigkill_of_a_busy_worker_loses_nothing(self):

@@ -2281,7 +2281,7 @@ class GridFTPPeer:
     url() addresses.  Needs root (the server setuids per connection).
     """
 
-    def __init__(self, pki, extra=()):
+    def __init__(self, pki, extra=(), cert=None):
         if not shutil.which("globus-gridftp-server"):
             skip_or_fail("globus-gridftp-server is not installed")
         if os.geteuid() != 0:
@@ -2298,8 +2298,9 @@ class GridFTPPeer:
             f.write('"%s" nobody\n"%s" nobody\n' % (pki.user_dn, pki.host_dn))
         self.port = free_port()
         self.log = os.path.join(self.dir, "gridftp.log")
+        cert, key = cert or (pki.host_cert, pki.host_key)
         env = dict(os.environ, X509_CERT_DIR=pki.ca_dir,
-                   X509_USER_CERT=pki.host_cert, X509_USER_KEY=pki.host_key,
+                   X509_USER_CERT=cert, X509_USER_KEY=key,
                    GRIDMAP=gridmap, GLOBUS_TCP_PORT_RANGE="50000,50100")
         env.pop("X509_USER_PROXY", None)
         self.proc = subprocess.Popen(
@@ -2333,37 +2334,171 @@ class GridFTPPeer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class TestGridFTPPeer(unittest.TestCase):
-    """The real GridFTP server starts and takes uploads from the
-    reference client; our own gsiftp transport is not written yet."""
+class TestGridFTPUpload(unittest.TestCase):
+    """The gsiftp:// transport against the real globus-gridftp-server."""
 
-    def test_reference_client_uploads_with_a_proxy(self):
-        p = pki()
+    @classmethod
+    def setUpClass(cls):
+        cls.pki = pki()
+        cls.peer = GridFTPPeer(cls.pki)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.peer.stop()
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="jp-gsiftp-test-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.proxy = jp_importer.Credentials(self.pki.proxy, self.pki.proxy,
+                                             self.pki.ca_dir)
+        self.host = jp_importer.Credentials(self.pki.host_cert,
+                                            self.pki.host_key,
+                                            self.pki.ca_dir)
+
+    def globus_env(self):
         if not shutil.which("globus-url-copy"):
             skip_or_fail("globus-url-copy is not installed")
-        peer = GridFTPPeer(p)
-        self.addCleanup(peer.stop)
-        work = tempfile.mkdtemp(prefix="jp-gridftp-client-")
-        self.addCleanup(shutil.rmtree, work, True)
-        size, path, digest = payloads(work, (5000,))[0]
-        env = dict(os.environ, X509_USER_PROXY=p.proxy,
-                   X509_CERT_DIR=p.ca_dir)
-        proc = run(["globus-url-copy", "-nodcau", "file://" + path,
-                    peer.url("reference")], env=env)
-        self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
-        self.assertEqual(sha256_of(os.path.join(peer.root, "reference")),
-                         digest)
-        with open(peer.log, errors="replace") as f:
-            log_text = f.read()
-        self.assertIn("[CLIENT]: DCAU N", log_text)
-        self.assertIn("USER=nobody", log_text)
+        return dict(os.environ, X509_USER_PROXY=self.pki.proxy,
+                    X509_CERT_DIR=self.pki.ca_dir)
 
-    def test_our_gsiftp_transport_says_it_is_missing(self):
-        p = pki()
-        creds = jp_importer.Credentials(p.host_cert, p.host_key, p.ca_dir)
+    def test_sizes_with_proxy_and_host_certificate(self):
+        for size, path, digest in payloads(self.dir, UPLOAD_SIZES):
+            for name, creds in (("proxy", self.proxy), ("host", self.host)):
+                target = "jpps/%s/%d/lb" % (name, size)
+                sent = jp_importer.upload_gsiftp(self.peer.url(target), path,
+                                                 creds, 30)
+                self.assertEqual(sent, size)
+                self.assertEqual(sha256_of(os.path.join(self.peer.root,
+                                                        target)), digest)
+        with open(self.peer.log, errors="replace") as f:
+            log_text = f.read()
+        self.assertIn("[CLIENT]: USER :globus-mapping:", log_text)
+        self.assertIn("[CLIENT]: DCAU N", log_text)
+
+    def test_reference_client_reads_back_what_we_wrote(self):
+        env = self.globus_env()
+        size, path, digest = payloads(self.dir, (3 * 1024 * 1024,))[0]
+        jp_importer.upload_gsiftp(self.peer.url("cross/check"), path,
+                                  self.proxy, 30)
+        copy = os.path.join(self.dir, "copy")
+        proc = run(["globus-url-copy", "-nodcau", self.peer.url(
+            "cross/check"), "file://" + copy], env=env)
+        self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+        self.assertEqual(sha256_of(copy), digest)
+
+    def test_reference_client_uploads_with_a_proxy(self):
+        env = self.globus_env()
+        size, path, digest = payloads(self.dir, (5000,))[0]
+        proc = run(["globus-url-copy", "-nodcau", "file://" + path,
+                    self.peer.url("reference")], env=env)
+        self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+        self.assertEqual(sha256_of(os.path.join(self.peer.root,
+                                                "reference")), digest)
+
+    def test_dropped_transfer_is_transient_and_retried_whole(self):
+        size, path, digest = payloads(self.dir, (3 * 1024 * 1024,))[0]
+        fifo = os.path.join(self.dir, "slow-source")
+        os.mkfifo(fifo)
+        result = []
+
+        def upload():
+            try:
+                jp_importer.upload_gsiftp(self.peer.url("dropped/lb"), fifo,
+                                          self.proxy, 10)
+                result.append(None)
+            except jp_importer.Error as exc:
+                result.append(exc)
+        thread = threading.Thread(target=upload)
+        thread.start()
+        with open(fifo, "wb") as source:
+            source.write(b"x" * 1000000)
+            source.flush()
+            partial = os.path.join(self.peer.root, "dropped/lb")
+            wait_for(lambda: os.path.exists(partial) and
+                     os.path.getsize(partial) > 0, what="a partial upload")
+            # The server process of this connection dies mid-transfer.
+            for pid in child_pids(self.peer.proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            try:
+                source.write(b"x" * 1000000)
+            except OSError:
+                pass
+        thread.join(TIMEOUT)
+        self.assertIsInstance(result[0], jp_importer.TransientError)
+        self.assertEqual(jp_importer.upload_gsiftp(
+            self.peer.url("dropped/lb"), path, self.proxy, 10), size)
+        self.assertEqual(sha256_of(os.path.join(self.peer.root,
+                                                "dropped/lb")), digest)
+
+    def test_stalled_server_times_out(self):
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        payload = payloads(self.dir, (10,))[0][1]
+        started = time.monotonic()
         with self.assertRaises(jp_importer.TransientError) as cm:
-            jp_importer.upload("gsiftp://localhost:1/x", p.ca_cert, creds, 5)
-        self.assertIn("not implemented yet", str(cm.exception))
+            jp_importer.upload_gsiftp("gsiftp://localhost:%d/x"
+                                      % listener.getsockname()[1], payload,
+                                      self.proxy, 1)
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertIn("no answer within the time limit", str(cm.exception))
+
+    def test_untrusted_server_and_wrong_host_name(self):
+        payload = payloads(self.dir, (10,))[0][1]
+        other_ca = os.path.join(self.dir, "other-ca")
+        os.mkdir(other_ca)
+        shutil.copy(self.pki.rogue_ca_cert, os.path.join(other_ca, "x.0"))
+        untrusting = jp_importer.Credentials(self.pki.proxy, self.pki.proxy,
+                                             other_ca)
+        with self.assertRaises(jp_importer.TransientError) as cm:
+            jp_importer.upload_gsiftp(self.peer.url("untrusted"), payload,
+                                      untrusting, 10)
+        self.assertIn("server certificate not accepted", str(cm.exception))
+        cert, key = self.pki.issue("gridftp-other", "/O=Grid/OU=Test/CN="
+                                   "other.example", "serverAuth,clientAuth",
+                                   san="DNS:other.example")
+        other = GridFTPPeer(self.pki, cert=(cert, key))
+        self.addCleanup(other.stop)
+        with self.assertRaises(jp_importer.TransientError) as cm:
+            jp_importer.upload_gsiftp(other.url("wrong-name"), payload,
+                                      self.proxy, 10)
+        self.assertIn("server certificate not accepted", str(cm.exception))
+        self.assertFalse(os.path.exists(os.path.join(self.peer.root,
+                                                     "untrusted")))
+        self.assertFalse(os.path.exists(os.path.join(other.root,
+                                                     "wrong-name")))
+
+    def test_rogue_client_is_refused(self):
+        payload = payloads(self.dir, (10,))[0][1]
+        rogue = jp_importer.Credentials(self.pki.rogue_cert,
+                                        self.pki.rogue_key, self.pki.ca_dir)
+        with self.assertRaises(jp_importer.PermanentError) as cm:
+            jp_importer.upload_gsiftp(self.peer.url("rogue"), payload, rogue,
+                                      10)
+        self.assertIn("GSI authentication refused", str(cm.exception))
+        self.assertFalse(os.path.exists(os.path.join(self.peer.root,
+                                                     "rogue")))
+
+    def test_importer_delivers_dumps_and_sandboxes(self):
+        h = ImporterHarness(self, dest_base=self.peer.url("chain"),
+                            local_root="/")
+        jobid, path = write_dump(h, 1, size=100000)
+        h.jpps.register(jobid, USER_SUBJECT)
+        archive = h.path("sandbox", "spool", "1.tar")
+        os.makedirs(os.path.dirname(archive), mode=0o700)
+        with open(archive, "wb") as f:
+            f.write(os.urandom(20000))
+        digests = sorted([sha256_of(path), sha256_of(archive)])
+        drop_message(h.dump, dump_message(jobid, path))
+        drop_message(h.sandbox, ("jobid\t%s\nfile\t%s\nproxy\t%s\n" % (
+            jobid, archive, h.pki.proxy)).encode())
+        proc = h.once()
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(sorted(h.jpps.committed.values()), digests)
+        for destination in h.jpps.committed:
+            self.assertTrue(destination.startswith("gsiftp://localhost:"))
+        self.assertFalse(os.path.exists(path) or os.path.exists(archive))
 
 
 class TestImporterProcesses(unittest.TestCase):

@@ -1611,6 +1611,192 @@ def _ftp_check_size(ftp, target, sent, where):
 # every reply as 632 lines.  The data channel is plain TCP (DCAU N).
 
 GSI_NO_DELEGATION = b"0"
+GSI_DELEGATION = b"D"
+
+
+# GSI delegation: the server sends a PKCS#10 request and we return an RFC
+# 3820 proxy certificate for its key, signed with our own key (RSA,
+# PKCS#1 v1.5 with SHA-256: hashlib, DER and pow() are all it takes).
+
+OID_CN = "2.5.4.3"
+OID_RSA = "1.2.840.113549.1.1.1"
+OID_SHA256_RSA = "1.2.840.113549.1.1.11"
+OID_KEY_USAGE = "2.5.29.15"
+OID_BASIC_CONSTRAINTS = "2.5.29.19"
+OID_PROXY_CERT_INFO = "1.3.6.1.5.5.7.1.14"
+OID_PPL_INHERIT_ALL = "1.3.6.1.5.5.7.21.1"
+SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+DELEGATED_LIFETIME = 12 * 3600
+PEM_KEY_RE = re.compile(rb"-----BEGIN (RSA )?PRIVATE KEY-----\s*(.+?)\s*"
+                        rb"-----END (RSA )?PRIVATE KEY-----", re.S)
+
+
+def der(tag, content):
+    """One DER TLV."""
+    n = len(content)
+    if n < 0x80:
+        return bytes([tag, n]) + content
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + content
+
+
+def der_int(value):
+    return der(0x02, value.to_bytes((value.bit_length() + 8) // 8, "big"))
+
+
+def der_oid_encode(text):
+    arcs = [int(a) for a in text.split(".")]
+    out = bytearray([40 * arcs[0] + arcs[1]])
+    for arc in arcs[2:]:
+        chunk = [arc & 0x7f]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | arc & 0x7f)
+            arc >>= 7
+        out.extend(reversed(chunk))
+    return der(0x06, bytes(out))
+
+
+def der_time(t):
+    stamp = time.gmtime(t)
+    if stamp.tm_year < 2050:                        # RFC 5280 4.1.2.5
+        return der(0x17, time.strftime("%y%m%d%H%M%SZ", stamp).encode())
+    return der(0x18, time.strftime("%Y%m%d%H%M%SZ", stamp).encode())
+
+
+def read_rsa_key(path):
+    """(n, d) of the RSA key in a PEM file (PKCS#1 or unencrypted PKCS#8)."""
+    with open(path, "rb") as f:
+        match = PEM_KEY_RE.search(f.read(1024 * 1024))
+    if not match:
+        raise PermanentError("delegation needs an unencrypted RSA key; "
+                             "none found in %s" % path)
+    data = base64.b64decode(b"".join(match.group(2).split()))
+    _, s, e = der_read(data)
+    fields = der_children(data, s, e)
+    if not match.group(1):                          # PKCS#8: unwrap
+        algorithm = der_children(data, fields[1][1], fields[1][2])[0]
+        if der_oid(data[algorithm[1]:algorithm[2]]) != OID_RSA:
+            raise PermanentError("delegation needs an RSA key; %s holds "
+                                 "another kind" % path)
+        data = data[fields[2][1]:fields[2][2]]
+        _, s, e = der_read(data)
+        fields = der_children(data, s, e)
+    n, d = (int.from_bytes(data[f[1]:f[2]], "big") for f in
+            (fields[1], fields[3]))
+    return n, d
+
+
+def sign_proxy_request(request, cert_file, key_file, now=None):
+    """The DER of an RFC 3820 proxy for the key in PKCS#10 `request`.
+
+    Issued by the first certificate of `cert_file` (our credential),
+    subject = its subject + CN=<serial>, valid 12 hours at most and
+    never longer than its issuer, signed with the key in `key_file`.
+    """
+    now = time.time() if now is None else now
+    with open(cert_file, "rb") as f:
+        signer = base64.b64decode(b"".join(PEM_CERT_RE.search(
+            f.read(1024 * 1024)).group(1).split()))
+    info = CertInfo(signer)
+    _, s, e = der_read(signer)
+    tbs = der_children(signer, s, e)[0]
+    fields = der_children(signer, tbs[1], tbs[2])
+    if fields[0][0] == 0xa0:
+        fields = fields[1:]
+    subject = signer[fields[4][1]:fields[4][2]]
+    _, s, e = der_read(request)
+    cri = der_children(request, s, e)[0]
+    spki = der_children(request, cri[1], cri[2])[2]
+    public_key = der(0x30, request[spki[1]:spki[2]])
+    serial = int.from_bytes(os.urandom(4), "big") & 0x7fffffff | 1
+    proxy_subject = der(0x30, subject + der(0x31, der(0x30, der_oid_encode(
+        OID_CN) + der(0x13, str(serial).encode()))))
+    algorithm = der(0x30, der_oid_encode(OID_SHA256_RSA) + b"\x05\x00")
+    critical = b"\x01\x01\xff"
+    extensions = der(0xa3, der(0x30, b"".join([
+        der(0x30, der_oid_encode(OID_KEY_USAGE) + critical +
+            der(0x04, b"\x03\x02\x05\xa0")),     # digitalSignature, keyEnc.
+        der(0x30, der_oid_encode(OID_BASIC_CONSTRAINTS) + critical +
+            der(0x04, b"\x30\x00")),             # CA:FALSE
+        der(0x30, der_oid_encode(OID_PROXY_CERT_INFO) + critical +
+            der(0x04, der(0x30, der(0x30, der_oid_encode(
+                OID_PPL_INHERIT_ALL))))),
+    ])))
+    tbs_der = der(0x30, b"".join([
+        b"\xa0\x03\x02\x01\x02", der_int(serial), algorithm,
+        der(0x30, subject), der(0x30, der_time(now - 300) + der_time(
+            min(info.not_after, now + DELEGATED_LIFETIME))),
+        proxy_subject, public_key, extensions]))
+    n, d = read_rsa_key(key_file)
+    size = (n.bit_length() + 7) // 8
+    digest = SHA256_DIGEST_INFO + hashlib.sha256(tbs_der).digest()
+    block = b"\x00\x01" + b"\xff" * (size - 3 - len(digest)) + b"\x00" + \
+        digest                                   # EMSA-PKCS1-v1_5
+    signature = pow(int.from_bytes(block, "big"), d, n).to_bytes(size, "big")
+    return der(0x30, tbs_der + algorithm + der(0x03, b"\x00" + signature))
+
+
+class _DataTLS:
+    """GSI on a DCAU A data connection: we connect, so we are the TLS
+    client; the server presents the proxy we delegated, which OpenSSL's
+    purpose check would refuse as a server certificate (its user
+    certificate is clientAuth only), so the peer is checked here: it
+    must be exactly that proxy."""
+
+    def __init__(self, sock, credentials, delegated):
+        self.sock = sock
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        set_minimum_tls(context)
+        context.load_cert_chain(credentials.cert_file, credentials.key_file)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing)
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._receive()
+        self._flush()
+        if self.tls.getpeercert(binary_form=True) != delegated:
+            raise TransientError("the GridFTP data channel peer is not the "
+                                 "proxy we delegated; refusing it")
+
+    def _flush(self):
+        data = self.outgoing.read()
+        if data:
+            self.sock.sendall(data)
+
+    def _receive(self):
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("data connection closed during the handshake")
+        self.incoming.write(data)
+
+    def clear_channel(self):
+        """PROT C: the 0x00 byte, our flag, then plain bytes follow."""
+        while True:
+            try:
+                if self.tls.read(1):
+                    break
+            except ssl.SSLWantReadError:
+                self._receive()
+        self.tls.write(GSI_NO_DELEGATION)
+        self._flush()
+
+    def sendall(self, block):
+        self.tls.write(block)
+        self._flush()
+
+    def finish(self):
+        try:
+            self.tls.unwrap()
+        except (ssl.SSLWantReadError, ssl.SSLError):
+            pass
+        self._flush()
 
 
 class _GSIControl:
@@ -1705,8 +1891,12 @@ class _GSIControl:
 
     # -- authentication ----------------------------------------------------
 
-    def authenticate(self):
-        """AUTH GSSAPI and the GSI handshake in ADAT; then USER/PASS."""
+    def authenticate(self, credentials=None):
+        """AUTH GSSAPI and the GSI handshake in ADAT; then USER/PASS.
+
+        With `credentials`, a proxy is delegated to the server (needed
+        for DCAU A); self.delegated is then its DER.
+        """
         self.check(self.reply())                          # 220 welcome
         self.command("AUTH GSSAPI", "3")                   # 334
         reply = None
@@ -1726,8 +1916,24 @@ class _GSIControl:
             if reply[0] != "335":
                 raise self._refused(reply)
             self._read_plain()
-        self.tls.write(GSI_NO_DELEGATION)
-        reply = self._adat(self.outgoing.read())
+        self.delegated = None
+        if credentials is None:
+            self.tls.write(GSI_NO_DELEGATION)
+            reply = self._adat(self.outgoing.read())
+        else:
+            self.tls.write(GSI_DELEGATION)
+            reply = self._adat(self.outgoing.read())
+            if reply[0] != "335":
+                raise self._refused(reply)
+            request = self._read_plain()
+            try:
+                self.delegated = sign_proxy_request(
+                    request, credentials.cert_file, credentials.key_file)
+            except (ValueError, IndexError, AttributeError) as exc:
+                raise TransientError("cannot delegate to %s:%d: %s"
+                                     % (self.host, self.port, exc))
+            self.tls.write(self.delegated)
+            reply = self._adat(self.outgoing.read())
         if reply[0] != "235":
             raise self._refused(reply)
         self.protected = True
@@ -1774,15 +1980,17 @@ class _GSIControl:
                                         self.timeout)
 
 
-def upload_gsiftp(url, path, credentials, timeout, dcau="auto"):
-    """Upload `path` to a gsiftp:// URL (GridFTP, GSI, DCAU N).
+def upload_gsiftp(url, path, credentials, timeout, dcau="auto", prot="P"):
+    """Upload `path` to a gsiftp:// URL (GridFTP with GSI).
 
     The importer's credential (host certificate or proxy) authenticates
     the control channel; the server is verified against the CA directory
-    with its host name.  The data channel is plain TCP (DCAU N); a server
-    that demands data channel protection (DCAU A, started with
-    -encrypt-data) is not served yet.  Returns the bytes sent, checked
-    with SIZE.
+    with its host name.  `dcau` chooses the data channel: "N" plain TCP;
+    "A" authenticated (a proxy is delegated to the server, which presents
+    it on the data connection) with `prot` "P" (encrypted) or "C" (clear
+    after the handshake); "auto" tries N and, when the server demands
+    protection (534, as with -encrypt-data), starts again with A.
+    Returns the bytes sent, checked with SIZE.
     """
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname
@@ -1794,49 +2002,83 @@ def upload_gsiftp(url, path, credentials, timeout, dcau="auto"):
     if not host or not target or target.endswith("/"):
         raise PermanentError("cannot upload to %s: no host or file name"
                              % one_line(url, 200))
-    if str(dcau).upper() == "A":
-        raise TransientError("gsiftp DCAU A (data channel authentication "
-                             "with delegation) is not implemented yet")
+    dcau = str(dcau).upper()
+    if dcau not in ("AUTO", "A", "N"):
+        raise PermanentError("unknown DCAU policy %r" % dcau)
     where = "gsiftp %s:%d" % (host, port)
+    try:
+        return _gsiftp_put(host, port, target, path, credentials, timeout,
+                           "N" if dcau == "AUTO" else dcau, prot, where)
+    except _NeedsDCAU as exc:
+        if dcau != "AUTO":
+            raise TransientError("%s demands data channel protection (%s) "
+                                 "and --dcau is N" % (where, exc))
+        log.info("%s demands data channel protection (%s): DCAU A",
+                 where, exc)
+        return _gsiftp_put(host, port, target, path, credentials, timeout,
+                           "A", prot, where)
+
+
+class _NeedsDCAU(Exception):
+    """The server refuses an unprotected data channel."""
+
+
+def _gsiftp_put(host, port, target, path, credentials, timeout, dcau, prot,
+                where):
+    """One GridFTP upload attempt with a fixed DCAU mode."""
     try:
         source = open(path, "rb")
     except OSError as exc:
         raise TransientError("cannot read %s: %s" % (path, exc.strerror))
-    control = None
+    control = data = None
     try:
         with source:
             control = _GSIControl(host, port, credentials.client_context(),
                                   timeout)
-            control.authenticate()
+            control.authenticate(credentials if dcau == "A" else None)
             control.command("TYPE I")
             control.command("MODE S")
             try:
-                control.command("DCAU N")
+                control.command("DCAU " + dcau)
+                if dcau == "A":
+                    control.command("PBSZ 1048576")
+                    control.command("PROT " + prot)
             except ftplib.error_perm as exc:
-                raise TransientError("%s refuses an unprotected data channel"
-                                     " (%s); DCAU A is not implemented yet"
-                                     % (where, one_line(str(exc), 200)))
+                if dcau == "N":
+                    raise _NeedsDCAU(one_line(str(exc), 200))
+                raise
             _ftp_mkdirs(control, target.rsplit("/", 1)[0])
             try:
                 data = control.passive()
             except ftplib.error_perm as exc:
-                if str(exc).startswith("534"):
-                    raise TransientError(
-                        "%s requires an encrypted data channel (%s); DCAU A "
-                        "is not implemented yet"
-                        % (where, one_line(str(exc), 200)))
+                if dcau == "N" and str(exc).startswith("534"):
+                    raise _NeedsDCAU(one_line(str(exc), 200))
                 raise
             sent = 0
-            try:
+            if dcau == "A":
+                # The server answers STOR only after the data channel
+                # handshake (PEERS.md): send it, shake hands, then read.
+                control.tls.write(("STOR %s\r\n" % target).encode("utf-8"))
+                control._send_line("ENC " + base64.b64encode(
+                    control.outgoing.read()).decode("ascii"))
+                channel = _DataTLS(data, credentials, control.delegated)
+                if prot == "C":
+                    channel.clear_channel()
+                    channel = data
+                control.check(control.reply(), "1")
+            else:
                 control.command("STOR " + target, "1")
-                while True:
-                    block = source.read(UPLOAD_BLOCK)
-                    if not block:
-                        break
-                    data.sendall(block)
-                    sent += len(block)
-            finally:
-                data.close()
+                channel = data
+            while True:
+                block = source.read(UPLOAD_BLOCK)
+                if not block:
+                    break
+                channel.sendall(block)
+                sent += len(block)
+            if isinstance(channel, _DataTLS):
+                channel.finish()
+            data.close()
+            data = None
             control.check(control.reply())               # 226
             _ftp_check_size(control, target, sent, where)
             try:
@@ -1844,12 +2086,14 @@ def upload_gsiftp(url, path, credentials, timeout, dcau="auto"):
             except (ftplib.Error, ssl.SSLError, OSError, EOFError):
                 pass
             return sent
-    except Error:
+    except (Error, _NeedsDCAU):
         raise
     except (ftplib.Error, ssl.SSLError, ssl.CertificateError, OSError,
             EOFError, ValueError) as exc:
         raise _ftp_error(exc, where)
     finally:
+        if data is not None:
+            data.close()
         if control is not None:
             control.close()
 

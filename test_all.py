@@ -2480,6 +2480,77 @@ class TestGridFTPUpload(unittest.TestCase):
         self.assertFalse(os.path.exists(os.path.join(self.peer.root,
                                                      "rogue")))
 
+    def test_dcau_a_with_delegation_against_encrypt_data(self):
+        secure = GridFTPPeer(self.pki, extra=["-encrypt-data"])
+        self.addCleanup(secure.stop)
+        for size, path, digest in payloads(self.dir, UPLOAD_SIZES):
+            for name, creds in (("proxy", self.proxy), ("host", self.host)):
+                # auto: DCAU N is refused at PASV (534), then DCAU A.
+                target = "enc/%s/%d" % (name, size)
+                self.assertEqual(jp_importer.upload_gsiftp(
+                    secure.url(target), path, creds, 30), size)
+                self.assertEqual(sha256_of(os.path.join(secure.root,
+                                                        target)), digest)
+        with open(secure.log, errors="replace") as f:
+            log_text = f.read()
+        self.assertIn("534 Data connection auth error", log_text)
+        self.assertIn("[CLIENT]: DCAU A", log_text)
+        self.assertIn("[CLIENT]: PROT P", log_text)
+        payload = payloads(self.dir, (10,))[0][1]
+        with self.assertRaises(jp_importer.TransientError) as cm:
+            jp_importer.upload_gsiftp(secure.url("never"), payload,
+                                      self.proxy, 10, dcau="N")
+        self.assertIn("--dcau is N", str(cm.exception))
+
+    def test_dcau_a_with_clear_data(self):
+        for size, path, digest in payloads(self.dir, (0, 5000, 3 << 20)):
+            for name, creds in (("proxy", self.proxy), ("host", self.host)):
+                target = "clear/%s/%d" % (name, size)
+                self.assertEqual(jp_importer.upload_gsiftp(
+                    self.peer.url(target), path, creds, 30, dcau="A",
+                    prot="C"), size)
+                self.assertEqual(sha256_of(os.path.join(self.peer.root,
+                                                        target)), digest)
+        with open(self.peer.log, errors="replace") as f:
+            self.assertIn("[CLIENT]: PROT C", f.read())
+
+    def test_delegated_proxy_verifies_with_openssl(self):
+        key = os.path.join(self.dir, "server.key")
+        csr = os.path.join(self.dir, "server.csr")
+        self.pki.openssl("req", "-new", "-newkey", "rsa:2048", "-nodes",
+                         "-keyout", key, "-out", csr, "-outform", "DER",
+                         "-subj", "/CN=ignored")
+        with open(csr, "rb") as f:
+            request = f.read()
+        # With the proxy (PKCS#8 key) and with a PKCS#1 copy of the key.
+        pkcs1 = os.path.join(self.dir, "proxy-key-pkcs1.pem")
+        self.pki.openssl("rsa", "-in", self.pki.proxy, "-traditional",
+                         "-out", pkcs1)
+        with open(pkcs1) as f:
+            self.assertIn("BEGIN RSA PRIVATE KEY", f.read())
+        for key_file in (self.pki.proxy, pkcs1):
+            proxy = jp_importer.sign_proxy_request(request, self.pki.proxy,
+                                                   key_file)
+            pem = os.path.join(self.dir, "delegated.pem")
+            with open(pem, "w") as f:
+                f.write(ssl.DER_cert_to_PEM_cert(proxy))
+            chain = os.path.join(self.dir, "chain.pem")
+            with open(chain, "w") as f:
+                f.write(read_text(self.pki.proxy) + read_text(
+                    self.pki.user_cert))
+            env = dict(os.environ, OPENSSL_ALLOW_PROXY_CERTS="1")
+            proc = run(["openssl", "verify", "-allow_proxy_certs", "-CApath",
+                        self.pki.ca_dir, "-untrusted", chain, pem], env=env)
+            self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+            text = self.pki.openssl("x509", "-in", pem, "-noout", "-text")
+            if isinstance(text, bytes):
+                text = text.decode()
+            self.assertIn("Proxy Certificate Information", text)
+            info = jp_importer.CertInfo(proxy)
+            self.assertTrue(info.subject.startswith(self.pki.proxy_dn +
+                                                    "/CN="))
+            self.assertEqual(info.issuer, self.pki.proxy_dn)
+
     def test_importer_delivers_dumps_and_sandboxes(self):
         h = ImporterHarness(self, dest_base=self.peer.url("chain"),
                             local_root="/")

@@ -250,6 +250,167 @@ def bench_dumps(table, quick, runs):
 
 
 # ---------------------------------------------------------------------------
+# 3. Uploads
+# ---------------------------------------------------------------------------
+
+def bench_uploads(table, quick, runs):
+    """jp_importer --upload against curl (FTPS) and globus-url-copy."""
+    p = test_all.pki()
+    size_mb = 16 if quick else 256
+    work = tempfile.mkdtemp(prefix="jp-bench-")
+    try:
+        payload = os.path.join(work, "payload")
+        with open(payload, "wb") as f:
+            for _ in range(size_mb):
+                f.write(os.urandom(1 << 20))
+        mb = size_mb * 1048576 / 1e6
+        ours = [sys.executable, JP_IMPORTER, "-C", p.ca_dir, "--timeout",
+                "60", "--upload", payload]
+        try:
+            vsftpd = test_all.VsftpdPeer(p)
+        except test_all.unittest.SkipTest as exc:
+            table.skip("uploads", "FTPS: %s" % exc)
+        else:
+            try:
+                n = [0]
+
+                def ftps():
+                    n[0] += 1
+                    mine, _ = child_run(ours + ["-c", p.host_cert, "-k",
+                                                p.host_key, vsftpd.url(
+                                                    "ours%d" % n[0])],
+                                        stdout=subprocess.DEVNULL)
+                    curl, _ = child_run([
+                        "curl", "-sS", "--ssl-reqd", "--tls-max", "1.2",
+                        "--cacert", p.ca_cert, "--cert", p.host_cert,
+                        "--key", p.host_key, "-T", payload,
+                        vsftpd.url("curl%d" % n[0])])
+                    return {"ours": mb / mine, "curl": mb / curl}
+                m = median_of(runs, ftps)
+                table.add("uploads", "curl --ssl-reqd -T to vsftpd, %d MiB"
+                          % size_mb, m["curl"], "MB/s")
+                table.add("uploads", "jp_importer --upload ftp:// (FTPS)",
+                          m["ours"], "MB/s", m["curl"], m["ours"] / m["curl"])
+            finally:
+                vsftpd.stop()
+        for name, extra, client_flag, dcau in (
+                ("gsiftp DCAU N", [], "-nodcau", "N"),
+                ("gsiftp -encrypt-data, DCAU A + PROT P", ["-encrypt-data"],
+                 "-dcpriv", "A")):
+            try:
+                peer = test_all.GridFTPPeer(p, extra=extra)
+            except test_all.unittest.SkipTest as exc:
+                table.skip("uploads", "%s: %s" % (name, exc))
+                continue
+            try:
+                env = dict(os.environ, X509_USER_PROXY=p.proxy,
+                           X509_CERT_DIR=p.ca_dir)
+                n = [0]
+
+                def gsiftp():
+                    n[0] += 1
+                    mine, _ = child_run(ours + ["-c", p.proxy, "--dcau", dcau,
+                                                peer.url("ours%d" % n[0])],
+                                        stdout=subprocess.DEVNULL)
+                    guc, _ = child_run(["globus-url-copy", client_flag,
+                                        "file://" + payload,
+                                        peer.url("guc%d" % n[0])], env=env)
+                    return {"ours": mb / mine, "guc": mb / guc}
+                m = median_of(runs, gsiftp)
+                table.add("uploads", "globus-url-copy %s, %d MiB"
+                          % (client_flag, size_mb), m["guc"], "MB/s")
+                table.add("uploads", "jp_importer --upload " + name,
+                          m["ours"], "MB/s", m["guc"], m["ours"] / m["guc"])
+            finally:
+                peer.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# 4. End-to-end
+# ---------------------------------------------------------------------------
+
+def bench_end_to_end(table, quick, runs):
+    """Dumps from lb_dump_exporter through jp_importer (-D 4) to vsftpd."""
+    p = test_all.pki()
+    jobs = 100 if quick else 1000
+    try:
+        vsftpd = test_all.VsftpdPeer(p)
+    except test_all.unittest.SkipTest as exc:
+        table.skip("end-to-end", str(exc))
+        return
+    work = tempfile.mkdtemp(prefix="jp-bench-")
+    try:
+        dump = os.path.join(work, "dump")
+        make_dump(dump, jobs)
+
+        def once():
+            run_dir = tempfile.mkdtemp(dir=work)
+            jpps = test_all.JPPSFixture(p, dest_base=vsftpd.url(
+                os.path.basename(run_dir)), local_root=vsftpd.root).start()
+            try:
+                for j in range(jobs):
+                    jpps.register("https://lb.example.org:9000/bench%07d"
+                                  % j, "/O=CESNET/CN=u")
+                md = {k: make_maildir(os.path.join(run_dir, k))
+                      for k in ("reg", "dump", "sandbox")}
+                log = open(os.path.join(run_dir, "log"), "wb")
+                importer = subprocess.Popen([
+                    sys.executable, JP_IMPORTER, "-g", "-c", p.host_cert,
+                    "-k", p.host_key, "-C", p.ca_dir, "-p", jpps.url,
+                    "-r", md["reg"], "-d", md["dump"], "-s", md["sandbox"],
+                    "-D", "4", "-t", "0.05", "-i",
+                    os.path.join(run_dir, "pid")], stdout=log, stderr=log)
+                try:
+                    started = time.time()
+                    subprocess.check_call([
+                        sys.executable, LB_DUMP_EXPORTER, "-q", "-d", dump,
+                        "-s", os.path.join(run_dir, "store"), "-m",
+                        md["dump"]])
+                    test_all.wait_for(lambda: len(jpps.committed) >= jobs,
+                                      timeout=600, what="%d commits" % jobs)
+                finally:
+                    importer.terminate()
+                    importer.wait(60)
+                    log.close()
+                # The exporter's journal names each job's message, whose
+                # name is its creation time; the destination names the job.
+                created = {}
+                store = os.path.join(run_dir, "store")
+                journal = [n for n in os.listdir(store) if
+                           n.endswith(".journal")][0]
+                with open(os.path.join(store, journal)) as f:
+                    for line in f:
+                        fields = line.rstrip("\n").split("\t")
+                        if len(fields) == 3:
+                            sec, usec = fields[0].split(".")[0].split("_")
+                            unique = fields[1].rsplit("/", 1)[1]
+                            created[unique] = int(sec) + int(usec) / 1e6
+                latencies = sorted(
+                    c.time - created[c.get("destination").split("/")[-2]]
+                    for c in jpps.ops("CommitUpload", "ok"))
+                elapsed = max(c.time for c in jpps.ops("CommitUpload",
+                                                       "ok")) - started
+                return {"rate": jobs / elapsed,
+                        "p50": latencies[len(latencies) // 2],
+                        "p99": latencies[int(len(latencies) * 0.99) - 1]}
+            finally:
+                jpps.stop()
+                shutil.rmtree(run_dir, ignore_errors=True)
+
+        m = median_of(runs, once)
+        table.add("end-to-end", "%d dumps of 10 kB: exporter, importer -D 4, "
+                  "vsftpd" % jobs, m["rate"], "jobs/s")
+        table.add("end-to-end", "latency p50, message creation to commit",
+                  m["p50"], "s")
+        table.add("end-to-end", "latency p99", m["p99"], "s")
+    finally:
+        vsftpd.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
 # 5. Start-up
 # ---------------------------------------------------------------------------
 
@@ -297,6 +458,7 @@ def bench_startup(table, quick, runs):
 # ---------------------------------------------------------------------------
 
 BENCHES = {"registrations": bench_registrations, "dumps": bench_dumps,
+           "uploads": bench_uploads, "end-to-end": bench_end_to_end,
            "startup": bench_startup}
 
 

@@ -1869,7 +1869,9 @@ class VsftpdPeer:
                 "anon_upload_enable=YES", "anon_mkdir_write_enable=YES",
                 "anon_umask=022", "no_anon_password=YES",
                 "pasv_enable=YES", "pasv_address=127.0.0.1",
-                "pasv_min_port=%d" % pasv, "pasv_max_port=%d" % pasv,
+                # A range: parallel uploads each need a data port.
+                "pasv_min_port=%d" % pasv,
+                "pasv_max_port=%d" % min(pasv + 100, 65535),
                 "ssl_enable=YES", "ssl_tlsv1=YES", "ssl_sslv2=NO",
                 "ssl_sslv3=NO", "allow_anon_ssl=YES",
                 "force_anon_logins_ssl=YES", "force_anon_data_ssl=YES",

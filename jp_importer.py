@@ -1421,7 +1421,7 @@ class _FTPS(ftplib.FTP_TLS):
       (RFC 4217 section 10.2; vsftpd's require_ssl_reuse=YES refuses a
       data connection that does not, and ftplib does not do it by
       itself, CPython issue 63699).
-    - Implicit TLS (ftps:// on port 990): TLS from the first byte.
+    - Implicit TLS (ftps://, as curl reads it): TLS from the first byte.
     """
 
     def __init__(self, context, timeout, implicit=False):
@@ -1491,7 +1491,8 @@ def upload_ftp(url, path, credentials, timeout, allow_plain=False):
 
     Explicit TLS (AUTH TLS, PBSZ 0, PROT P) with the importer's client
     certificate, the server verified against the CA directory with its
-    host name; ftps:// on port 990 (or without a port) is implicit TLS.
+    host name; ftps:// is implicit TLS (TLS from the first byte, port 990
+    by default), as curl reads such URLs.
     Plain FTP only with allow_plain, when the server refuses AUTH TLS.
     The user and password come from the URL, else anonymous.  Every
     socket operation is limited to `timeout` seconds.  Returns the bytes
@@ -1499,9 +1500,8 @@ def upload_ftp(url, path, credentials, timeout, allow_plain=False):
     """
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname
+    implicit = parts.scheme == "ftps"
     try:
-        implicit = parts.scheme == "ftps" and parts.port in (
-            None, FTPS_IMPLICIT_PORT)
         port = parts.port or (FTPS_IMPLICIT_PORT if implicit else 21)
     except ValueError:
         raise PermanentError("bad port in %s" % one_line(url, 200))

@@ -1558,9 +1558,11 @@ class FTPSFixture:
     `stores` counts completed STORs, `connections` control connections.
     """
 
-    def __init__(self, pki, root, require_reuse=True, cert=None):
+    def __init__(self, pki, root, require_reuse=True, cert=None,
+                 implicit=False):
         self.pki, self.root = pki, root
         self.require_reuse = require_reuse
+        self.implicit = implicit          # TLS from the first byte
         self.context = pki.server_context(*(cert or ()))
         self.lock = threading.Lock()
         self.injections = []
@@ -1588,7 +1590,8 @@ class FTPSFixture:
             self.sock = None
 
     def url(self, path):
-        return "ftp://localhost:%d/%s" % (self.port, path.lstrip("/"))
+        return "%s://localhost:%d/%s" % ("ftps" if self.implicit else "ftp",
+                                         self.port, path.lstrip("/"))
 
     def inject(self, kind, count=1, **kw):
         with self.lock:
@@ -1625,6 +1628,12 @@ class FTPSFixture:
         state = {"conn": conn, "tls": None, "prot": "C", "cwd": "/",
                  "pasv": None, "user": None}
         try:
+            if self.implicit:
+                try:
+                    conn = self.context.wrap_socket(conn, server_side=True)
+                except (ssl.SSLError, OSError):
+                    return
+                state.update(conn=conn, tls=conn, prot="P")
             self._reply(state, "220 FTPS fixture ready")
             reader = conn.makefile("rb")
             while True:
@@ -2174,6 +2183,17 @@ class TestFTPSUpload(unittest.TestCase):
                                                 proxy, 10), size)
         self.assertEqual(sha256_of(ftps.local("a/b/lb")[0]), digest)
 
+    def test_implicit_tls_for_ftps_urls(self):
+        root = os.path.join(self.dir, "implicit-root")
+        os.mkdir(root)
+        ftps = FTPSFixture(self.pki, root, implicit=True).start()
+        self.addCleanup(ftps.stop)
+        size, path, digest = payloads(self.dir, (70000,))[0]
+        self.assertTrue(ftps.url("x").startswith("ftps://"))
+        self.assertEqual(jp_importer.upload_ftp(ftps.url("i/x"), path,
+                                                self.host, 10), size)
+        self.assertEqual(sha256_of(os.path.join(root, "i/x")), digest)
+
     def test_fixture_errors_are_classified(self):
         ftps = self.fixture()
         payload = payloads(self.dir, (1000,))[0][1]
@@ -2259,19 +2279,25 @@ class TestFTPSUpload(unittest.TestCase):
                          proc.stderr)
         self.assertIn("530", proc.stderr)
 
-    def test_importer_delivers_to_vsftpd(self):
+    def test_importer_delivers_dumps_and_sandboxes_to_vsftpd(self):
         peer = VsftpdPeer(self.pki)
         self.addCleanup(peer.stop)
         h = ImporterHarness(self, dest_base=peer.url("jpps"),
                             local_root=peer.root)
         jobid, path = write_dump(h, 1, size=200000)
-        digest = sha256_of(path)
         h.jpps.register(jobid, USER_SUBJECT)
+        archive = h.path("sandbox", "spool", "1.tar")
+        os.makedirs(os.path.dirname(archive), mode=0o700)
+        with open(archive, "wb") as f:
+            f.write(os.urandom(30000))
+        digests = sorted([sha256_of(path), sha256_of(archive)])
         drop_message(h.dump, dump_message(jobid, path))
+        drop_message(h.sandbox, ("jobid\t%s\nfile\t%s\nproxy\t%s\n" % (
+            jobid, archive, h.pki.proxy)).encode())
         proc = h.once()
         self.assertEqual(proc.returncode, 0, proc.stderr)
-        self.assertEqual(list(h.jpps.committed.values()), [digest])
-        self.assertFalse(os.path.exists(path))
+        self.assertEqual(sorted(h.jpps.committed.values()), digests)
+        self.assertFalse(os.path.exists(path) or os.path.exists(archive))
 
 
 class GridFTPPeer:
@@ -2397,6 +2423,16 @@ class TestGridFTPUpload(unittest.TestCase):
         self.assertEqual(sha256_of(os.path.join(self.peer.root,
                                                 "reference")), digest)
 
+    def test_operator_upload_command(self):
+        size, path, digest = payloads(self.dir, (5000,))[0]
+        proc = run([sys.executable, JP_IMPORTER, "-c", self.pki.proxy,
+                    "-C", self.pki.ca_dir, "--dcau", "A", "--upload", path,
+                    self.peer.url("by/hand")])
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("uploaded 5000 bytes", proc.stdout)
+        self.assertEqual(sha256_of(os.path.join(self.peer.root, "by/hand")),
+                         digest)
+
     def test_dropped_transfer_is_transient_and_retried_whole(self):
         size, path, digest = payloads(self.dir, (3 * 1024 * 1024,))[0]
         fifo = os.path.join(self.dir, "slow-source")
@@ -2505,7 +2541,7 @@ class TestGridFTPUpload(unittest.TestCase):
         self.assertIn("--dcau is N", str(cm.exception))
 
     def test_dcau_a_with_clear_data(self):
-        for size, path, digest in payloads(self.dir, (0, 5000, 3 << 20)):
+        for size, path, digest in payloads(self.dir, UPLOAD_SIZES):
             for name, creds in (("proxy", self.proxy), ("host", self.host)):
                 target = "clear/%s/%d" % (name, size)
                 self.assertEqual(jp_importer.upload_gsiftp(

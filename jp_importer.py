@@ -78,6 +78,7 @@ import socket
 import ssl
 import stat
 import sys
+import threading
 import time
 import urllib.parse
 import xml.etree.ElementTree as ET
@@ -227,6 +228,14 @@ def one_line(text, limit=MAX_REASON):
     """Text fit for one log line or a state file value."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+URL_PASSWORD_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://[^/@:]*):[^/@]*@")
+
+
+def public_url(url):
+    """`url` fit for a log line: a password in it becomes ****."""
+    return URL_PASSWORD_RE.sub(r"\1:****@", url)
 
 
 def format_time(t):
@@ -1412,6 +1421,62 @@ def dump_owner(path, limit=64 * 1024):
 
 UPLOAD_BLOCK = 256 * 1024      # read and sent at a time: files are streamed
 FTPS_IMPLICIT_PORT = 990
+FTP_MIN_RATE = 64 * 1024       # bytes/s: the slowest upload still waited for
+FTP_QUIT_WAIT = 5.0            # seconds for the goodbye after a refusal
+FTP_TICKET_WAIT = 2.0          # seconds for the server's TLS 1.3 verdict
+
+
+class _Deadline:
+    """The overall time limit of one upload attempt.
+
+    Socket timeouts bound every single read and write, but a server that
+    trickles a byte now and then never trips them.  When the limit
+    passes, a timer thread shuts the attempt's connections down; the
+    blocked call then fails at once and the caller reports the overrun.
+    Sockets are held by descriptor: a TLS wrap keeps the descriptor (and
+    detaches the plain socket object before its handshake), so the
+    handshakes are covered too.  Only the attempt's own thread opens
+    sockets meanwhile, so a descriptor cannot be reused by a stranger
+    before cancel(), which comes before the connections are closed.
+    """
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.expired = False
+        self.fds = set()
+        self.lock = threading.Lock()
+        self.timer = threading.Timer(seconds, self._expire)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def watch(self, sock):
+        with self.lock:
+            self.fds.add(sock.fileno())
+            if self.expired:
+                self._shut(sock.fileno())
+
+    def _expire(self):
+        with self.lock:
+            self.expired = True
+            for fd in self.fds:
+                self._shut(fd)
+
+    @staticmethod
+    def _shut(fd):
+        try:
+            dup = socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM)
+        except OSError:
+            return                      # closed already
+        try:
+            dup.shutdown(socket.SHUT_RDWR)  # acts on the connection itself
+        except OSError:
+            pass
+        finally:
+            dup.close()
+
+    def cancel(self):
+        self.timer.cancel()
+        self.timer.join()
 
 
 class _FTPS(ftplib.FTP_TLS):
@@ -1422,30 +1487,100 @@ class _FTPS(ftplib.FTP_TLS):
       data connection that does not, and ftplib does not do it by
       itself, CPython issue 63699).
     - Implicit TLS (ftps://, as curl reads it): TLS from the first byte.
+    - Every connection is watched by the attempt's _Deadline.
+    - UTF-8 paths on every Python (ftplib used latin-1 up to 3.8).
     """
 
-    def __init__(self, context, timeout, implicit=False):
+    encoding = "utf-8"
+
+    def __init__(self, context, timeout, deadline, implicit=False):
         ftplib.FTP_TLS.__init__(self, context=context, timeout=timeout)
+        self.deadline = deadline
         self.implicit = implicit
 
     def connect(self, host, port, timeout):
-        if not self.implicit:
-            return ftplib.FTP_TLS.connect(self, host, port, timeout)
+        # ftplib's connect, but watched before the greeting is read
         self.host, self.port, self.timeout = host, port, timeout
         sock = socket.create_connection((host, port), timeout)
-        self.sock = self.context.wrap_socket(sock, server_hostname=host)
-        self.af = self.sock.family
-        self.file = self.sock.makefile("r", encoding=self.encoding)
-        self._prot_p = True
+        self.deadline.watch(sock)
+        if self.implicit:
+            sock = self.context.wrap_socket(sock, server_hostname=host)
+            self._prot_p = True
+        self.sock, self.af = sock, sock.family
+        self.file = sock.makefile("r", encoding=self.encoding)
         self.welcome = self.getresp()
         return self.welcome
 
+    def auth(self):
+        resp = ftplib.FTP_TLS.auth(self)
+        if self.sock.version() == "TLSv1.3":
+            self._await_verdict()
+        return resp
+
+    def _await_verdict(self):
+        # TLS 1.3 ends the client's handshake before the server has
+        # judged our certificate: a refusal comes as an alert after it.
+        # A command sent meanwhile makes the closing server reset the
+        # connection, and the reset loses the alert ("connection reset",
+        # transient, instead of "our certificate was refused").  So the
+        # server's first records, session tickets or that alert, are
+        # awaited before the first command (FTP_TICKET_WAIT at most: a
+        # server without tickets costs that much per upload).
+        wait = min(self.timeout, FTP_TICKET_WAIT)
+        if not select.select([self.sock], [], [], wait)[0]:
+            return
+        self.sock.setblocking(False)
+        try:
+            data = self.sock.recv(1)
+        except ssl.SSLWantReadError:
+            return                          # tickets only: go on
+        finally:
+            self.sock.settimeout(self.timeout)
+        if data:
+            raise ftplib.error_proto("unexpected data after AUTH TLS")
+        raise EOFError("connection closed after the TLS handshake")
+
     def ntransfercmd(self, cmd, rest=None):
-        conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
+        session = None
         if self._prot_p:
-            conn = self.context.wrap_socket(conn, server_hostname=self.host,
-                                            session=self.sock.session)
+            session = self.sock.session
+            if session is not None and not session.has_ticket and \
+                    self.sock.version() == "TLSv1.3":
+                # TLS 1.3 sends the session ticket after the handshake,
+                # and the client takes it in only when it reads from the
+                # control connection.  Replies have been read by now, so
+                # this is a safeguard: one more reply brings the ticket.
+                # No TLS 1.2 cap is needed: vsftpd on OpenSSL 3 resumes
+                # TLS 1.3 sessions (require_ssl_reuse=YES, tested).
+                self.voidcmd("NOOP")
+                session = self.sock.session
+        conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
+        self.deadline.watch(conn)
+        if self._prot_p:
+            try:
+                conn = self.context.wrap_socket(
+                    conn, server_hostname=self.host, session=session)
+            except OSError:
+                conn.close()
+                self.data_failed()      # vsftpd: 522 ... reuse required
+                raise
         return conn, size
+
+    def data_failed(self):
+        """After a failed data connection: raise the server's reason.
+
+        A server that drops the data connection says why on the control
+        connection (426, 451, 452, 522, 552): that reply is the better
+        error, and it classifies the failure.  Returns when there is no
+        such reply (a timeout is not waited out a second time).
+        """
+        if self.deadline.expired:
+            return
+        self.sock.settimeout(min(self.timeout, FTP_QUIT_WAIT))
+        try:
+            self.voidresp()
+        except (ssl.SSLError, OSError, EOFError):
+            pass
 
 
 def _ftp_error(exc, where):
@@ -1494,9 +1629,13 @@ def upload_ftp(url, path, credentials, timeout, allow_plain=False):
     host name; ftps:// is implicit TLS (TLS from the first byte, port 990
     by default), as curl reads such URLs.
     Plain FTP only with allow_plain, when the server refuses AUTH TLS.
-    The user and password come from the URL, else anonymous.  Every
-    socket operation is limited to `timeout` seconds.  Returns the bytes
-    sent, checked with SIZE where the server has it.
+    The user and password come from the URL (percent-decoded), else
+    "anonymous": with FTPS the client certificate is what the server
+    checks.  Missing directories of the path are made (MKD).
+    Every connect, read and write is limited to `timeout` seconds, and
+    the whole attempt to 3 * timeout plus the file's size at
+    FTP_MIN_RATE.  Each attempt sends the file from its first byte.
+    Returns the bytes sent, checked with SIZE where the server has it.
     """
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname
@@ -1504,11 +1643,11 @@ def upload_ftp(url, path, credentials, timeout, allow_plain=False):
     try:
         port = parts.port or (FTPS_IMPLICIT_PORT if implicit else 21)
     except ValueError:
-        raise PermanentError("bad port in %s" % one_line(url, 200))
+        raise PermanentError("bad port in %s" % one_line(public_url(url), 200))
     target = urllib.parse.unquote(parts.path)
     if not host or not target or target.endswith("/"):
         raise PermanentError("cannot upload to %s: no host or file name"
-                             % one_line(url, 200))
+                             % one_line(public_url(url), 200))
     user = urllib.parse.unquote(parts.username or "anonymous")
     password = urllib.parse.unquote(parts.password or "")
     where = "ftp %s:%d" % (host, port)
@@ -1516,53 +1655,76 @@ def upload_ftp(url, path, credentials, timeout, allow_plain=False):
         source = open(path, "rb")
     except OSError as exc:
         raise TransientError("cannot read %s: %s" % (path, exc.strerror))
-    ftp = _FTPS(credentials.client_context(), timeout, implicit)
+    with source:
+        size = os.fstat(source.fileno()).st_size
+        limit = 3 * timeout + size / FTP_MIN_RATE
+        context = credentials.client_context()
+        deadline = _Deadline(limit)
+        ftp = _FTPS(context, timeout, deadline, implicit)
+        try:
+            return _ftp_put(ftp, host, port, target, source, user, password,
+                            allow_plain, where)
+        except Error:
+            if deadline.expired:
+                raise _ftp_overrun(where, limit, size)
+            _ftp_goodbye(ftp)       # our own refusals: still in step
+            raise
+        except (ftplib.Error, ssl.SSLError, ssl.CertificateError, OSError,
+                EOFError, ValueError) as exc:
+            if deadline.expired:
+                raise _ftp_overrun(where, limit, size)
+            if isinstance(exc, (ftplib.error_reply, ftplib.error_temp,
+                                ftplib.error_perm)):
+                _ftp_goodbye(ftp)   # a refusal: the connection is in step
+            raise _ftp_error(exc, where)
+        finally:
+            deadline.cancel()       # before the descriptors are freed
+            ftp.close()
+
+
+def _ftp_put(ftp, host, port, target, source, user, password, allow_plain,
+             where):
+    """The conversation of one upload_ftp attempt; the bytes sent."""
+    ftp.connect(host, port, ftp.timeout)
+    if not ftp.implicit:
+        try:
+            ftp.auth()
+        except ftplib.error_perm as exc:
+            if not allow_plain:
+                raise PermanentError(
+                    "%s refuses TLS (%s); plain FTP is allowed only with "
+                    "--allow-plain-ftp" % (where, one_line(str(exc), 200)))
+            log.warning("%s: no TLS (--allow-plain-ftp): the upload is not "
+                        "encrypted", where)
+    if isinstance(ftp.sock, ssl.SSLSocket):
+        ftp.prot_p()                            # PBSZ 0, PROT P
+    ftplib.FTP.login(ftp, user, password)       # TLS is set up above
+    ftp.voidcmd("TYPE I")
     try:
-        with source:
-            ftp.connect(host, port, timeout)
-            if not implicit:
-                try:
-                    ftp.auth()
-                except ftplib.error_perm as exc:
-                    if not allow_plain:
-                        raise PermanentError(
-                            "%s refuses TLS (%s); plain FTP is allowed only "
-                            "with --allow-plain-ftp" % (where, one_line(
-                                str(exc), 200)))
-                    ftp = _plain_ftp(ftp)
-            if isinstance(ftp, _FTPS):
-                ftp.prot_p()                      # PBSZ 0, PROT P
-            ftplib.FTP.login(ftp, user, password)   # TLS is set up above
-            ftp.voidcmd("TYPE I")
-            try:
-                ftp.voidcmd("MODE S")
-            except ftplib.error_perm:
-                pass                              # stream mode is the default
-            _ftp_mkdirs(ftp, target.rsplit("/", 1)[0])
-            sent = _ftp_store(ftp, target, source)
-            _ftp_check_size(ftp, target, sent, where)
-            try:
-                ftp.quit()
-            except ftplib.all_errors:
-                pass                    # stored and checked: that is enough
-            return sent
-    except Error:
-        raise
-    except (ftplib.Error, ssl.SSLError, ssl.CertificateError, OSError,
-            EOFError) as exc:
-        raise _ftp_error(exc, where)
-    finally:
-        ftp.close()
+        ftp.voidcmd("MODE S")
+    except ftplib.error_perm:
+        pass                                    # stream mode is the default
+    _ftp_mkdirs(ftp, target.rsplit("/", 1)[0])
+    sent = _ftp_store(ftp, target, source)
+    _ftp_check_size(ftp, target, sent, where)
+    _ftp_goodbye(ftp)                   # stored and checked: that is enough
+    return sent
 
 
-def _plain_ftp(tls):
-    """Go on without TLS on the connection of `tls` (--allow-plain-ftp)."""
-    plain = ftplib.FTP(timeout=tls.timeout)
-    plain.host, plain.port, plain.af = tls.host, tls.port, tls.af
-    plain.sock, plain.file, plain.welcome = tls.sock, tls.file, tls.welcome
-    log.warning("ftp %s:%d: no TLS (--allow-plain-ftp): the upload is not "
-                "encrypted", tls.host, tls.port)
-    return plain
+def _ftp_goodbye(ftp):
+    """QUIT, briefly: a polite end that must not hold up the caller."""
+    try:
+        if ftp.sock is not None:
+            ftp.sock.settimeout(min(ftp.timeout, FTP_QUIT_WAIT))
+            ftp.voidcmd("QUIT")
+    except (ftplib.Error, ssl.SSLError, OSError, EOFError):
+        pass
+
+
+def _ftp_overrun(where, limit, size):
+    return TransientError(
+        "%s: the upload of %d bytes did not finish within %.0fs (3 times "
+        "--timeout plus %d kB/s)" % (where, size, limit, FTP_MIN_RATE // 1024))
 
 
 def _ftp_store(ftp, target, source):
@@ -1584,6 +1746,11 @@ def _ftp_store(ftp, target, source):
                 conn.unwrap()
             except (ssl.SSLError, OSError):
                 pass
+    except OSError as exc:              # ssl.SSLError is one too
+        if not isinstance(exc, socket.timeout):
+            conn.close()
+            ftp.data_failed()           # the server's reason, if any
+        raise
     finally:
         conn.close()
     ftp.voidresp()
@@ -1608,7 +1775,8 @@ def _ftp_check_size(ftp, target, sent, where):
 # ADAT commands and 335 replies, driven here through ssl.MemoryBIO; after
 # the handshake a 0x00 byte from the server (TLS 1.3) and our delegation
 # flag.  From then on every command travels as one TLS record in ENC and
-# every reply as 632 lines.  The data channel is plain TCP (DCAU N).
+# every reply as 632 lines.  The data channel is plain TCP (DCAU N) or,
+# when the server demands it, GSI with a delegated proxy (DCAU A).
 
 GSI_NO_DELEGATION = b"0"
 GSI_DELEGATION = b"D"
@@ -1742,10 +1910,16 @@ class _DataTLS:
     client; the server presents the proxy we delegated, which OpenSSL's
     purpose check would refuse as a server certificate (its user
     certificate is clientAuth only), so the peer is checked here: it
-    must be exactly that proxy."""
+    must be exactly that proxy.
 
-    def __init__(self, sock, credentials, delegated):
-        self.sock = sock
+    With `control`, its socket is watched during the handshake: a server
+    that refuses the STOR (a forbidden destination) answers there and
+    never shakes hands, and that answer is the error to report.
+    """
+
+    def __init__(self, sock, credentials, delegated, control=None):
+        self.sock, self.control = sock, control
+        self.preliminary = None         # the 1xx reply, if it came early
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -1771,6 +1945,17 @@ class _DataTLS:
             self.sock.sendall(data)
 
     def _receive(self):
+        if self.control is not None and self.preliminary is None:
+            ready = select.select([self.sock, self.control.sock], [], [],
+                                  self.sock.gettimeout())[0]
+            if not ready:
+                raise socket.timeout("timed out")
+            if self.control.sock in ready:
+                # 4xx/5xx raise here; a 1xx is kept for the caller
+                self.preliminary = self.control.check(self.control.reply(),
+                                                      "1")
+                if self.sock not in ready:
+                    return
         data = self.sock.recv(65536)
         if not data:
             raise EOFError("data connection closed during the handshake")
@@ -1980,6 +2165,20 @@ class _GSIControl:
                                         self.timeout)
 
 
+# --dcau auto: servers that refused DCAU N in this process (host, port).
+# Each costs a whole extra login when N is tried first every time.
+_DCAU_DEMANDED = set()
+
+
+def _gsiftp_quit(control):
+    """QUIT on a logged-in control connection; errors do not matter."""
+    if control is not None and control.protected:
+        try:
+            control.command("QUIT")
+        except (ftplib.Error, ssl.SSLError, OSError, EOFError):
+            pass
+
+
 def upload_gsiftp(url, path, credentials, timeout, dcau="auto", prot="P"):
     """Upload `path` to a gsiftp:// URL (GridFTP with GSI).
 
@@ -1989,7 +2188,9 @@ def upload_gsiftp(url, path, credentials, timeout, dcau="auto", prot="P"):
     "A" authenticated (a proxy is delegated to the server, which presents
     it on the data connection) with `prot` "P" (encrypted) or "C" (clear
     after the handshake); "auto" tries N and, when the server demands
-    protection (534, as with -encrypt-data), starts again with A.
+    protection (534, as with -encrypt-data), starts again with A (and
+    goes straight to A with that server for the rest of the process,
+    until an attempt with A fails).
     Returns the bytes sent, checked with SIZE.
     """
     parts = urllib.parse.urlsplit(url)
@@ -1997,26 +2198,34 @@ def upload_gsiftp(url, path, credentials, timeout, dcau="auto", prot="P"):
     try:
         port = parts.port or 2811
     except ValueError:
-        raise PermanentError("bad port in %s" % one_line(url, 200))
+        raise PermanentError("bad port in %s" % one_line(public_url(url), 200))
     target = urllib.parse.unquote(parts.path)
     if not host or not target or target.endswith("/"):
         raise PermanentError("cannot upload to %s: no host or file name"
-                             % one_line(url, 200))
+                             % one_line(public_url(url), 200))
     dcau = str(dcau).upper()
     if dcau not in ("AUTO", "A", "N"):
         raise PermanentError("unknown DCAU policy %r" % dcau)
     where = "gsiftp %s:%d" % (host, port)
+    mode = dcau
+    if dcau == "AUTO":
+        mode = "A" if (host, port) in _DCAU_DEMANDED else "N"
     try:
         return _gsiftp_put(host, port, target, path, credentials, timeout,
-                           "N" if dcau == "AUTO" else dcau, prot, where)
+                           mode, prot, where)
     except _NeedsDCAU as exc:
         if dcau != "AUTO":
             raise TransientError("%s demands data channel protection (%s) "
                                  "and --dcau is N" % (where, exc))
         log.info("%s demands data channel protection (%s): DCAU A",
                  where, exc)
+        _DCAU_DEMANDED.add((host, port))
         return _gsiftp_put(host, port, target, path, credentials, timeout,
                            "A", prot, where)
+    except Error:
+        if dcau == "AUTO":
+            _DCAU_DEMANDED.discard((host, port))   # next time N first again
+        raise
 
 
 class _NeedsDCAU(Exception):
@@ -2061,11 +2270,14 @@ def _gsiftp_put(host, port, target, path, credentials, timeout, dcau, prot,
                 control.tls.write(("STOR %s\r\n" % target).encode("utf-8"))
                 control._send_line("ENC " + base64.b64encode(
                     control.outgoing.read()).decode("ascii"))
-                channel = _DataTLS(data, credentials, control.delegated)
+                channel = _DataTLS(data, credentials, control.delegated,
+                                   control)
                 if prot == "C":
                     channel.clear_channel()
+                if channel.preliminary is None:
+                    control.check(control.reply(), "1")
+                if prot == "C":
                     channel = data
-                control.check(control.reply(), "1")
             else:
                 control.command("STOR " + target, "1")
                 channel = data
@@ -2081,12 +2293,15 @@ def _gsiftp_put(host, port, target, path, credentials, timeout, dcau, prot,
             data = None
             control.check(control.reply())               # 226
             _ftp_check_size(control, target, sent, where)
-            try:
-                control.command("QUIT")
-            except (ftplib.Error, ssl.SSLError, OSError, EOFError):
-                pass
+            _gsiftp_quit(control)
             return sent
-    except (Error, _NeedsDCAU):
+    except _NeedsDCAU:
+        _gsiftp_quit(control)
+        raise
+    except (ftplib.error_temp, ftplib.error_perm, ftplib.error_reply) as exc:
+        _gsiftp_quit(control)           # the server answered: still in step
+        raise _ftp_error(exc, where)
+    except Error:
         raise
     except (ftplib.Error, ssl.SSLError, ssl.CertificateError, OSError,
             EOFError, ValueError) as exc:
@@ -2113,7 +2328,7 @@ def upload(url, path, credentials, timeout, dcau="auto",
         return upload_ftp(url, path, credentials, timeout,
                           allow_plain=allow_plain)
     raise PermanentError("cannot upload to %r: unsupported scheme"
-                         % one_line(url, 200))
+                         % one_line(public_url(url), 200))
 
 
 # ---------------------------------------------------------------------------
@@ -2354,7 +2569,8 @@ class Worker:
                       allow_plain=self.options.allow_plain_ftp)
         msg.save_state(destination=destination, upload_started=str(started))
         return self._commit(msg, client, destination, path, file_class,
-                            "delivered %d bytes to %s" % (size, destination))
+                            "delivered %d bytes to %s"
+                            % (size, public_url(destination)))
 
     def _resume_commit(self, msg, client, destination, path, file_class):
         """The last attempt uploaded but may not have committed."""
@@ -3065,7 +3281,8 @@ def main(argv=None):
             size = upload(url, path, credentials, o.timeout, dcau=o.dcau,
                           allow_plain=o.allow_plain_ftp)
             sys.stdout.write("uploaded %d bytes to %s in %.2fs\n"
-                             % (size, url, time.monotonic() - started))
+                             % (size, public_url(url),
+                                time.monotonic() - started))
             return 0
         return run_daemon(o)
     except (Error, OSError) as exc:

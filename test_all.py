@@ -1555,14 +1555,25 @@ class FTPSFixture:
       stall         stop answering at command `command` (default STOR)
                     until release()
       short         store one byte less than received (SIZE differs)
-    `stores` counts completed STORs, `connections` control connections.
+      trickle       at command `command` (default STOR) send an endless
+                    multi-line reply, one byte every `interval` s, until
+                    release() or the client goes
+      stall_data    stop reading a STOR's data after `after` bytes until
+                    release()
+    `stores` counts completed STORs, `connections` control connections,
+    `commands` lists every command line received (PASS arguments as
+    "***"), `logins` the (user, password) pairs tried.  With tls=False
+    the server has no TLS, as vsftpd with ssl_enable=NO; `users` maps
+    the only user names accepted to their passwords.
     """
 
     def __init__(self, pki, root, require_reuse=True, cert=None,
-                 implicit=False):
+                 implicit=False, tls=True, users=None):
         self.pki, self.root = pki, root
         self.require_reuse = require_reuse
         self.implicit = implicit          # TLS from the first byte
+        self.tls, self.users = tls, users
+        self.commands, self.logins = [], []
         self.context = pki.server_context(*(cert or ()))
         self.lock = threading.Lock()
         self.injections = []
@@ -1645,14 +1656,24 @@ class FTPSFixture:
                 cmd = cmd.upper()
                 stall = None
                 with self.lock:
+                    self.commands.append(cmd + (" ***" if cmd == "PASS"
+                                                else " " + arg).rstrip())
                     for inj in self.injections:
-                        if inj["kind"] == "stall" and inj["count"] > 0 and \
+                        if inj["kind"] in ("stall", "trickle") and \
+                                inj["count"] > 0 and \
                                 inj["kw"].get("command", "STOR") == cmd:
                             inj["count"] -= 1
                             stall = inj
+                if stall is not None and stall["kind"] == "trickle":
+                    self._trickle(state, stall["kw"].get("interval", 0.1))
+                    return
                 if stall is not None:
                     self.released.wait(TIMEOUT)
                     return
+                if cmd == "AUTH" and not self.tls:
+                    self._reply(state, "530 Please login with USER and "
+                                "PASS.")
+                    continue
                 if cmd == "AUTH":
                     if arg.upper() not in ("TLS", "TLS-C", "SSL"):
                         self._reply(state, "504 AUTH TLS only")
@@ -1666,7 +1687,8 @@ class FTPSFixture:
                     state["conn"] = tls
                     reader = tls.makefile("rb")
                     continue
-                if state["tls"] is None and cmd not in ("QUIT", "FEAT"):
+                if state["tls"] is None and self.tls and \
+                        cmd not in ("QUIT", "FEAT"):
                     self._reply(state, "530 Non-anonymous sessions must use "
                                 "encryption.")
                     continue
@@ -1689,6 +1711,16 @@ class FTPSFixture:
     def _reply(self, state, text):
         state["conn"].sendall((text + "\r\n").encode())
 
+    def _trickle(self, state, interval):
+        # Never a whole reply, always another byte: no read times out.
+        line = b"150-Still working on it\r\n"
+        give_up = time.monotonic() + TIMEOUT     # a client that never ends
+        while time.monotonic() < give_up:
+            for i in range(len(line)):
+                state["conn"].sendall(line[i:i + 1])
+                if self.released.wait(interval):
+                    return
+
     def _cmd_FEAT(self, state, arg):
         self._reply(state, "211-Features:\r\n AUTH TLS\r\n PBSZ\r\n PROT\r\n"
                     " SIZE\r\n EPSV\r\n PASV\r\n211 End")
@@ -1709,7 +1741,11 @@ class FTPSFixture:
         self._reply(state, "331 Please specify the password.")
 
     def _cmd_PASS(self, state, arg):
-        if self._take("refuse_login") is not None:
+        with self.lock:
+            self.logins.append((state["user"], arg))
+        if self._take("refuse_login") is not None or (
+                self.users is not None and
+                self.users.get(state["user"]) != arg):
             self._reply(state, "530 Login incorrect.")
             return
         self._reply(state, "230 Login successful.")
@@ -1805,9 +1841,14 @@ class FTPSFixture:
                     return
             drop = self._take("drop_data")
             short = self._take("short")
+            stall = self._take("stall_data")
             received = 0
             with open(local, "wb") as out:
                 while True:
+                    if stall is not None and \
+                            received >= stall.get("after", 0):
+                        self.released.wait(TIMEOUT)
+                        return
                     block = data.recv(65536)
                     if not block:
                         if isinstance(data, ssl.SSLSocket):
@@ -1841,10 +1882,12 @@ class VsftpdPeer:
 
     Anonymous uploads (no account is created) into `root`/incoming,
     which url() addresses.  Needs root (vsftpd drops to the `ftp`
-    account, which the Debian package creates).
+    account, which the Debian package creates).  Variants: tls=False
+    (ssl_enable=NO), validate_cert=False (a client certificate is still
+    required, but proxies pass), cert=(cert, key) of the server.
     """
 
-    def __init__(self, pki):
+    def __init__(self, pki, tls=True, validate_cert=True, cert=None):
         if not shutil.which("vsftpd"):
             skip_or_fail("vsftpd is not installed")
         if os.geteuid() != 0:
@@ -1868,6 +1911,7 @@ class VsftpdPeer:
         self.log = os.path.join(self.dir, "vsftpd.log")
         pasv = free_port()
         conf = os.path.join(self.dir, "vsftpd.conf")
+        cert, key = cert or (pki.host_cert, pki.host_key)
         with open(conf, "w") as f:
             f.write("\n".join([
                 "listen=YES", "listen_ipv6=NO", "listen_address=127.0.0.1",
@@ -1881,15 +1925,16 @@ class VsftpdPeer:
                 # A range: parallel uploads each need a data port.
                 "pasv_min_port=%d" % pasv,
                 "pasv_max_port=%d" % min(pasv + 100, 65535),
-                "ssl_enable=YES", "ssl_tlsv1=YES", "ssl_sslv2=NO",
+                "ssl_enable=%s" % ("YES" if tls else "NO"),
+                "ssl_tlsv1=YES", "ssl_sslv2=NO",
                 "ssl_sslv3=NO", "allow_anon_ssl=YES",
                 "force_anon_logins_ssl=YES", "force_anon_data_ssl=YES",
                 "require_ssl_reuse=YES",
-                "rsa_cert_file=" + pki.host_cert,
-                "rsa_private_key_file=" + pki.host_key,
+                "rsa_cert_file=" + cert, "rsa_private_key_file=" + key,
                 "ca_certs_file=" + pki.ca_cert,
                 "ssl_request_cert=YES", "require_cert=YES",
-                "validate_cert=YES", "log_ftp_protocol=YES",
+                "validate_cert=%s" % ("YES" if validate_cert else "NO"),
+                "log_ftp_protocol=YES",
                 "vsftpd_log_file=" + self.log, ""]))
         self.proc = subprocess.Popen(["vsftpd", conf],
                                      stdout=subprocess.DEVNULL,
@@ -2126,8 +2171,9 @@ class TestImporterUploads(unittest.TestCase):
         self.assert_drained(h.dump)
 
 
-class TestFTPSUpload(unittest.TestCase):
-    """The ftp:// transport against the real vsftpd and the fixture."""
+class FTPSCase(unittest.TestCase):
+    """What the ftp:// transport tests share: a directory, the host
+    credential, fresh FTPS fixtures."""
 
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="jp-ftps-test-")
@@ -2138,11 +2184,14 @@ class TestFTPSUpload(unittest.TestCase):
                                             self.pki.ca_dir)
 
     def fixture(self, **kw):
-        root = os.path.join(self.dir, "fixture-root")
-        os.makedirs(root, exist_ok=True)
+        root = tempfile.mkdtemp(prefix="root-", dir=self.dir)
         ftps = FTPSFixture(self.pki, root, **kw).start()
         self.addCleanup(ftps.stop)
         return ftps
+
+
+class TestFTPSUpload(FTPSCase):
+    """The ftp:// transport against the real vsftpd and the fixture."""
 
     def test_vsftpd_with_session_reuse_and_client_certificates(self):
         peer = VsftpdPeer(self.pki)
@@ -2307,9 +2356,10 @@ class GridFTPPeer:
     and user DNs to the existing `nobody` account (no account is made);
     uploads go to `root`, a temporary directory owned by nobody, which
     url() addresses.  Needs root (the server setuids per connection).
+    encrypt_data: started with -encrypt-data (DCAU A and PROT P only).
     """
 
-    def __init__(self, pki, extra=(), cert=None):
+    def __init__(self, pki, encrypt_data=False, extra=(), cert=None):
         if not shutil.which("globus-gridftp-server"):
             skip_or_fail("globus-gridftp-server is not installed")
         if os.geteuid() != 0:
@@ -2327,6 +2377,8 @@ class GridFTPPeer:
         self.port = free_port()
         self.log = os.path.join(self.dir, "gridftp.log")
         cert, key = cert or (pki.host_cert, pki.host_key)
+        if encrypt_data:
+            extra = ["-encrypt-data"] + list(extra)
         env = dict(os.environ, X509_CERT_DIR=pki.ca_dir,
                    X509_USER_CERT=cert, X509_USER_KEY=key,
                    GRIDMAP=gridmap, GLOBUS_TCP_PORT_RANGE="50000,50100")
@@ -2355,7 +2407,20 @@ class GridFTPPeer:
         return "gsiftp://localhost:%d%s/%s" % (self.port, self.root,
                                                path.lstrip("/"))
 
+    def sessions(self):
+        """The pids of the per-connection server processes."""
+        return child_pids(self.proc.pid)
+
+    def log_text(self):
+        with open(self.log, errors="replace") as f:
+            return f.read()
+
     def stop(self):
+        for pid in self.sessions():         # stopped ones too
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(TIMEOUT)
@@ -2369,12 +2434,19 @@ class TestGridFTPUpload(unittest.TestCase):
     def setUpClass(cls):
         cls.pki = pki()
         cls.peer = GridFTPPeer(cls.pki)
+        try:
+            cls.secure = GridFTPPeer(cls.pki, encrypt_data=True)
+        except BaseException:
+            cls.peer.stop()
+            raise
 
     @classmethod
     def tearDownClass(cls):
         cls.peer.stop()
+        cls.secure.stop()
 
     def setUp(self):
+        jp_importer._DCAU_DEMANDED.clear()      # --dcau auto starts with N
         self.dir = tempfile.mkdtemp(prefix="jp-gsiftp-test-")
         self.addCleanup(shutil.rmtree, self.dir, True)
         self.proxy = jp_importer.Credentials(self.pki.proxy, self.pki.proxy,
@@ -2432,41 +2504,106 @@ class TestGridFTPUpload(unittest.TestCase):
         self.assertIn("uploaded 5000 bytes", proc.stdout)
         self.assertEqual(sha256_of(os.path.join(self.peer.root, "by/hand")),
                          digest)
+        proc = run([sys.executable, JP_IMPORTER, "-c", self.pki.proxy,
+                    "-C", self.pki.ca_dir, "--dcau", "N", "--upload", path,
+                    self.secure.url("by/hand")])
+        self.assertEqual(proc.returncode, 1)
+        self.assertEqual(len(proc.stderr.strip().splitlines()), 1,
+                         proc.stderr)
+        self.assertIn("--dcau is N", proc.stderr)
+        self.assertFalse(os.path.exists(os.path.join(self.secure.root,
+                                                     "by/hand")))
 
-    def test_dropped_transfer_is_transient_and_retried_whole(self):
-        size, path, digest = payloads(self.dir, (3 * 1024 * 1024,))[0]
-        fifo = os.path.join(self.dir, "slow-source")
+    def fifo_upload(self, peer, target, dcau, timeout):
+        """Upload from a FIFO fed by this test: 1 MB, then, once the
+        returned event is set, more until the upload stops reading.
+        Returns (event, thread, result) when part of the file arrived."""
+        fifo = os.path.join(self.dir, "fifo-" + target.replace("/", "-"))
         os.mkfifo(fifo)
-        result = []
+        more, result = threading.Event(), []
 
         def upload():
             try:
-                jp_importer.upload_gsiftp(self.peer.url("dropped/lb"), fifo,
-                                          self.proxy, 10)
-                result.append(None)
+                result.append(jp_importer.upload_gsiftp(
+                    peer.url(target), fifo, self.proxy, timeout, dcau=dcau))
             except jp_importer.Error as exc:
                 result.append(exc)
-        thread = threading.Thread(target=upload)
-        thread.start()
-        with open(fifo, "wb") as source:
-            source.write(b"x" * 1000000)
-            source.flush()
-            partial = os.path.join(self.peer.root, "dropped/lb")
-            wait_for(lambda: os.path.exists(partial) and
-                     os.path.getsize(partial) > 0, what="a partial upload")
-            # The server process of this connection dies mid-transfer.
-            for pid in child_pids(self.peer.proc.pid):
-                os.kill(pid, signal.SIGKILL)
+
+        def feed():
             try:
-                source.write(b"x" * 1000000)
+                with open(fifo, "wb", buffering=0) as source:
+                    source.write(b"x" * 1000000)
+                    more.wait(TIMEOUT)
+                    for _ in range(200):
+                        source.write(b"x" * 1000000)
             except OSError:
-                pass
-        thread.join(TIMEOUT)
-        self.assertIsInstance(result[0], jp_importer.TransientError)
-        self.assertEqual(jp_importer.upload_gsiftp(
-            self.peer.url("dropped/lb"), path, self.proxy, 10), size)
-        self.assertEqual(sha256_of(os.path.join(self.peer.root,
-                                                "dropped/lb")), digest)
+                pass                    # EPIPE: the upload gave up
+        threads = [threading.Thread(target=upload),
+                   threading.Thread(target=feed)]
+        for thread in threads:
+            thread.daemon = True        # a hung upload fails, not hangs
+            thread.start()
+        partial = os.path.join(peer.root, target)
+        wait_for(lambda: os.path.exists(partial) and
+                 os.path.getsize(partial) > 0, what="a partial upload")
+        return more, threads[0], result
+
+    def test_dropped_transfer_is_transient_and_retried_whole(self):
+        size, path, digest = payloads(self.dir, (3 * 1024 * 1024,))[0]
+        for peer, dcau in ((self.peer, "N"), (self.secure, "A")):
+            with self.subTest(dcau=dcau):
+                target = "dropped-%s/lb" % dcau
+                more, thread, result = self.fifo_upload(peer, target, dcau,
+                                                        10)
+                # The server process of this connection dies mid-transfer.
+                for pid in peer.sessions():
+                    os.kill(pid, signal.SIGKILL)
+                more.set()
+                thread.join(TIMEOUT)
+                self.assertFalse(thread.is_alive())
+                self.assertIsInstance(result[0], jp_importer.TransientError)
+                self.assertEqual(jp_importer.upload_gsiftp(
+                    peer.url(target), path, self.proxy, 10, dcau=dcau), size)
+                self.assertEqual(sha256_of(os.path.join(peer.root, target)),
+                                 digest)
+
+    def test_server_stalled_mid_transfer_times_out(self):
+        for peer, dcau in ((self.peer, "N"), (self.secure, "A")):
+            with self.subTest(dcau=dcau):
+                target = "stalled-%s" % dcau
+                more, thread, result = self.fifo_upload(peer, target, dcau,
+                                                        1)
+                stopped = peer.sessions()
+                self.assertTrue(stopped)
+                for pid in stopped:
+                    os.kill(pid, signal.SIGSTOP)
+                started = time.monotonic()
+                try:
+                    more.set()
+                    thread.join(TIMEOUT)
+                finally:
+                    for pid in stopped:
+                        os.kill(pid, signal.SIGKILL)
+                self.assertFalse(thread.is_alive())
+                self.assertLess(time.monotonic() - started, 10)
+                self.assertIsInstance(result[0], jp_importer.TransientError)
+                self.assertIn("no answer within the time limit",
+                              str(result[0]))
+
+    def test_forbidden_destination_is_permanent(self):
+        # The server's directory is root's: nobody cannot write there.
+        payload = payloads(self.dir, (10,))[0][1]
+        for peer, dcau in ((self.peer, "N"), (self.peer, "A"),
+                           (self.secure, "auto")):
+            with self.subTest(dcau=dcau):
+                url = "gsiftp://localhost:%d%s/forbidden" % (peer.port,
+                                                             peer.dir)
+                with self.assertRaises(jp_importer.PermanentError) as cm:
+                    jp_importer.upload_gsiftp(url, payload, self.proxy, 10,
+                                              dcau=dcau)
+                self.assertIn("Permission denied", str(cm.exception))
+                self.assertFalse(os.path.exists(os.path.join(peer.dir,
+                                                             "forbidden")))
 
     def test_stalled_server_times_out(self):
         listener = socket.socket()
@@ -2519,8 +2656,8 @@ class TestGridFTPUpload(unittest.TestCase):
                                                      "rogue")))
 
     def test_dcau_a_with_delegation_against_encrypt_data(self):
-        secure = GridFTPPeer(self.pki, extra=["-encrypt-data"])
-        self.addCleanup(secure.stop)
+        secure = self.secure
+        start = len(secure.log_text())
         for size, path, digest in payloads(self.dir, UPLOAD_SIZES):
             for name, creds in (("proxy", self.proxy), ("host", self.host)):
                 # auto: DCAU N is refused at PASV (534), then DCAU A.
@@ -2529,16 +2666,47 @@ class TestGridFTPUpload(unittest.TestCase):
                     secure.url(target), path, creds, 30), size)
                 self.assertEqual(sha256_of(os.path.join(secure.root,
                                                         target)), digest)
-        with open(secure.log, errors="replace") as f:
-            log_text = f.read()
-        self.assertIn("534 Data connection auth error", log_text)
-        self.assertIn("[CLIENT]: DCAU A", log_text)
-        self.assertIn("[CLIENT]: PROT P", log_text)
+        log_text = secure.log_text()[start:]
+        # Once refused, DCAU N is not tried again with that server.
+        self.assertEqual(log_text.count("534 Data connection auth error"),
+                         1)
+        self.assertEqual(log_text.count("[CLIENT]: DCAU A"),
+                         2 * len(UPLOAD_SIZES))
+        self.assertEqual(log_text.count("[CLIENT]: PROT P"),
+                         2 * len(UPLOAD_SIZES))
+        self.assertEqual(log_text.count("[CLIENT]: QUIT"),
+                         2 * len(UPLOAD_SIZES) + 1)
         payload = payloads(self.dir, (10,))[0][1]
         with self.assertRaises(jp_importer.TransientError) as cm:
             jp_importer.upload_gsiftp(secure.url("never"), payload,
                                       self.proxy, 10, dcau="N")
         self.assertIn("--dcau is N", str(cm.exception))
+
+    def test_client_capped_at_tls_1_2(self):
+        # Old nodes' OpenSSL: no 0x00 byte after the handshake, the
+        # delegation flag follows the server's Finished at once.
+        class TLS12Credentials(jp_importer.Credentials):
+            def client_context(self):
+                context = jp_importer.Credentials.client_context(self)
+                if hasattr(ssl, "TLSVersion"):                  # novm
+                    context.maximum_version = ssl.TLSVersion.TLSv1_2
+                else:
+                    context.options |= ssl.OP_NO_TLSv1_3
+                return context
+        for size, path, digest in payloads(self.dir, (0, 5000, 1 << 20)):
+            for name, cert, key in (
+                    ("proxy", self.pki.proxy, self.pki.proxy),
+                    ("host", self.pki.host_cert, self.pki.host_key)):
+                creds = TLS12Credentials(cert, key, self.pki.ca_dir)
+                for peer, dcau, prot in ((self.peer, "N", "P"),
+                                         (self.secure, "auto", "P"),
+                                         (self.peer, "A", "C")):
+                    target = "tls12/%s/%s%s/%d" % (name, dcau, prot, size)
+                    self.assertEqual(jp_importer.upload_gsiftp(
+                        peer.url(target), path, creds, 30, dcau=dcau,
+                        prot=prot), size)
+                    self.assertEqual(sha256_of(os.path.join(peer.root,
+                                                            target)), digest)
 
     def test_dcau_a_with_clear_data(self):
         for size, path, digest in payloads(self.dir, UPLOAD_SIZES):
@@ -2608,6 +2776,24 @@ class TestGridFTPUpload(unittest.TestCase):
         for destination in h.jpps.committed:
             self.assertTrue(destination.startswith("gsiftp://localhost:"))
         self.assertFalse(os.path.exists(path) or os.path.exists(archive))
+
+    def test_importer_with_a_proxy_delivers_to_an_encrypt_data_server(self):
+        h = ImporterHarness(self, dest_base=self.secure.url("chain"),
+                            local_root="/")
+        h.cert = h.key = self.pki.proxy
+        jobid, path = write_dump(h, 2, size=300000)
+        digest = sha256_of(path)
+        h.jpps.register(jobid, USER_SUBJECT)
+        drop_message(h.dump, dump_message(jobid, path))
+        start = len(self.secure.log_text())
+        proc = h.once()                         # --dcau auto
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(list(h.jpps.committed.values()), [digest])
+        self.assertIn("demands data channel protection", proc.stderr)
+        log_text = self.secure.log_text()[start:]
+        self.assertIn("[CLIENT]: DCAU A", log_text)
+        self.assertIn("[CLIENT]: PROT P", log_text)
+        self.assertFalse(os.path.exists(path))
 
 
 class TestImporterProcesses(unittest.TestCase):
@@ -3341,6 +3527,170 @@ class TestUploadFiles(unittest.TestCase):
                 os.environ["X509_USER_PROXY"] = old
         self.assertIn("proxy\t%s\n" % self.proxy, read_text(message))
         self.assertNotIn("jpps", read_text(message))
+
+
+# ---- FTPS: fixture, vsftpd peer, transport tests
+#
+# FTPSFixture and VsftpdPeer are defined with the importer upload tests
+# above; these tests cover plain FTP, proxies and certificates at the
+# real vsftpd, time limits, QUIT after refusals and URL credentials.
+
+class TestFTPSTransport(FTPSCase):
+
+    def vsftpd(self, **kw):
+        peer = VsftpdPeer(self.pki, **kw)
+        self.addCleanup(peer.stop)
+        return peer
+
+    def test_plain_server_needs_allow_plain(self):
+        ftps = self.fixture(tls=False)
+        size, path, digest = payloads(self.dir, (300000,))[0]
+        with self.assertRaises(jp_importer.PermanentError) as cm:
+            jp_importer.upload_ftp(ftps.url("p/x"), path, self.host, 10)
+        self.assertIn("refuses TLS (530", str(cm.exception))
+        self.assertIn("--allow-plain-ftp", str(cm.exception))
+        self.assertEqual(ftps.commands, ["AUTH TLS", "QUIT"])
+        with self.assertLogs("jp_importer", "WARNING") as logs:
+            self.assertEqual(jp_importer.upload_ftp(
+                ftps.url("p/x"), path, self.host, 10, allow_plain=True), size)
+        self.assertIn("the upload is not encrypted", logs.output[0])
+        self.assertEqual(sha256_of(ftps.local("p/x")[0]), digest)
+        self.assertNotIn("PROT P", ftps.commands)
+
+    def test_vsftpd_without_tls(self):
+        peer = self.vsftpd(tls=False)
+        size, path, digest = payloads(self.dir, (5000,))[0]
+        with self.assertRaises(jp_importer.PermanentError) as cm:
+            jp_importer.upload_ftp(peer.url("x"), path, self.host, 10)
+        self.assertIn("refuses TLS", str(cm.exception))
+        self.assertFalse(os.path.exists(peer.local("x")))
+        with self.assertLogs("jp_importer", "WARNING"):
+            self.assertEqual(jp_importer.upload_ftp(
+                peer.url("a/b/x"), path, self.host, 10, allow_plain=True),
+                size)
+        self.assertEqual(sha256_of(peer.local("a/b/x")), digest)
+
+    def test_vsftpd_and_proxies(self):
+        proxy = jp_importer.Credentials(self.pki.proxy, self.pki.proxy,
+                                        self.pki.ca_dir)
+        files = payloads(self.dir, UPLOAD_SIZES)
+        # validate_cert=YES: vsftpd does not allow proxy certificates.
+        strict = self.vsftpd()
+        with self.assertRaises(jp_importer.PermanentError) as cm:
+            jp_importer.upload_ftp(strict.url("px"), files[1][1], proxy, 10)
+        self.assertIn("our certificate was refused", str(cm.exception))
+        # validate_cert=NO still requires a certificate; proxies pass,
+        # and the session must be resumed all the same.
+        lax = self.vsftpd(validate_cert=False)
+        for size, path, digest in files:
+            target = "jpps/data/proxy/%d/lb" % size
+            self.assertEqual(jp_importer.upload_ftp(lax.url(target), path,
+                                                    proxy, 30), size)
+            self.assertEqual(sha256_of(lax.local(target)), digest, size)
+        # The price, as the README warns: any certificate will do.
+        rogue = jp_importer.Credentials(self.pki.rogue_cert,
+                                        self.pki.rogue_key, self.pki.ca_dir)
+        jp_importer.upload_ftp(lax.url("rogue"), files[1][1], rogue, 10)
+        self.assertTrue(os.path.exists(lax.local("rogue")))
+
+    def test_vsftpd_untrusted_or_misnamed_server(self):
+        payload = payloads(self.dir, (10,))[0][1]
+        other_ca = os.path.join(self.dir, "other-ca")
+        os.mkdir(other_ca)
+        shutil.copy(self.pki.rogue_ca_cert, os.path.join(other_ca, "r.0"))
+        untrusting = jp_importer.Credentials(self.pki.host_cert,
+                                             self.pki.host_key, other_ca)
+        peer = self.vsftpd()
+        with self.assertRaises(jp_importer.TransientError) as cm:
+            jp_importer.upload_ftp(peer.url("u"), payload, untrusting, 10)
+        self.assertIn("server certificate not accepted", str(cm.exception))
+        self.assertIn("certificate verify failed", str(cm.exception))
+        cert, key = self.pki.issue("vsftpd-other", "/O=Grid/OU=Test/CN=other."
+                                   "example", "serverAuth",
+                                   san="DNS:other.example")
+        misnamed = self.vsftpd(cert=(cert, key))
+        with self.assertRaises(jp_importer.TransientError) as cm:
+            jp_importer.upload_ftp(misnamed.url("m"), payload, self.host, 10)
+        self.assertIn("server certificate not accepted", str(cm.exception))
+        self.assertIn("localhost", str(cm.exception))
+        self.assertFalse(os.path.exists(peer.local("u")) or
+                         os.path.exists(misnamed.local("m")))
+
+    def test_trickling_server_meets_the_overall_deadline(self):
+        ftps = self.fixture()
+        payload = payloads(self.dir, (1000,))[0][1]
+        # A byte every 0.1 s never trips the 0.5 s socket timeout.
+        ftps.inject("trickle", command="STOR", interval=0.1)
+        limit = 3 * 0.5 + 1000.0 / jp_importer.FTP_MIN_RATE
+        started = time.monotonic()
+        with self.assertRaises(jp_importer.TransientError) as cm:
+            jp_importer.upload_ftp(ftps.url("t"), payload, self.host, 0.5)
+        took = time.monotonic() - started
+        self.assertGreaterEqual(took, limit - 0.05)
+        self.assertLess(took, limit + 2)
+        self.assertIn("did not finish within 2s", str(cm.exception))
+
+    def test_stalled_data_connection_times_out(self):
+        ftps = self.fixture()
+        # More than the loopback socket buffers can take in.
+        path = payloads(self.dir, (40 * 1024 * 1024,))[0][1]
+        ftps.inject("stall_data", after=1000000)
+        started = time.monotonic()
+        with self.assertRaises(jp_importer.TransientError) as cm:
+            jp_importer.upload_ftp(ftps.url("s"), path, self.host, 1)
+        self.assertLess(time.monotonic() - started, 1 + 3)
+        self.assertIn("no answer within the time limit", str(cm.exception))
+        ftps.release()
+
+    def test_quit_after_refusals_and_a_dropped_transfer(self):
+        ftps = self.fixture()
+        payload = payloads(self.dir, (500000,))[0][1]
+        for kind, kw, error in (
+                ("refuse_login", {}, jp_importer.PermanentError),
+                ("full", {}, jp_importer.TransientError),
+                ("drop_data", {"after": 100000}, jp_importer.TransientError)):
+            del ftps.commands[:]
+            ftps.inject(kind, **kw)
+            with self.assertRaises(error) as cm:
+                jp_importer.upload_ftp(ftps.url("q/" + kind), payload,
+                                       self.host, 10)
+            self.assertEqual(ftps.commands[-1], "QUIT", kind)
+            if kind == "drop_data":
+                # The server's reason, not just "broken pipe".
+                self.assertIn("426 Failure reading network stream",
+                              str(cm.exception))
+        del ftps.commands[:]
+        jp_importer.upload_ftp(ftps.url("q/ok"), payload, self.host, 10)
+        self.assertEqual(ftps.commands[-3:], ["STOR /q/ok", "SIZE /q/ok",
+                                              "QUIT"])
+        self.assertEqual(ftps.commands[:3], ["AUTH TLS", "PBSZ 0", "PROT P"])
+        self.assertIn("MKD /q", ftps.commands)
+
+    def test_user_and_password_from_the_url(self):
+        ftps = self.fixture(users={"jp@site": "p:ss w/rd"})
+        size, path, digest = payloads(self.dir, (5000,))[0]
+        url = "ftp://jp%%40site:p%%3Ass%%20w%%2Frd@localhost:%d/c/x" % (
+            ftps.port)
+        self.assertEqual(jp_importer.upload_ftp(url, path, self.host, 10),
+                         size)
+        self.assertEqual(ftps.logins, [("jp@site", "p:ss w/rd")])
+        self.assertEqual(sha256_of(ftps.local("c/x")[0]), digest)
+        with self.assertRaises(jp_importer.PermanentError) as cm:
+            jp_importer.upload_ftp(url.replace("w%2Frd", "guess"), path,
+                                   self.host, 10)
+        self.assertIn("530", str(cm.exception))
+        self.assertNotIn("guess", str(cm.exception))
+        # By hand: the password never reaches the output.
+        proc = run([sys.executable, JP_IMPORTER, "-c", self.pki.host_cert,
+                    "-k", self.pki.host_key, "-C", self.pki.ca_dir,
+                    "--upload", path, url.replace("/c/x", "/c/z")])
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("ftp://jp%40site:****@localhost", proc.stdout)
+        self.assertNotIn("ss%20w", proc.stdout + proc.stderr)
+        # No user in the URL: anonymous; the certificate is the credential.
+        ftps.users = None
+        jp_importer.upload_ftp(ftps.url("c/y"), path, self.host, 10)
+        self.assertEqual(ftps.logins[-1][0], "anonymous")
 
 
 def run_demo(out=sys.stdout):

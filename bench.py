@@ -84,16 +84,51 @@ def median_of(runs, func):
                 for k in results[0])
 
 
+# Linux keeps a process's peak RSS across exec, so a command started
+# straight from this (large) process would report at least our own peak.
+# This small trampoline forks the command instead and reports the
+# command's own figures, and the time from fork to exit, on file
+# descriptor argv[1].
+TRAMPOLINE = """import os, sys, time
+report = int(sys.argv[1])
+started = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+os.write(report, b"%d %d %r" % (status, usage.ru_maxrss,
+                                time.perf_counter() - started))
+"""
+
+
 def child_run(cmd, **kw):
-    """Run cmd; return (seconds, peak RSS in MB of that child alone)."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd, **kw)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
-    elapsed = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise RuntimeError("%s exited with %d" % (cmd[:3], proc.returncode))
-    return elapsed, usage.ru_maxrss / 1024.0
+    """Run cmd; return (seconds, peak RSS in MB of that command alone)."""
+    read_end, write_end = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", TRAMPOLINE, str(write_end)] + list(cmd),
+            pass_fds=(write_end,), **kw)
+        os.close(write_end)
+        write_end = None
+        with os.fdopen(read_end, "rb") as report:
+            read_end = None
+            figures = report.read().split()
+        proc.wait()
+    finally:
+        for fd in (read_end, write_end):
+            if fd is not None:
+                os.close(fd)
+    if proc.returncode != 0 or len(figures) != 3:
+        raise RuntimeError("%s: the trampoline failed" % (cmd[:3],))
+    status, maxrss, elapsed = int(figures[0]), int(figures[1]), \
+        float(figures[2])
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
+    if code != 0:
+        raise RuntimeError("%s exited with %d" % (cmd[:3], code))
+    return elapsed, maxrss / 1024.0
 
 
 # ---------------------------------------------------------------------------

@@ -64,7 +64,7 @@ DEFAULT_STORE = "/tmp"                   # DUMP_FILE_STORE_PREFIX
 DEFAULT_MAILDIR = "/tmp/dumpinfo_lbmd"   # LB_MAILDIR_PATH
 SUBDIRS = ("tmp", "new", "work", "post", "undeliverable")
 
-CHUNK = 4 * 1024 * 1024          # read size: the loop works on big blocks
+CHUNK = 1024 * 1024              # read size: the loop works on big blocks
 MAX_LINE = 4 * 1024 * 1024       # a longer "line" is not an LB event
 FINGERPRINT_BYTES = 1024 * 1024  # the dump id hashes this much of the input
 # A batch of finished jobs is made durable with one sync and then
@@ -75,7 +75,7 @@ BATCH_SECONDS = 2.0
 SYNC_EACH_BELOW = 16             # fewer files than this: fsync each one
 MAX_OPEN_FILES = 200             # -x: per-job descriptors kept open
 JOB_BUFFER = 256 * 1024          # lines of a job written in one go
-MIXED_BUFFER = 32 * 1024 * 1024  # -x: at most this much buffered in all
+MIXED_BUFFER = 16 * 1024 * 1024  # -x: at most this much buffered in all
 KNOWN_JOBIDS = 10000             # parsed jobids remembered (-x mostly)
 MAX_SAFE_NAME = 120
 

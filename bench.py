@@ -396,7 +396,8 @@ def bench_end_to_end(table, quick, runs):
                     "-k", p.host_key, "-C", p.ca_dir, "-p", jpps.url,
                     "-r", md["reg"], "-d", md["dump"], "-s", md["sandbox"],
                     "-D", "4", "-t", "0.05", "-i",
-                    os.path.join(run_dir, "pid")], stdout=log, stderr=log)
+                    os.path.join(run_dir, "pid"), "--files-in",
+                    os.path.join(run_dir, "store")], stdout=log, stderr=log)
                 try:
                     started = time.time()
                     subprocess.check_call([

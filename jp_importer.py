@@ -41,6 +41,10 @@ New options (long only):
   --upload FILE URL       upload one file by hand with the importer's
                           credentials (checks a site's JPPS storage)
   --dcau auto|N|A         gsiftp data channel protection (default: auto)
+  --files-in DIR          a directory dump and sandbox files may lie in
+                          (repeatable; default: %(exporter_store)s,
+                          the store lb_dump_exporter uses by default);
+                          the sandbox maildir's spool/ is always allowed
   --allow-plain-ftp       allow ftp:// destinations without TLS
   --version               print the version and exit
 
@@ -95,6 +99,11 @@ DEFAULT_REG_MDIR = "/var/glite/jpreg"
 DEFAULT_DUMP_MDIR = "/var/glite/jpdump"
 DEFAULT_SANDBOX_MDIR = "/var/glite/jpsandbox"
 DEFAULT_CA_DIR = "/etc/grid-security/certificates"
+# Where lb_dump_exporter puts dumps by default: its private subdirectory
+# of the original's /tmp store.  A message naming a file elsewhere is
+# refused unless --files-in allows the directory (the original would
+# upload /etc/shadow if a message named it).
+DEFAULT_EXPORTER_STORE = "/tmp/lb_dump_exporter.%d"
 DEFAULT_POLL = 2.0
 MAX_DUMP_WORKERS = 20                       # PID_POOL_SIZE of the original
 
@@ -2362,6 +2371,7 @@ class Worker:
         self.not_before = {}
         self.stop_requested = False
         self.reload_requested = False
+        self.file_directories = file_directories(options)
         self.deliver = {KIND_REG: self.deliver_registration,
                         KIND_DUMP: self.deliver_dump,
                         KIND_SANDBOX: self.deliver_sandbox}[kind]
@@ -2668,7 +2678,15 @@ class Worker:
         return True
 
     def check_file(self, path):
-        """The file a message names must be ours and a regular file."""
+        """The file a message names must be ours, a regular file, and in
+        one of the directories files may come from (--files-in)."""
+        where = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+        if not any(where == d or where.startswith(d.rstrip(os.sep) + os.sep)
+                   for d in self.file_directories):
+            raise PermanentError(
+                "file %s is outside the directories files may come from "
+                "(%s); see --files-in" % (path, ", ".join(
+                    self.file_directories)))
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -3066,7 +3084,8 @@ LONGOPTS = ["help", "cert=", "key=", "CAdir=", "debug", "jpps=",
             "reg-mdir=", "dump-mdir=", "dump-slaves=", "sandbox-mdir=",
             "pidfile=", "poll=", "store=", "once", "status", "requeue",
             "retry=", "give-up=", "timeout=", "log=", "upload", "dcau=",
-            "allow-plain-ftp", "allow-shared-dirs", "version"]
+            "allow-plain-ftp", "allow-shared-dirs", "files-in=",
+            "version"]
 
 
 def default_pidfile():
@@ -3097,6 +3116,7 @@ class Options:
         self.dcau = "auto"
         self.allow_plain_ftp = False
         self.allow_shared_dirs = False
+        self.files_in = []
         self.help = self.version = False
         self.args = []
 
@@ -3148,6 +3168,10 @@ def parse_args(argv):
             o.give_up = _number(opt, arg, 0, 10 * 365 * 86400)
         elif opt == "--timeout":
             o.timeout = _number(opt, arg, 0.1, 86400)
+        elif opt == "--files-in":
+            if not arg:
+                raise getopt.GetoptError("--files-in needs a directory")
+            o.files_in.append(os.path.abspath(arg))
         elif opt == "--dcau":
             if arg not in ("auto", "N", "A"):
                 raise getopt.GetoptError("--dcau must be auto, N or A")
@@ -3175,7 +3199,15 @@ def usage(stream):
         "reg": DEFAULT_REG_MDIR, "dump": DEFAULT_DUMP_MDIR,
         "sandbox": DEFAULT_SANDBOX_MDIR, "maxdump": MAX_DUMP_WORKERS,
         "pidfile": default_pidfile(), "poll": "%g" % DEFAULT_POLL,
-        "giveup": GIVE_UP, "timeout": CALL_TIMEOUT})
+        "giveup": GIVE_UP, "timeout": CALL_TIMEOUT,
+        "exporter_store": DEFAULT_EXPORTER_STORE % os.geteuid()})
+
+
+def file_directories(o):
+    """The directories dump and sandbox files may lie in (resolved)."""
+    dirs = list(o.files_in) or [DEFAULT_EXPORTER_STORE % os.geteuid()]
+    dirs.append(os.path.join(o.sandbox_mdir, "spool"))
+    return [os.path.realpath(d) for d in dirs]
 
 
 def open_maildirs(o, create=True):

@@ -1173,7 +1173,8 @@ class ImporterHarness:
         return ["-c", self.cert, "-k", self.key, "-C", self.pki.ca_dir,
                 "-p", self.jpps.url, "-r", self.reg, "-d", self.dump,
                 "-s", self.sandbox, "-i", self.pidfile, "-t", "0.05",
-                "--timeout", "5", "--retry", "0"] + list(extra)
+                "--timeout", "5", "--retry", "0", "--files-in", self.dir
+                ] + list(extra)
 
     def once(self, *extra, **kw):
         proc = run([sys.executable, JP_IMPORTER, "--once"]
@@ -2090,6 +2091,44 @@ class TestImporterUploads(unittest.TestCase):
         self.assertEqual(listing(h.dump, "undeliverable"), [name])
         self.assertIn("no longer exists", h.state(h.dump, name)["reason"])
         self.assertEqual(h.jpps.calls, [])
+
+    def test_files_that_must_not_be_uploaded(self):
+        """A message may only name a regular file of ours, in a directory
+        files may come from (--files-in, the sandbox spool)."""
+        h = upload_harness(self)
+        outside = tempfile.mkdtemp(prefix="jp-outside-")
+        self.addCleanup(shutil.rmtree, outside, True)
+        secret = os.path.join(outside, "shadow")
+        with open(secret, "w") as f:
+            f.write("root:secret\n")
+        jobid, path = write_dump(h, 4)
+        link = path + ".link"
+        os.symlink(secret, link)
+        other = path + ".other"
+        shutil.copy(path, other)
+        os.chown(other, 65534, 65534)
+        fifo = path + ".fifo"
+        os.mkfifo(fifo)
+        cases = {secret: "outside the directories files may come from",
+                 "/dev/null": "outside the directories files may come from",
+                 h.path("..", os.path.basename(h.dir) + "-x", "f"):
+                     "outside the directories files may come from",
+                 link: "symbolic link", other: "owned by uid 65534",
+                 fifo: "not a regular file"}
+        names = dict((drop_message(h.dump, dump_message(jobid, target)),
+                      reason) for target, reason in cases.items())
+        proc = h.once()
+        self.assertNotIn("Traceback", proc.stderr)
+        self.assertEqual(sorted(listing(h.dump, "undeliverable")),
+                         sorted(names))
+        for name, reason in names.items():
+            self.assertIn(reason, h.state(h.dump, name)["reason"])
+        self.assertEqual(h.jpps.calls, [])
+        # The same dump, once its directory is allowed, goes through.
+        drop_message(h.dump, dump_message(jobid, secret))
+        h.jpps.register(jobid, USER_SUBJECT)
+        h.once("--files-in", outside)
+        self.assertEqual(len(h.jpps.committed), 1)
 
     def test_sandbox_start_upload_fault_is_retried(self):
         h = upload_harness(self)
@@ -3360,7 +3399,8 @@ class TestUploadFiles(unittest.TestCase):
             mode = os.stat(os.path.join(self.maildir, sub)).st_mode
             self.assertEqual(stat.S_IMODE(mode), 0o700, sub)
         # jp_importer reads it as it is written.
-        fields = jp_importer.parse_keyed(open(message, "rb").read())
+        with open(message, "rb") as f:
+            fields = jp_importer.parse_keyed(f.read())
         self.assertEqual(fields["jobid"],
                          "https://lb.example.org:9000/rReV1TpJ5oY0Z1_M4NBfHw")
         self.assertEqual(fields["jpps"], "jp.example.org:8901")
@@ -3756,7 +3796,7 @@ def run_demo(out=sys.stdout):
         args = [sys.executable, JP_IMPORTER, "--once", "-c", p.host_cert,
                 "-k", p.host_key, "-C", p.ca_dir, "-p", jpps.url,
                 "-r", reg, "-d", dump, "-s", sandbox, "--retry", "0",
-                "--timeout", "10", "-t", "0.1"]
+                "--timeout", "10", "-t", "0.1", "--files-in", store]
         for attempt in (1, 2, 3):
             proc = run(args)
             for line in proc.stderr.splitlines():

@@ -2565,27 +2565,52 @@ class Worker:
             return "delivered (committed by an earlier attempt)"
         pending = msg.state.get("destination")
         if pending:
-            return self._resume_commit(msg, client, pending, path,
-                                       file_class)
+            result = self._resume(msg, client, pending, path, file_class)
+            if result is not None:
+                return result
         self.check_file(path)
+        started = time.time()
         destination = self.start_upload(msg, client, fields["jobid"], path,
                                         file_class, content_type, failsafe)
         if destination is None:
             self.finish_file(path, file_class)
             return "already stored at the JPPS (StartUpload EEXIST)"
-        started = time.time()
+        # Recorded before the transfer: after a failed transfer or a crash
+        # the next attempt sends the file again to the same destination
+        # while the JPPS holds it open, instead of meeting EEXIST from a
+        # second StartUpload and waiting the deadline out.
+        msg.save_state(destination=destination, upload_started=str(started),
+                       uploading="1")
+        return self._upload_and_commit(msg, client, destination, path,
+                                       file_class)
+
+    def _upload_and_commit(self, msg, client, destination, path, file_class):
         size = upload(destination, path, self.credentials,
                       self.options.timeout, dcau=self.options.dcau,
                       allow_plain=self.options.allow_plain_ftp)
-        msg.save_state(destination=destination, upload_started=str(started))
+        msg.save_state(uploading=None)
         return self._commit(msg, client, destination, path, file_class,
                             "delivered %d bytes to %s"
                             % (size, public_url(destination)))
 
-    def _resume_commit(self, msg, client, destination, path, file_class):
-        """The last attempt uploaded but may not have committed."""
-        return self._commit(msg, client, destination, path, file_class,
-                            "delivered (committed an interrupted upload)")
+    def _resume(self, msg, client, destination, path, file_class):
+        """An earlier attempt got a destination; None: start over.
+
+        Uploaded (no `uploading` mark; also the state an older version
+        wrote): commit.  Not known to be uploaded: upload again, from
+        byte 0, while the JPPS surely still holds the upload open.
+        """
+        if not msg.state.get("uploading"):
+            return self._commit(msg, client, destination, path, file_class,
+                                "delivered (committed an interrupted "
+                                "upload)")
+        started = float(msg.state.get("upload_started") or 0)
+        if time.time() - started < UPLOAD_DEADLINE - 60:
+            self.check_file(path)
+            return self._upload_and_commit(msg, client, destination, path,
+                                           file_class)
+        msg.save_state(destination=None, upload_started=None, uploading=None)
+        return None
 
     def _commit(self, msg, client, destination, path, file_class, result):
         """CommitUpload; an ENOENT answer may mean it was done already.
@@ -2604,7 +2629,8 @@ class Worker:
             started = float(msg.state.get("upload_started") or 0)
             if fault.code != errno.ENOENT or \
                     time.time() - started > UPLOAD_DEADLINE - 60:
-                msg.save_state(destination=None, upload_started=None)
+                msg.save_state(destination=None, upload_started=None,
+                               uploading=None)
                 raise
             result = "delivered (the JPPS had the commit already)"
         msg.save_state(committed="1", destination=None, upload_started=None)

@@ -2201,11 +2201,33 @@ class TestImporterUploads(unittest.TestCase):
         self.assertEqual(listing(h.dump, "post"), [name])
         self.assertIn("452", h.state(h.dump, name)["last_error"])
         self.assertTrue(os.path.exists(path))
-        # The JPPS still holds the first upload until its deadline: the
-        # next attempt waits it out (EEXIST), then StartUpload again.
+        # The JPPS holds the upload open until its deadline: the next
+        # attempt sends the file again to the same destination (a second
+        # StartUpload would meet EEXIST and have to wait the deadline out).
+        h.once()
+        self.assertEqual(len(h.jpps.ops("StartUpload")), 1)
+        self.assertEqual(len(h.jpps.committed), 1)
+        self.assert_drained(h.dump)
+
+    def test_unfinished_upload_past_the_deadline_starts_over(self):
+        h = upload_harness(self)
+        jobid, path = write_dump(h, 7)
+        h.jpps.register(jobid, USER_SUBJECT)
+        name = drop_message(h.dump, dump_message(jobid, path))
+        h.ftps.inject("drop_data", after=100)
+        h.once()
+        state = h.state(h.dump, name)
+        self.assertEqual(state["uploading"], "1")
+        # Too late to finish that upload before the JPPS drops it: the
+        # attempt starts over with StartUpload, once the JPPS has expired
+        # the old upload (until then it answers EEXIST).
+        m = jp_importer.Maildir(h.dump).init()
+        state["upload_started"] = str(time.time() - 250)
+        m.write_state(name, state)
         for f in h.jpps.files.values():
             f["deadline"] = 0
         h.once()
+        self.assertEqual(len(h.jpps.ops("StartUpload", "ok")), 2)
         self.assertEqual(len(h.jpps.committed), 1)
         self.assert_drained(h.dump)
 

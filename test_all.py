@@ -26,6 +26,7 @@ import io
 import logging
 import os
 import queue
+import random
 import re
 import shutil
 import signal
@@ -3004,6 +3005,155 @@ class TestImporterProcesses(unittest.TestCase):
 DEMO_SAMPLE = os.path.join(REFERENCE, "samples", "sample_job_waiting")
 DEMO_JOBID = "https://scientific.civ.zcu.cz:9200/1Yjk3Wlaspl07y45iX8Tng"
 DEMO_OWNER = "/O=CESNET/O=Masaryk University/CN=Ales Krenek"
+
+
+# ---------------------------------------------------------------------------
+# Reliability: SIGKILL at random moments, nothing lost
+# ---------------------------------------------------------------------------
+
+# JP_TEST_SOAK=1: the long mode of the reliability tests (more messages,
+# more kills); the default sizes already meet the documented minimum.
+SOAK = os.environ.get("JP_TEST_SOAK") == "1"
+SOAK_SCALE = 5 if SOAK else 1
+
+
+def report_figures(name, figures):
+    """Print a reliability test's figures (for the README) with -v."""
+    if VERBOSE or SOAK:
+        sys.stderr.write("\n  %s: %s\n" % (name, ", ".join(
+            "%s %s" % (k, v) for k, v in figures)))
+
+
+class TestKillsLoseNothing(unittest.TestCase):
+    """SIGKILL of workers and of the whole importer, again and again."""
+
+    def advance_past_upload_deadlines(self, h):
+        """Move the clock past the JPPS upload deadline, for both sides.
+
+        A crash between the StartUpload answer and the state write leaves
+        an upload open at the JPPS that the importer cannot resume: the
+        retry meets EEXIST and waits out the deadline (300 s) before it
+        may count the file as stored or start over.  Instead of waiting,
+        the JPPS fixture expires its open uploads and the waiting
+        messages' clocks are set back; returns how many were waiting.
+        """
+        with h.jpps.lock:
+            for f in h.jpps.files.values():
+                if f["state"] == "uploading":
+                    f["deadline"] = 0
+        waiting = 0
+        for maildir in (h.dump, h.sandbox):
+            md = jp_importer.Maildir(maildir)
+            for name in listing(maildir, "post"):
+                state = md.read_state(name)
+                if state.get("eexist_since"):
+                    waiting += 1
+                    state["eexist_since"] = str(time.time() - 400)
+                    state["next_retry"] = "0"
+                    md.write_state(name, state)
+        return waiting
+
+    def test_sigkill_storm_over_a_mixed_workload(self):
+        rng = random.Random(8)
+        h = upload_harness(self)
+        counts = {"reg": 1500 * SOAK_SCALE, "dump": 400 * SOAK_SCALE,
+                  "sandbox": 100 * SOAK_SCALE}
+        kills_wanted = 52 * SOAK_SCALE
+        os.makedirs(h.path("lbexport"), mode=0o700)
+        os.makedirs(h.path("sandbox", "spool"), mode=0o700, exist_ok=True)
+        digests = {}
+        messages = []
+        for n in range(counts["reg"]):
+            messages.append((h.reg, registration(n)))
+        for n in range(counts["dump"]):
+            jobid, path = write_dump(h, n, size=rng.randrange(100, 20000))
+            h.jpps.register(jobid, USER_SUBJECT)
+            digests[jobid] = sha256_of(path)
+            messages.append((h.dump, dump_message(jobid, path)))
+        for n in range(counts["sandbox"]):
+            jobid = "https://lb.example.org:9000/sandbox%05d" % n
+            h.jpps.register(jobid, USER_SUBJECT)
+            archive = h.path("sandbox", "spool", "%05d.tar" % n)
+            with open(archive, "wb") as f:
+                f.write(os.urandom(rng.randrange(100, 30000)))
+            digests[jobid] = sha256_of(archive)
+            messages.append((h.sandbox, (
+                "jobid\t%s\nfile\t%s\nproxy\t%s\n"
+                % (jobid, archive, h.pki.proxy)).encode()))
+        rng.shuffle(messages)
+
+        def start():
+            proc = h.start("-D", "4")
+            h.workers(proc, 6)
+            return proc
+
+        # The messages arrive in waves; after each wave, a kill at a
+        # random moment: a random worker (the master starts another), or
+        # the whole importer (started again).
+        proc = start()
+        waves = kills_wanted
+        per_wave = len(messages) // waves + 1
+        kills = {"worker": 0, "importer": 0}
+        wave = 0
+        while sum(kills.values()) < kills_wanted:
+            for maildir, data in messages[wave * per_wave:
+                                          (wave + 1) * per_wave]:
+                drop_message(maildir, data)
+            wave += 1
+            time.sleep(rng.uniform(0.0, 0.15))   # a random moment, not a wait
+            if rng.random() < 0.25:
+                for pid in [proc.pid] + child_pids(proc.pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                proc.wait(TIMEOUT)
+                kills["importer"] += 1
+                proc = start()
+            else:
+                # The master restarts a worker that died young after a
+                # growing delay (a crash loop must not spin): kill one of
+                # those alive, and go on.
+                workers = child_pids(proc.pid)
+                if workers:
+                    os.kill(rng.choice(workers), signal.SIGKILL)
+                    kills["worker"] += 1
+        for maildir, data in messages[wave * per_wave:]:
+            drop_message(maildir, data)
+
+        def undelivered():
+            return sum(len(listing(m, sub)) for m in (h.reg, h.dump,
+                                                      h.sandbox)
+                       for sub in ("new", "work"))
+        wait_for(lambda: undelivered() == 0, timeout=120 * SOAK_SCALE,
+                 what="the queues drained")
+        self.assertEqual(h.stop(proc), 0)
+        waited = self.advance_past_upload_deadlines(h)
+        h.once()
+
+        registered = set(c.get("job") for c in h.jpps.ops("RegisterJob",
+                                                          "ok"))
+        self.assertEqual(len(registered), counts["reg"])
+        self.assertEqual(sorted(h.jpps.committed.values()),
+                         sorted(digests.values()))
+        for maildir in (h.reg, h.dump, h.sandbox):
+            for sub in ("new", "work", "post", "undeliverable"):
+                self.assertEqual(listing(maildir, sub), [], (maildir, sub))
+        self.assertEqual(os.listdir(h.path("lbexport")), [])
+        self.assertEqual(os.listdir(h.path("sandbox", "spool")), [])
+        self.assertNotIn("Traceback", h.output())
+        # Duplicates: calls repeated because a crash hid their outcome.
+        repeated_registrations = len(h.jpps.ops("RegisterJob")) - \
+            counts["reg"]
+        repeated_uploads = len(h.jpps.ops("StartUpload")) - len(digests)
+        report_figures("importer kills", [
+            ("messages", len(messages)), ("kills of a worker",
+                                          kills["worker"]),
+            ("kills of the whole importer", kills["importer"]),
+            ("lost", 0), ("delivered twice", 0),
+            ("RegisterJob repeated", repeated_registrations),
+            ("StartUpload repeated", repeated_uploads),
+            ("deadline waits", waited)])
 
 
 # ---------------------------------------------------------------------------

@@ -116,6 +116,7 @@ GIVE_UP = 5 * 86400.0       # the original's 50-60 min lost every message of
                             # a longer JPPS outage
 JITTER = 0.2                # +-20 % on every retry delay
 STALE_TMP_AGE = 86400.0     # a lone master copy older than this is requeued
+ORPHAN_ARCHIVE_AGE = 86400.0  # a spool/ tarball no message names, removed
 UPLOAD_DEADLINE = 300.0     # the JPPS purges unfinished uploads after this
 COMMIT_BEFORE = 1000        # seconds asked for in StartUpload (ignored by
                             # the JPPS, sent as the original did)
@@ -1139,6 +1140,54 @@ class Maildir:
             log.warning("%s: tmp/%s was left alone since %s; queued again",
                         self.root, name, format_time(st.st_mtime))
         return count
+
+    def remove_orphan_archives(self, age=ORPHAN_ARCHIVE_AGE, now=None):
+        """Remove tarballs in spool/ that no message names.
+
+        jp_upload_files writes the archive, then its message; killed in
+        between, it leaves an archive nobody will upload (its caller saw
+        it fail).  Only files older than `age` are looked at, and the
+        messages are read only when there is such a file.
+        """
+        now = time.time() if now is None else now
+        spool = self.paths["spool"]
+        candidates = set()
+        for name in self.names("spool"):
+            path = os.path.join(spool, name)
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode) and now - st.st_mtime > age:
+                candidates.add(path)
+        if not candidates:
+            return 0
+        for sub in SUBDIRS:
+            for name in self.names(sub):
+                try:
+                    fd = os.open(self.path(sub, name), os.O_RDONLY |
+                                 os.O_NOFOLLOW | os.O_NONBLOCK)
+                except OSError:
+                    continue
+                try:
+                    if stat.S_ISREG(os.fstat(fd).st_mode):
+                        data = os.read(fd, MAX_MESSAGE)
+                        named = parse_keyed(data)["file"]
+                        candidates.discard(os.path.normpath(named))
+                except MalformedMessage:
+                    # Quarantined, maybe to be repaired: keep what it names.
+                    for path in [c for c in candidates
+                                 if os.fsencode(c) in data]:
+                        candidates.discard(path)
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+        for path in sorted(candidates):
+            unlink_quietly(path)
+            log.warning("%s: removed %s: no message names it (its writer "
+                        "died before writing the message)", self.root, path)
+        return len(candidates)
 
     def remove_stale_state(self):
         """Remove state files whose message is gone everywhere."""
@@ -2920,6 +2969,7 @@ class Master:
             try:
                 maildir.requeue_stale_tmp()
                 maildir.remove_stale_state()
+                maildir.remove_orphan_archives()
             except OSError as exc:
                 log.error("%s: housekeeping failed: %s", maildir.root, exc)
 

@@ -1426,6 +1426,28 @@ class TestImporterMaildir(unittest.TestCase):
         self.assertIn("writable by group or others", str(cm.exception))
         jp_importer.Maildir(self.root).init(allow_shared=True)
 
+    def test_orphan_archives_in_the_spool_are_removed(self):
+        spool = os.path.join(self.root, "spool")
+        os.mkdir(spool, 0o700)
+        archives = {}
+        for what in ("queued", "quarantined", "orphan", "fresh orphan"):
+            path = os.path.join(spool, what.replace(" ", "-") + ".tar")
+            with open(path, "wb") as f:
+                f.write(b"tar")
+            if what != "fresh orphan":
+                os.utime(path, (time.time() - 2 * 86400,) * 2)
+            archives[what] = path
+        drop_message(self.root, ("jobid\thttps://lb.example.org:9000/a\n"
+                                 "file\t%s\n" % archives["queued"]).encode())
+        name = drop_message(self.root, (
+            "jobid\thttps://lb.example.org:9000/b\nfile\t%s\nfile\tx\n"
+            % archives["quarantined"]).encode())
+        os.rename(os.path.join(self.root, "new", name),
+                  os.path.join(self.root, "undeliverable", name))
+        self.assertEqual(self.md.remove_orphan_archives(), 1)
+        self.assertEqual(sorted(os.listdir(spool)), [
+            "fresh-orphan.tar", "quarantined.tar", "queued.tar"])
+
 
 # ---------------------------------------------------------------------------
 # jp_importer: the daemon, end to end
@@ -3052,6 +3074,109 @@ class TestKillsLoseNothing(unittest.TestCase):
                     state["next_retry"] = "0"
                     md.write_state(name, state)
         return waiting
+
+    def test_upload_files_killed_at_random_moments(self):
+        rng = random.Random(6)
+        work = tempfile.mkdtemp(prefix="jp-upload-kills-")
+        self.addCleanup(shutil.rmtree, work, True)
+        maildir = os.path.join(work, "jpsandbox")
+        inputs = []
+        for n in range(3):
+            path = os.path.join(work, "file%d" % n)
+            with open(path, "wb") as f:
+                f.write(os.urandom(rng.randrange(1, 3 << 20)))
+            inputs.append(path)
+        kills, runs = 0, 0
+        while kills < 12 * SOAK_SCALE:
+            cmd = [sys.executable, JP_UPLOAD_FILES, "-j",
+                   "https://lb.example.org:9000/kill%04d" % runs, "-m",
+                   maildir, "-p", pki().proxy] + inputs
+            runs += 1
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(0.0, 0.2))    # a random moment, not a wait
+            if proc.poll() is None:
+                proc.kill()
+                kills += 1
+            proc.wait(TIMEOUT)
+            if proc.returncode != 0:        # killed: the user runs it again
+                self.assertEqual(run(cmd).returncode, 0)
+        # One message per request, each naming a complete archive.  A run
+        # killed after writing its message in tmp/ but before linking it
+        # into new/ left a complete request there: the importer queues
+        # such a lone copy after a day (a second request for the job,
+        # which the JPPS answers EEXIST: stored once).
+        jobids, named = [], set()
+        for sub in ("new", "tmp"):
+            for name in listing(maildir, sub):
+                path = os.path.join(maildir, sub, name)
+                if sub == "tmp" and os.stat(path).st_nlink > 1:
+                    continue                   # the master copy of new/
+                with open(path, "rb") as f:
+                    fields = jp_importer.parse_keyed(f.read())
+                if sub == "new":
+                    jobids.append(fields["jobid"])
+                named.add(fields["file"])
+                with tarfile.open(fields["file"]) as tar:
+                    members = tar.getmembers()
+                    self.assertEqual(len(members), len(inputs))
+                    for member, source in zip(members, inputs):
+                        self.assertEqual(hashlib.sha256(tar.extractfile(
+                            member).read()).hexdigest(), sha256_of(source))
+        # A run killed after publishing, and run again, made two requests.
+        self.assertEqual(set(jobids), set(
+            "https://lb.example.org:9000/kill%04d" % n for n in range(runs)))
+        twice = len(jobids) - runs
+        lone = len(listing(maildir, "tmp")) - len(jobids)
+        # Archives of killed runs that no message names: the importer's
+        # housekeeping removes them once they are a day old.
+        spool = os.path.join(maildir, "spool")
+        orphans = set(os.path.join(spool, n) for n in os.listdir(spool)) \
+            - named
+        for path in orphans:
+            os.utime(path, (time.time() - 2 * 86400,) * 2)
+        self.assertEqual(jp_importer.Maildir(maildir).init()
+                         .remove_orphan_archives(), len(orphans))
+        self.assertEqual(set(os.path.join(spool, n)
+                             for n in os.listdir(spool)), named)
+        report_figures("jp_upload_files kills", [
+            ("runs", runs), ("killed", kills), ("lost", 0),
+            ("requests made twice", twice),
+            ("complete requests left in tmp/", lone),
+            ("orphan archives removed", len(orphans))])
+
+    def test_exporter_killed_at_random_moments(self):
+        rng = random.Random(7)
+        for mode, interleave in (("grouped", 1), ("-x", 40)):
+            x = ExporterRun(self)
+            table, data = generated_dump(3000 * SOAK_SCALE, per_job=3,
+                                         interleave=interleave, pad=300)
+            dump = x.dump_file(data)
+            args = ["-q", "-d", dump] + (["-x"] if interleave > 1 else [])
+            announced, kills = {}, 0
+            for attempt in range(12 * SOAK_SCALE):
+                proc = subprocess.Popen(x.args(*args),
+                                        stderr=subprocess.DEVNULL)
+                time.sleep(rng.uniform(0.0, 0.5))  # a random moment, not a wait
+                if proc.poll() is not None:
+                    proc.wait()
+                    break
+                proc.kill()
+                proc.wait(TIMEOUT)
+                kills += 1
+                # What is published names complete files, once per job,
+                # and stays as it was announced.
+                for jobid, (_, name, _) in x.assert_exported(
+                        table, complete=False).items():
+                    self.assertEqual(announced.setdefault(jobid, name), name)
+            final = x.run(*args)
+            self.assertEqual(final.returncode, 0, final.stderr)
+            for jobid, (_, name, _) in x.assert_exported(table).items():
+                self.assertEqual(announced.setdefault(jobid, name), name)
+            self.assertGreaterEqual(kills, 3, mode)
+            report_figures("lb_dump_exporter kills, " + mode, [
+                ("jobs", len(table)), ("kills", kills), ("lost", 0),
+                ("announced twice", 0)])
 
     def test_sigkill_storm_over_a_mixed_workload(self):
         rng = random.Random(8)

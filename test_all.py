@@ -3866,6 +3866,299 @@ class TestUploadFiles(unittest.TestCase):
         self.assertNotIn("jpps", read_text(message))
 
 
+# ---- Reliability: bad input in bulk, TLS and secrets
+#
+# Bulk malformed input for the importer and the exporter (counts scaled up
+# by JP_TEST_SOAK=1), and the importer's TLS and credential diagnostics on
+# the JPPS (HTTPS/SOAP) side; the FTP side has its own tests above.
+
+SOAK = os.environ.get("JP_TEST_SOAK") == "1"
+BULK_MESSAGES = 100000 if SOAK else 10000
+BULK_DUMP_LINES = 1000000 if SOAK else 100000
+
+BAD_JOBIDS = ("http://lb.example.org/x", "https://lb.example.org/",
+              "https:///x", "https://lb.example.org/x y",
+              "https://lb.example.org:0/x", "https://lb.example.org:99999/x",
+              "https://lb.example.org/x\ty", "https://l b/x",
+              "https://lb.example.org/\x01", "ftp://lb.example.org/x",
+              "not a jobid")
+NOT_UTF8 = (b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\x80", b"\xf8\x88")
+
+
+def random_bytes(rng, size):
+    return rng.getrandbits(8 * size).to_bytes(size, "big")
+
+
+def write_new(maildir, messages, tag):
+    """Write each message straight into new/ (a bulk writer's shortcut:
+    no tmp/ copy); return the names, in order."""
+    names = []
+    base = int(time.time())
+    new = os.path.join(maildir, "new")
+    for i, data in enumerate(messages):
+        name = "%d_%06d.%s" % (base, i, tag)
+        fd = os.open(os.path.join(new, name),
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        names.append(name)
+    return names
+
+
+def malformed_registration(rng, i):
+    """(bytes, reason text or None) of a surely malformed registration."""
+    jobid = b"https://lb.example.org:9000/bad%06d" % i
+    good = jobid + b"\n/O=Grid/CN=owner %d" % i
+    kind = rng.choice(("random", "truncated", "huge", "nul", "utf8",
+                       "no_owner", "lines", "jobid", "no_newline", "empty",
+                       "random", "truncated", "nul", "utf8", "jobid"))
+    at = rng.randrange(len(good) + 1)
+    if kind == "random":
+        return random_bytes(rng, rng.randrange(1, 300)), None
+    if kind == "truncated":
+        # Cut before the owner starts: never a whole registration.
+        return good[:rng.randrange(len(jobid) + 2)], None
+    if kind == "huge":
+        return good + b"x" * (jp_importer.MAX_MESSAGE - len(good)
+                              + rng.randrange(1, 5000)), "larger than"
+    if kind == "nul":
+        return good[:at] + b"\0" + good[at:], "NUL byte"
+    if kind == "utf8":
+        return good[:at] + rng.choice(NOT_UTF8) + good[at:], "not UTF-8"
+    if kind == "no_owner":
+        return jobid + rng.choice((b"\n", b"\n  ", b"\r\n")), "owner"
+    if kind == "lines":
+        return good + b"\n/O=Grid/CN=second", "several lines"
+    if kind == "jobid":
+        return (rng.choice(BAD_JOBIDS).encode() + b"\n/O=Grid/CN=u",
+                "invalid jobid")
+    if kind == "no_newline":
+        return good.replace(b"\n", b" "), "without a newline"
+    return b"", "without a newline"
+
+
+def malformed_keyed(rng, i, sandbox):
+    """(bytes, reason text or None) of a surely malformed dump or sandbox
+    message."""
+    sep = "\t" if sandbox else "  "
+    jobid_line = "jobid%s https://lb.example.org:9000/bad%06d\n" % (sep, i)
+    file_line = "file%s  /nonexistent/bad%06d\n" % (sep, i)
+    good = (jobid_line + file_line +
+            ("proxy\t/tmp/x509up_u0\n" if sandbox else "")).encode()
+    kind = rng.choice(("random", "truncated", "huge", "nul", "utf8",
+                       "no_file", "no_jobid", "twice", "jobid", "no_value",
+                       "relative", "jpps", "empty", "random", "truncated",
+                       "nul", "utf8", "jobid"))
+    at = rng.randrange(len(good) + 1)
+    if kind == "random":
+        return random_bytes(rng, rng.randrange(1, 300)), None
+    if kind == "truncated":
+        # Cut before the file path starts: "file" and one blank at most.
+        return good[:rng.randrange(len(jobid_line) + 6)], None
+    if kind == "huge":
+        return good + b"x" * (jp_importer.MAX_MESSAGE - len(good)
+                              + rng.randrange(1, 5000)), "larger than"
+    if kind == "nul":
+        return good[:at] + b"\0" + good[at:], "NUL byte"
+    if kind == "utf8":
+        return good[:at] + rng.choice(NOT_UTF8) + good[at:], "not UTF-8"
+    if kind == "no_file":
+        return jobid_line.encode(), "no 'file' line"
+    if kind == "no_jobid":
+        return file_line.encode(), "no 'jobid' line"
+    if kind == "twice":
+        line = rng.choice((jobid_line, file_line)).encode()
+        return good + line, "given twice"
+    if kind == "jobid":
+        return ("jobid%s %s\n%s" % (sep, rng.choice(BAD_JOBIDS),
+                                    file_line)).encode(), "invalid jobid"
+    if kind == "no_value":
+        return good + rng.choice((b"jpps\n", b"file \n", b"jobid\t\n")), \
+            "without a value"
+    if kind == "relative":
+        return ("%sfile%s relative/bad\n" % (jobid_line, sep)).encode(), \
+            "not an absolute path"
+    if kind == "jpps":
+        return good + rng.choice((b"jpps   gopher://jp:8901\n",
+                                  b"jpps   jp.example.org:port\n")), \
+            "JPPS address"
+    return b"", "no 'jobid' line"
+
+
+BAD_DUMP_KINDS = ("no_jobid", "quotes", "space", "nul", "utf8", "garbage",
+                  "twice")
+
+
+def malformed_dump_line(rng, jobids):
+    """(line without LF, reason) of a line the exporter must reject."""
+    kind = rng.choice(BAD_DUMP_KINDS)
+    jobid = rng.choice(jobids).encode()
+    tail = b"X%d" % rng.randrange(10 ** 9)
+    if kind == "no_jobid":
+        return (b'DG.ARRIVED=1 DATE=2 HOST="h" DG.EVNT="Running" ' + tail,
+                "no DG.JOBID field")
+    if kind == "quotes":
+        return (b'DATE=1 DG.JOBID="' + jobid + b'" ' + tail + b'="open',
+                "unbalanced quotes")
+    if kind == "space":
+        text = "https://lb.example.org:9000/a %s" % tail.decode()
+        return (b'DG.JOBID="' + text.encode() + b'" X="1"',
+                "invalid jobid %r" % text)
+    if kind == "nul":
+        return (b'DG.JOBID="' + jobid + b'" X="' + tail + b'\0"',
+                "NUL byte in line")
+    if kind == "utf8":
+        return (b'DG.JOBID="https://lb.example.org:9000/' +
+                rng.choice(NOT_UTF8) + tail + b'" X="1"',
+                "jobid is not UTF-8")
+    if kind == "twice":
+        return (b'DG.JOBID="' + jobid + b'" DG.JOBID="' + jobid + b'"',
+                "DG.JOBID given twice")
+    # Random bytes: no LF, not blank, and no DG.JOBID field in them.
+    line = random_bytes(rng, rng.randrange(1, 200)).replace(
+        b"\n", b"N").replace(b"\r", b"R")
+    return line, ("NUL byte in line" if b"\0" in line
+                  else "no DG.JOBID field")
+
+
+class TestBadInputInBulk(unittest.TestCase):
+    """Thousands of malformed messages and dump lines: each one is set
+    aside with its reason, nothing crashes, the good ones go through."""
+
+    def test_ten_thousand_malformed_messages(self):
+        rng = random.Random(20261129)
+        h = upload_harness(self)
+        started = time.monotonic()
+        bad = {}                # maildir -> {name: reason or None}
+        per_kind = {h.reg: [], h.dump: [], h.sandbox: []}
+        for i in range(BULK_MESSAGES):
+            maildir = rng.choice((h.reg, h.reg, h.dump, h.sandbox))
+            if maildir == h.reg:
+                per_kind[maildir].append(malformed_registration(rng, i))
+            else:
+                per_kind[maildir].append(
+                    malformed_keyed(rng, i, maildir == h.sandbox))
+        for maildir, items in per_kind.items():
+            names = write_new(maildir, [data for data, _ in items], "bulk")
+            bad[maildir] = dict(zip(names, [r for _, r in items]))
+        self.assertEqual(sum(len(b) for b in bad.values()), BULK_MESSAGES)
+        # The good ones: registrations, dumps and sandboxes.
+        good_jobs = set()
+        for n in range(50):
+            drop_message(h.reg, registration(n))
+            good_jobs.add("https://lb.example.org:9000/job%05d" % n)
+        digests = []
+        os.makedirs(h.path("sandbox", "spool"), mode=0o700)
+        for n in range(5):
+            jobid, path = write_dump(h, n, size=n * 1000)
+            h.jpps.register(jobid, USER_SUBJECT)
+            digests.append(sha256_of(path))
+            drop_message(h.dump, dump_message(jobid, path))
+            archive = h.path("sandbox", "spool", "%d.tar" % n)
+            with open(archive, "wb") as f:
+                f.write(os.urandom(1000 + n))
+            digests.append(sha256_of(archive))
+            drop_message(h.sandbox, ("jobid\t%s\nfile\t%s\n" % (
+                jobid, archive)).encode())
+        written = time.monotonic()
+        proc = h.once(timeout=600)
+        if VERBOSE:
+            sys.stderr.write("\n%d malformed messages written in %.1fs, "
+                             "importer ran %.1fs\n"
+                             % (BULK_MESSAGES, written - started,
+                                time.monotonic() - written))
+        self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+        self.assertNotIn("Traceback", proc.stderr)
+        self.assertNotIn("internal error", proc.stderr)
+        self.assertEqual(proc.stderr.count("moved to undeliverable/: "
+                                           "malformed message: "),
+                         BULK_MESSAGES)
+        # Every good one delivered, and nothing of a bad one reached the
+        # JPPS.
+        self.assertEqual(sorted(c.get("job") for c in
+                                h.jpps.ops("RegisterJob", "ok")),
+                         sorted(good_jobs))
+        self.assertEqual(sorted(h.jpps.committed.values()), sorted(digests))
+        self.assertEqual(len(h.jpps.ops()), 50 + 10 * 2)
+        # Every malformed one in undeliverable/ with its reason; nothing
+        # left anywhere else; malformed in == undeliverable out.
+        out = 0
+        for maildir, names in bad.items():
+            for sub in ("new", "work", "post"):
+                self.assertEqual(listing(maildir, sub), [], sub)
+            undeliverable = listing(maildir, "undeliverable")
+            self.assertEqual(undeliverable, sorted(names))
+            out += len(undeliverable)
+            for name, expected in names.items():
+                reason = h.state(maildir, name).get("reason", "")
+                self.assertTrue(reason.startswith("malformed message: ") and
+                                len(reason) > 20, (name, reason))
+                if expected:
+                    self.assertIn(expected, reason, name)
+        self.assertEqual(out, BULK_MESSAGES)
+
+    def test_hundred_thousand_malformed_dump_lines(self):
+        rng = random.Random(1129)
+        x = ExporterRun(self)
+        table, data = generated_dump(2000, per_job=5)
+        good = data.splitlines(True)
+        jobids = [jobid for jobid, _ in table]
+        # Where each bad line goes: before good line k (len(good): at the
+        # end); a few over-long ones, each surely over the limit whatever
+        # the read blocks (MAX_LINE + 2 blocks).
+        import lb_dump_exporter
+        slots = [[] for _ in range(len(good) + 1)]
+        for _ in range(BULK_DUMP_LINES - 3):
+            slots[rng.randrange(len(slots))].append(
+                malformed_dump_line(rng, jobids))
+        limit = lb_dump_exporter.MAX_LINE
+        for _ in range(3):
+            size = limit + 2 * lb_dump_exporter.CHUNK + rng.randrange(1, 9999)
+            line = (b'DG.JOBID="' + rng.choice(jobids).encode() + b'" X="' +
+                    b"v" * size + b'"')
+            slots[rng.randrange(len(slots))].append(
+                (line, "line longer than %d bytes" % limit))
+        lines, expected = [], []
+        for k, bad in enumerate(slots):
+            for line, reason in bad:
+                lines.append(line + b"\n")
+                expected.append((len(lines), reason, line))
+            if k < len(good):
+                lines.append(good[k])
+        self.assertEqual(len(expected), BULK_DUMP_LINES)
+        dump = x.dump_file(b"".join(lines))
+        del data, slots
+        errors = os.path.join(x.dir, "stderr")
+        with open(errors, "wb") as err:
+            proc = x.run("-d", dump, stderr=err, timeout=600)
+        with open(errors, "rb") as f:
+            stderr = f.read().decode("utf-8", "replace")
+        self.assertEqual(proc.returncode, 1, stderr[-2000:])
+        self.assertEqual(proc.stdout, "")
+        self.assertNotIn("Traceback", stderr)
+        # One line per reject, in order, then the summary.
+        report = stderr.split("\n")
+        self.assertEqual(report.pop(), "")
+        self.assertEqual(len(report), BULK_DUMP_LINES + 1)
+        self.assertEqual(report[:-1], ["%s:%d: %s" % (dump, number, reason)
+                                       for number, reason, _ in expected])
+        self.assertIn("%d lines, %d exported, %d rejected, 0 blank"
+                      % (len(lines), len(good), BULK_DUMP_LINES), report[-1])
+        # The rejects file: "# line N: reason" and the line, for each.
+        rejects = x.rejects().split(b"\n")
+        self.assertEqual(rejects.pop(), b"")
+        self.assertEqual(len(rejects), 2 * BULK_DUMP_LINES)
+        for (number, reason, line), head, body in zip(
+                expected, rejects[0::2], rejects[1::2]):
+            self.assertEqual(head, b"# line %d: %s"
+                             % (number, reason.encode()))
+            self.assertEqual(body, line, number)
+        # Every good job's file holds exactly its lines.
+        x.assert_exported(table)
+        exported = sum(len(job_lines) for _, job_lines in table)
+        self.assertEqual(exported + len(rejects) // 2, len(lines))
+
+
 # ---- FTPS: fixture, vsftpd peer, transport tests
 #
 # FTPSFixture and VsftpdPeer are defined with the importer upload tests

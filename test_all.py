@@ -4159,6 +4159,218 @@ class TestBadInputInBulk(unittest.TestCase):
         self.assertEqual(exported + len(rejects) // 2, len(lines))
 
 
+_TLS_CERTS = {}
+
+
+def tls_certificate(name):
+    """A (certificate, key) the TLS tests need, issued once per run."""
+    if name not in _TLS_CERTS:
+        p = pki()
+        localhost = "DNS:localhost,IP:127.0.0.1"
+        if name == "rogue-server":
+            made = p.issue(name, "/O=Rogue/CN=localhost", "serverAuth",
+                           san=localhost,
+                           ca=(p.rogue_ca_cert, p.path("rogue-ca.key")))
+        elif name == "misnamed-server":
+            made = p.issue(name, "/O=Grid/OU=Test/CN=other.example",
+                           "serverAuth", san="DNS:other.example")
+        elif name == "expired-server":
+            made = p.issue(name, HOST_SUBJECT, "serverAuth", san=localhost,
+                           start="20200101000000Z", end="20210101000000Z")
+        elif name == "future-user":
+            made = p.issue(name, "/O=Grid/OU=Test/CN=Future User",
+                           "clientAuth", start="20990101000000Z",
+                           end="20991231000000Z")
+        else:
+            made = (p.make_proxy(name + ".pem", start="20990101000000Z",
+                                 end="20991231000000Z"), None)
+        _TLS_CERTS[name] = made
+    return _TLS_CERTS[name]
+
+
+def pem_secrets(*paths):
+    """The base64 lines of PEM files (keys, proxies): none may be logged."""
+    found = set()
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line and not line.startswith("-----"):
+                    found.add(line)
+    return found
+
+
+class TestTLSAndSecrets(unittest.TestCase):
+    """The importer against a JPPS it must not trust, with credentials it
+    must refuse or warn about, and logs that hold no secret."""
+
+    def refused_by_the_importer(self, server, in_handshake=True):
+        """Run the importer once against a JPPS serving `server`; check
+        that nothing was delivered and the message waits in post/; return
+        the harness and the message's last_error.  in_handshake: the
+        client refused during the TLS handshake (the server saw it)."""
+        h = ImporterHarness(self)
+        h.jpps.context = h.pki.server_context(*tls_certificate(server))
+        name = drop_message(h.reg, registration(1))
+        proc = h.once()
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
+        self.assertEqual(h.jpps.ops(), [])
+        if in_handshake:
+            self.assertGreaterEqual(h.jpps.refused_handshakes, 1)
+        self.assertEqual(listing(h.reg, "post"), [name])
+        self.assertEqual(listing(h.reg, "undeliverable"), [])
+        error = h.state(h.reg, name)["last_error"]
+        self.assertIn("JPPS localhost:%d" % h.jpps.port, error)
+        self.assertIn(error, proc.stderr)
+        self.assertEqual(h.state(h.reg, name)["attempts"], "1")
+        return h, error
+
+    def test_unknown_ca_is_retried(self):
+        h, error = self.refused_by_the_importer("rogue-server")
+        self.assertIn("certificate verify failed", error)
+        if sys.version_info >= (3, 7):
+            self.assertIn("unable to get local issuer certificate", error)
+
+    def test_wrong_host_name_is_refused(self):
+        # Python 3.6 checks the name after the handshake, 3.7+ within.
+        h, error = self.refused_by_the_importer(
+            "misnamed-server", in_handshake=sys.version_info >= (3, 7))
+        self.assertIn("does not match the host name", error)
+        self.assertRegex(error, r"[Hh]ostname mismatch|hostname 'localhost' "
+                         r"doesn't match 'other\.example'")
+        # By address: the certificate names no 127.0.0.1 either.
+        h.jpps.url = "https://127.0.0.1:%d" % h.jpps.port
+        name = drop_message(h.reg, registration(2))
+        proc = h.once()
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        error = h.state(h.reg, name)["last_error"]
+        self.assertIn("does not match the host name", error)
+        self.assertRegex(error, r"IP address mismatch.*'127\.0\.0\.1'|"
+                         r"hostname '127\.0\.0\.1' doesn't match")
+        self.assertEqual(h.jpps.ops(), [])
+
+    def test_expired_server_certificate_is_refused(self):
+        h, error = self.refused_by_the_importer("expired-server")
+        self.assertIn("certificate verify failed", error)
+        if sys.version_info >= (3, 7):
+            # Python 3.6 has no verify_message: OpenSSL's reason is lost.
+            self.assertIn("certificate has expired", error)
+
+    def test_not_yet_valid_credentials_are_clear_errors(self):
+        h = ImporterHarness(self)
+        name = drop_message(h.reg, registration(1))
+        proxy, _ = tls_certificate("future-proxy")
+        cert, key = tls_certificate("future-user")
+        for h.cert, h.key, subject in (
+                (proxy, proxy, USER_SUBJECT + "/CN="),
+                (cert, key, "/O=Grid/OU=Test/CN=Future User")):
+            proc = h.once()
+            self.assertEqual(proc.returncode, 1, proc.stderr)
+            self.assertNotIn("Traceback", proc.stderr)
+            self.assertEqual(len(proc.stderr.splitlines()), 1, proc.stderr)
+            self.assertRegex(proc.stderr, r"^jp_importer: credential %s: "
+                             r"certificate %s\S* is not valid before "
+                             r"(2098-12-31|2099-01-0[12]) "
+                             % (re.escape(h.cert), re.escape(subject)))
+        self.assertEqual(h.jpps.ops(), [])
+        self.assertEqual(listing(h.reg, "new"), [name])
+
+    def test_key_readable_by_others_is_warned_about(self):
+        h = ImporterHarness(self)
+        key = h.path("hostkey.pem")
+        shutil.copy(h.pki.host_key, key)
+        proxy = h.path("proxy.pem")
+        shutil.copy(h.pki.proxy, proxy)
+        for h.cert, h.key, mode in ((h.cert, key, 0o644),
+                                    (h.cert, key, 0o640),
+                                    (proxy, proxy, 0o604),
+                                    (h.cert, key, 0o600),
+                                    (proxy, proxy, 0o400)):
+            os.chmod(h.key, mode)
+            drop_message(h.reg, registration(mode))
+            proc = h.once()
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            warning = ("WARNING private key %s is accessible by others "
+                       "(mode %04o); it should be 0600 or 0400"
+                       % (h.key, mode))
+            if mode & 0o077:
+                self.assertIn(warning, proc.stderr)
+            else:
+                self.assertNotIn("accessible by others", proc.stderr)
+            self.assertEqual(listing(h.reg, "new"), [])
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 5)
+
+    def test_no_secrets_in_logs(self):
+        password = "Zq9:s3cr3t/pw"
+        quoted = "Zq9%3As3cr3t%2Fpw"
+        root = tempfile.mkdtemp(prefix="jp-ftp-root-")
+        self.addCleanup(shutil.rmtree, root, True)
+        ftps = FTPSFixture(pki(), root, users={"jp": password}).start()
+        self.addCleanup(ftps.stop)
+        h = ImporterHarness(self, dest_base="ftp://jp:%s@localhost:%d/jpps"
+                            % (quoted, ftps.port), local_root=root)
+        h.cert = h.key = h.pki.proxy
+        # Registrations: some fine, one met by an HTTP 500.
+        for n in range(5):
+            drop_message(h.reg, registration(n))
+        h.jpps.inject("http500", op="RegisterJob")
+        # Dumps: delivered, a refused login, a dropped transfer, a missing
+        # file; a sandbox naming the proxy.
+        digests = []
+        for n in range(4):
+            jobid, path = write_dump(h, n, size=20000)
+            h.jpps.register(jobid, USER_SUBJECT)
+            digests.append(sha256_of(path))
+            drop_message(h.dump, dump_message(jobid, path))
+        drop_message(h.dump, dump_message(
+            "https://lb.example.org:9000/gone", h.path("lbexport", "gone")))
+        ftps.inject("refuse_login")
+        ftps.inject("drop_data", after=1000)
+        os.makedirs(h.path("sandbox", "spool"), mode=0o700)
+        archive = h.path("sandbox", "spool", "1.tar")
+        with open(archive, "wb") as f:
+            f.write(os.urandom(3000))
+        drop_message(h.sandbox, ("jobid\t%s\nfile\t%s\nproxy\t%s\n" % (
+            "https://lb.example.org:9000/dump00000", archive,
+            h.pki.proxy)).encode())
+        logfile = h.path("debug.log")
+        proc = h.once("-g", "--log", logfile)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        # The retries; the dropped upload's JPPS slot has expired.
+        for f in h.jpps.files.values():
+            f["deadline"] = 0
+        proc2 = h.once("-g", "--log", logfile)
+        self.assertEqual(proc2.returncode, 0, proc2.stderr)
+        log_text = read_text(logfile)
+        # The workload did what it should: password used, failures seen.
+        self.assertIn(("jp", password), ftps.logins)
+        self.assertIn("530", log_text)
+        self.assertIn("not a SOAP 1.1 envelope", log_text)     # HTTP 500
+        self.assertIn("426", log_text)
+        self.assertIn("no longer exists", log_text)
+        self.assertIn("jp:****@localhost:%d" % ftps.port, log_text)
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 5)
+        # Five uploads, one login refused for good (undeliverable, as the
+        # missing file), the dropped one delivered on its retry.
+        self.assertEqual(len(h.jpps.committed), 4)
+        self.assertGreaterEqual(len(set(digests) &
+                                    set(h.jpps.committed.values())), 3)
+        self.assertEqual(len(listing(h.dump, "undeliverable")) +
+                         len(listing(h.sandbox, "undeliverable")), 2)
+        for maildir in (h.reg, h.dump, h.sandbox):
+            self.assertEqual(listing(maildir, "post"), [])
+        # And no secret anywhere it wrote.
+        secrets = pem_secrets(h.pki.proxy, h.pki.user_key, h.pki.host_key)
+        self.assertGreater(len(secrets), 50)
+        for text in (log_text, proc.stderr, proc.stdout, proc2.stderr,
+                     proc2.stdout):
+            self.assertNotIn("PRIVATE KEY", text)
+            self.assertNotIn("s3cr3t", text)
+            for secret in secrets:
+                self.assertNotIn(secret, text)
+
+
 # ---- FTPS: fixture, vsftpd peer, transport tests
 #
 # FTPSFixture and VsftpdPeer are defined with the importer upload tests

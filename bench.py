@@ -249,17 +249,23 @@ def bench_dumps(table, quick, runs):
                                "-m", os.path.join(out, "md")]
                         if interleave > 1:
                             cmd.append("-x")
+                        # Each command starts on a clean page cache state:
+                        # no writeback left over from the dump's creation
+                        # or from the previous command's files.
+                        os.sync()
                         exporter, rss = child_run(cmd)
                         made = len(os.listdir(os.path.join(out, "md", "new")))
                         if made != jobs:
                             raise RuntimeError("%d messages for %d jobs"
                                                % (made, jobs))
+                        os.sync()
                         started = time.perf_counter()
                         subprocess.check_call(["cp", dump, os.path.join(
                             out, "copy")])
                         subprocess.check_call(["sync"])
                         copy = time.perf_counter() - started
                         os.mkdir(os.path.join(out, "awk"))
+                        os.sync()
                         awk, _ = child_run(["awk", "-v", "dir=" + os.path.join(
                             out, "awk"), AWK_SPLIT, dump])
                         return {"exporter": exporter, "rss": rss,

@@ -842,9 +842,15 @@ class JPPSClient:
         where = self._where()
         if isinstance(exc, Error):
             return exc
-        if isinstance(exc, ssl.CertificateError):
+        # From 3.7 every failed verification is an SSLCertVerificationError,
+        # which is also ssl.CertificateError; only codes 62 and 64
+        # (X509_V_ERR_HOSTNAME/IP_ADDRESS_MISMATCH) are about the name.
+        # 3.6 raises CertificateError (no code) for the name alone.
+        if isinstance(exc, ssl.CertificateError) and \
+                getattr(exc, "verify_code", 62) in (62, 64):
             return TransientError("%s: server certificate does not match "
-                                  "the host name: %s" % (where, exc))
+                                  "the host name: %s" % (where, getattr(
+                                      exc, "verify_message", "") or exc))
         if isinstance(exc, ssl.SSLError):
             if exc.reason == "CERTIFICATE_VERIFY_FAILED":
                 return TransientError("%s: server certificate not trusted: "

@@ -848,6 +848,11 @@ def split(exporter, read, data, tick=None):
             data = carry + data
         lines = data.split(b"\n")
         carry = lines.pop()
+        if lines and len(lines[0]) > MAX_LINE:
+            # Only the first can be: the end of a long carry came in data.
+            number += 1
+            exporter.reject(number, lines.pop(0), "line longer than %d "
+                            "bytes" % MAX_LINE)
         number = exporter.lines(number, lines, len(data),
                                 b"\0" not in data and b"\\" not in data)
         if len(carry) > MAX_LINE:

@@ -246,7 +246,7 @@ class Job:
     """One job of the dump: its file, its message, where it stands."""
 
     __slots__ = ("jobid", "name", "path", "fd", "buf", "buffered", "size",
-                 "message", "retracted")
+                 "message", "retracted", "published")
 
     def __init__(self, jobid, name, path):
         self.jobid, self.name, self.path = jobid, name, path
@@ -256,6 +256,7 @@ class Job:
         self.size = 0
         self.message = None       # its maildir name, once written
         self.retracted = None     # private path of a message taken back
+        self.published = False    # linked into new/ by this run
 
 
 class Exporter:
@@ -279,13 +280,18 @@ class Exporter:
         self.pending = []         # finished, not yet published
         self.pending_bytes = 0
         self.pending_since = None
-        self.published_keys = set()   # keys of this run's published jobs
         self.handed_over = set()      # reappeared, but the importer has it
         self.announced = set()    # names announced by an earlier run
         self.journal_fd = None
         self.rejects_fd = None
         self.unflushed = 0        # -x: bytes read since the last flush
         self.known = {}           # DG.JOBID field -> (jobid, file name)
+        # -x: a job whose descriptor was closed is "parked": only its file
+        # stands for it (the end of the input finds it in the store), so
+        # memory does not grow with the number of jobs.  Its jobid is
+        # kept only when it is not `jobid_prefix` + its file name.
+        self.jobid_prefix = None
+        self.parked_jobids = {}
         self.current = None       # grouped mode: the job being written
         self.current_field = None
         self.counts = {"jobs": 0, "lines": 0, "exported": 0, "rejected": 0,
@@ -483,6 +489,11 @@ class Exporter:
         return job
 
     def _reopen(self, jobid, name, path):
+        if self.mixed:                # a parked job is back
+            self.parked_jobids.pop(name, None)
+            job = Job(jobid, name, path)
+            job.fd = self._open_append(path)
+            return job
         if name in self.handed_over:
             raise BadLine("job %s reappeared after its dump was handed to "
                           "the importer" % jobid)
@@ -516,6 +527,7 @@ class Exporter:
             raise BadLine("job %s reappeared after its dump was handed to "
                           "the importer" % job.jobid)
         job.message, job.retracted = message, private
+        job.published = True
         job.size = os.path.getsize(job.path)
 
     def _journaled_message(self, name):
@@ -534,15 +546,42 @@ class Exporter:
             raise Error("cannot reopen %s: %s" % (path, exc.strerror))
 
     def _track(self, job):
-        """-x: keep at most MAX_OPEN_FILES descriptors open."""
+        """-x: keep at most MAX_OPEN_FILES jobs open; park the oldest."""
         if not self.mixed:
             return
         self.lru.append(job)
         if len(self.lru) > MAX_OPEN_FILES:
-            old = self.lru.pop(0)
-            if old.fd is not None:
-                os.close(old.fd)
-                old.fd = None
+            self._park(self.lru.pop(0))
+
+    def _park(self, job):
+        """-x: write out a job and forget it but for its file (and its
+        jobid, where the file name does not tell it)."""
+        if job.buf and job.fd is None:
+            job.fd = self._open_append(job.path)
+        self._flush(job)
+        if job.fd is not None:
+            os.close(job.fd)
+            job.fd = None
+        del self.open[job.name]
+        if self.jobid_prefix is None and job.jobid.endswith("/" + job.name):
+            self.jobid_prefix = job.jobid[:-len(job.name)]
+        if job.jobid != (self.jobid_prefix or "") + job.name:
+            self.parked_jobids[job.name] = job.jobid
+
+    def _finish_parked(self, finished):
+        """-x, end of input: queue every parked job, found in the store."""
+        with os.scandir(self.store) as entries:
+            parked = [entry.name[:-len(self.suffix)] for entry in entries
+                      if entry.name.endswith(self.suffix)]
+        for name in parked:
+            if name in finished or name in self.announced:
+                continue
+            jobid = self.parked_jobids.pop(name, None) or \
+                self.jobid_prefix + name
+            job = Job(jobid, name, os.path.join(self.store,
+                                                name + self.suffix))
+            self.open[name] = job
+            self._finish(job)
 
     def _flush(self, job):
         """Write the lines buffered for a job to its file."""
@@ -641,7 +680,7 @@ class Exporter:
                             target)
             except OSError as exc:
                 raise Error("cannot publish %s: %s" % (target, exc.strerror))
-            self.published_keys.add(job.name)
+            job.published = True
         fsync_dir(new)
 
     @staticmethod
@@ -694,8 +733,12 @@ class Exporter:
 
     def finish(self):
         """End of input: publish every job still open, mark the journal."""
+        finished = set()
         for job in list(self.open.values()):
             self._finish(job)
+            finished.add(job.name)
+        if self.mixed:
+            self._finish_parked(finished)
         self.current = self.current_field = None
         self.publish()
         write_all(self.journal_fd, b"complete\n")
@@ -715,13 +758,27 @@ class Exporter:
                     os.close(job.fd)
                 except OSError:
                     pass
-            if job.name in self.published_keys:
+            if job.published:
                 continue
             if job.retracted:
                 unlink_quietly(job.retracted)
             if job.message:
                 unlink_quietly(os.path.join(tmp, job.message))
             unlink_quietly(job.path)
+        if self.mixed and self.dump_id:
+            # Parked jobs are known by their files alone: remove those
+            # that no journal entry (this run's or an earlier one's) names.
+            try:
+                with open(self.journal_path(), "r", encoding="utf-8",
+                          errors="replace") as f:
+                    journaled = set(line.rstrip("\n").split("\t")[-1]
+                                    for line in f)
+                for filename in os.listdir(self.store):
+                    if filename.endswith(self.suffix) and \
+                            filename not in journaled:
+                        unlink_quietly(os.path.join(self.store, filename))
+            except OSError:
+                pass                      # the rerun's recovery does it
 
 
 # ---------------------------------------------------------------------------

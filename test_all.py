@@ -3598,6 +3598,32 @@ class TestDumpExporter(unittest.TestCase):
         self.assertEqual(proc.returncode, 0, proc.stderr)
         x.assert_exported(table)
 
+    def test_file_size_limit_in_mixed_mode_leaves_no_parked_file(self):
+        import resource
+        x = ExporterRun(self)
+        # More jobs than -x keeps open: most are parked (known by their
+        # files alone) when the big job fails.
+        jobs = lb_dump_exporter.MAX_OPEN_FILES + 100
+        table, data = generated_dump(jobs, per_job=2, interleave=jobs,
+                                     pad=200)
+        big = "https://lb.example.org:9000/big"
+        table.append((big, [ulm_line(big, 1, pad=300000),
+                            ulm_line(big, 2, pad=300000)]))
+        dump = x.dump_file(data + b"".join(table[-1][1]))
+
+        def limit():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (400000, 400000))
+        proc = run(x.args("-q", "-x", "-d", dump), preexec_fn=limit)
+        self.assertEqual(proc.returncode, 1)
+        self.assertIn("File too large", proc.stderr)
+        self.assertEqual(x.messages(), {})
+        self.assertEqual([n for n in os.listdir(x.store)
+                          if not n.startswith((".", "lb_dump_exporter."))],
+                         [])
+        proc = run(x.args("-q", "-x", "-d", dump))
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        x.assert_exported(table)
+
 
 # ---------------------------------------------------------------------------
 # jp_upload_files: archive, message, errors, function interface

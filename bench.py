@@ -231,7 +231,7 @@ def bench_dumps(table, quick, runs):
     if not os.path.exists(LB_DUMP_EXPORTER):
         table.skip("dumps", "lb_dump_exporter.py is not there")
         return
-    sizes = [2000] if quick else [10000, 100000]     # jobs: 20 MB / 100 MB, 1 GB
+    sizes = [2000] if quick else [10000, 100000]  # 20 MB; 100 MB and 1 GB
     work = tempfile.mkdtemp(prefix="jp-bench-", dir=os.environ.get(
         "JP_BENCH_DIR"))
     try:

@@ -187,6 +187,11 @@ class MalformedMessage(PermanentError):
     """A maildir message that cannot be understood; quarantined."""
 
 
+class MaildirError(Error):
+    """The maildir cannot be written (a full disk, a read-only mount):
+    the message is set aside unrecorded and tried again later."""
+
+
 class JPPSFault(Error):
     """A SOAP fault from the JPPS, with the genericFault chain.
 
@@ -1317,7 +1322,12 @@ class Message:
         self.state.update(changes)
         if self.jobid:
             self.state["jobid"] = self.jobid
-        self.maildir.write_state(self.name, self.state)
+        try:
+            self.maildir.write_state(self.name, self.state)
+        except OSError as exc:
+            raise MaildirError("cannot write %s: %s" % (
+                self.maildir.path(STATE_DIR, self.name),
+                exc.strerror or exc))
 
     def _close(self):
         if self.fd is not None:
@@ -2427,6 +2437,7 @@ class Worker:
         self.stop_requested = False
         self.reload_requested = False
         self.file_directories = file_directories(options)
+        self.claim_error = None
         self.deliver = {KIND_REG: self.deliver_registration,
                         KIND_DUMP: self.deliver_dump,
                         KIND_SANDBOX: self.deliver_sandbox}[kind]
@@ -2475,8 +2486,22 @@ class Worker:
                     continue
                 if sub == "post" and not self._due(name):
                     continue
-                msg = self.maildir.claim(
-                    sub, name, with_state is None or name in with_state)
+                if sub == "work" and \
+                        self.not_before.get(name, 0) > time.time():
+                    continue                # set aside by _set_aside()
+                try:
+                    msg = self.maildir.claim(
+                        sub, name, with_state is None or name in with_state)
+                except OSError as exc:
+                    # A read-only maildir: nothing can be claimed now.
+                    # One line per new trouble, then quietly next pass.
+                    text = "%s: cannot claim %s/%s: %s" % (
+                        self.maildir.root, sub, name, exc.strerror or exc)
+                    if text != self.claim_error:
+                        log.error("%s", text)
+                    self.claim_error = text
+                    return
+                self.claim_error = None
                 if msg is None:
                     continue
                 if self.tried is not None:
@@ -2538,26 +2563,62 @@ class Worker:
         undeliverable/) and the result is (outcome text, log level).
         """
         try:
-            return step(*args), None
-        except MalformedMessage as exc:
-            msg.give_up("malformed message: %s" % exc)
-            return ("moved to undeliverable/: malformed message: %s" % exc,
-                    logging.ERROR)
-        except PermanentError as exc:
-            msg.give_up(str(exc))
-            return "moved to undeliverable/: %s" % exc, logging.ERROR
-        except (TransientError, JPPSFault) as exc:
-            return self._postpone(msg, exc)
-        except Exception as exc:
-            # A bug of ours must not lose the message nor kill the worker.
-            log.exception("internal error on %s", msg.name)
-            return self._postpone(msg, "internal error: %r" % exc)
+            try:
+                return step(*args), None
+            except MalformedMessage as exc:
+                msg.give_up("malformed message: %s" % exc)
+                return ("moved to undeliverable/: malformed message: %s"
+                        % exc, logging.ERROR)
+            except PermanentError as exc:
+                msg.give_up(str(exc))
+                return "moved to undeliverable/: %s" % exc, logging.ERROR
+            except (TransientError, JPPSFault) as exc:
+                return self._postpone(msg, exc)
+            except MaildirError:
+                raise
+            except Exception as exc:
+                # A bug of ours must not lose the message nor kill the
+                # worker.
+                log.exception("internal error on %s", msg.name)
+                return self._postpone(msg, "internal error: %r" % exc)
+        except (MaildirError, OSError) as exc:
+            text, level = self._set_aside(msg, exc)
+            return "failed, " + text, level
+
+    def _set_aside(self, msg, exc):
+        """The maildir cannot be written (a full disk, a read-only mount).
+
+        Neither a traceback nor a dead worker (which --once would restart
+        for ever): the message goes back to post/ (a rename needs no free
+        space) or, if even that fails, stays in work/; either way it is
+        tried again after the retry delay, without a record of this
+        attempt.  Nothing is lost.
+        """
+        if isinstance(exc, OSError):
+            exc = "%s%s" % (exc.strerror or exc,
+                            ": " + exc.filename if exc.filename else "")
+        where = "work"
+        if msg.fd is not None:
+            try:
+                os.rename(self.maildir.path("work", msg.name),
+                          self.maildir.path("post", msg.name))
+                where = "post"
+            except OSError:
+                pass
+            msg.release()
+        self.not_before[msg.name] = time.time() + self.retry_base
+        return ("not recorded: %s; left in %s/, next attempt in %s"
+                % (exc, where, format_age(self.retry_base)), logging.ERROR)
 
     def _conclude(self, msg, started, value, level):
         """Finish a delivered message; log one line with the outcome."""
         if level is None:
-            msg.done()
-            level = logging.INFO
+            try:
+                msg.done()
+                level = logging.INFO
+            except OSError as exc:
+                text, level = self._set_aside(msg, exc)
+                value = "%s, but %s" % (value, text)
         log.log(level, "%s %s: %s (attempt %d, %.2fs)", self.kind,
                 msg.jobid or msg.name, one_line(value, 1000),
                 msg.attempts + (level == logging.INFO),

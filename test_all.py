@@ -1614,7 +1614,8 @@ class FTPSFixture:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
-        self.thread = threading.Thread(target=self._accept)
+        self.thread = threading.Thread(target=self._accept,
+                                       args=(self.sock,))
         self.thread.daemon = True
         self.thread.start()
         return self
@@ -1644,11 +1645,14 @@ class FTPSFixture:
                     return inj["kw"]
         return None
 
-    def _accept(self):
+    def _accept(self, sock):
         while True:
             try:
-                conn, _ = self.sock.accept()
+                conn, _ = sock.accept()
             except OSError:
+                return
+            if self.sock is not sock:       # stop() came meanwhile
+                conn.close()
                 return
             self.connections += 1
             t = threading.Thread(target=self._session, args=(conn,))

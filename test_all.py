@@ -3025,6 +3025,334 @@ class TestImporterProcesses(unittest.TestCase):
 
 
 
+class TestFaultsClear(unittest.TestCase):
+    """Every fault on the way is retried, bounded in time, and once it
+    clears the message is delivered exactly once, through the importer
+    (the transport functions alone are tested above)."""
+
+    class QuotaFTPS(FTPSFixture):
+        """The FTPS fixture with one more fault, `quota`: 552 to STOR
+        (storage allocation exceeded), as a server over quota answers."""
+
+        def _cmd_STOR(self, state, arg):
+            if state["pasv"] is not None and self._take("quota") is not None:
+                state["pasv"].close()
+                state["pasv"] = None
+                self._reply(state, "552 Requested file action aborted: "
+                            "exceeded storage allocation.")
+                return None
+            return FTPSFixture._cmd_STOR(self, state, arg)
+
+    # -- set-up -------------------------------------------------------------
+
+    def harness(self):
+        """upload_harness() with the quota-capable FTPS fixture."""
+        root = tempfile.mkdtemp(prefix="jp-ftp-root-")
+        self.addCleanup(shutil.rmtree, root, True)
+        ftps = self.QuotaFTPS(pki(), root).start()
+        self.addCleanup(ftps.stop)
+        h = ImporterHarness(self, dest_base=ftps.url("jpps"),
+                            local_root=root)
+        h.ftps, h.ftp_root = ftps, root
+        return h
+
+    def queue(self, h, what, n, maildir=None, size=200000):
+        """A registered job's dump or sandbox and its message in `maildir`
+        (default the harness's); (maildir, name, file, sha256)."""
+        if what == "dump":
+            maildir = maildir or h.dump
+            jobid, path = write_dump(h, n, size=size)
+            data = dump_message(jobid, path)
+        else:
+            maildir = maildir or h.sandbox
+            jobid = "https://lb.example.org:9000/sandbox%05d" % n
+            os.makedirs(os.path.join(maildir, "spool"), mode=0o700,
+                        exist_ok=True)
+            path = os.path.join(maildir, "spool", "%d.tar" % n)
+            with open(path, "wb") as f:
+                f.write(os.urandom(size))
+            data = ("jobid\t%s\nfile\t%s\nproxy\t%s\n"
+                    % (jobid, path, h.pki.proxy)).encode()
+        h.jpps.register(jobid, USER_SUBJECT)
+        return maildir, drop_message(maildir, data), path, sha256_of(path)
+
+    def once(self, h, *extra):
+        """jp_importer --once; (process, wall time).  Never a traceback."""
+        started = time.monotonic()
+        proc = h.once(*extra)
+        took = time.monotonic() - started
+        self.assertNotIn("Traceback", proc.stderr)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return proc, took
+
+    @staticmethod
+    def expire_uploads(h):
+        """The JPPS forgets uploads never committed, as it does after its
+        deadline (300 s, shorter than the first retry delay of 360 s):
+        without this the retry would be told EEXIST and wait it out."""
+        with h.jpps.lock:
+            for f in h.jpps.files.values():
+                if f["state"] == "uploading":
+                    f["deadline"] = 0
+
+    def assert_retried(self, maildir, name, text, attempts=1):
+        self.assertEqual(listing(maildir, "post"), [name])
+        for sub in ("new", "work", "undeliverable"):
+            self.assertEqual(listing(maildir, sub), [], sub)
+        state = jp_importer.Maildir(maildir).read_state(name)
+        self.assertEqual(state.get("attempts"), str(attempts), state)
+        self.assertIn(text, state.get("last_error", ""))
+
+    def assert_delivered_once(self, h, maildir, path, digest, stores=None):
+        self.assertEqual(list(h.jpps.committed.values()), [digest])
+        self.assertEqual(len(h.jpps.ops("CommitUpload", "ok")), 1)
+        if stores is not None:
+            self.assertEqual(h.ftps.stores, stores)
+        self.assertFalse(os.path.exists(path))
+        for sub in MAILDIR_SUBDIRS + ("state", "spool"):
+            self.assertEqual(listing(maildir, sub), [], sub)
+
+    def mount(self, *args):
+        proc = run(["mount"] + list(args))
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+
+    def tmpfs(self, directory, size="64k"):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self.mount("-t", "tmpfs", "-o", "size=%s,mode=0700" % size,
+                   "tmpfs", directory)
+        self.addCleanup(run, ["umount", directory])
+        return directory
+
+    def fill(self, directory, leave=0):
+        """Fill the filesystem of `directory` but `leave` bytes (whole
+        pages); return the filler file."""
+        filler = os.path.join(directory, "filler")
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with self.assertRaises(OSError) as cm:
+                while True:
+                    os.write(fd, b"\0" * 4096)
+            self.assertEqual(cm.exception.errno, errno.ENOSPC)
+        finally:
+            os.close(fd)
+        if leave:
+            os.truncate(filler, os.path.getsize(filler) - leave)
+        st = os.statvfs(directory)
+        self.assertEqual(st.f_bavail * st.f_frsize, leave)
+        return filler
+
+    # -- 1. FTP faults ---------------------------------------------------------
+
+    def test_ftp_faults_are_retried_then_delivered_once(self):
+        # (fault, its arguments, --timeout, text in last_error)
+        faults = [
+            ("drop_data", {"after": 60000}, 5, "426 Failure reading"),
+            ("stall", {"command": "STOR"}, 1,
+             "no answer within the time limit"),
+            ("full", {}, 5, "452 Insufficient storage"),
+            ("quota", {}, 5, "552 Requested file action aborted"),
+        ]
+        for n, (fault, kw, timeout, text) in enumerate(faults):
+            for what in ("dump", "sandbox"):
+                with self.subTest(fault=fault, what=what):
+                    h = self.harness()
+                    maildir, name, path, digest = self.queue(h, what, n)
+                    h.ftps.inject(fault, **kw)
+                    proc, took = self.once(h, "--timeout", str(timeout))
+                    self.assertLess(took, 3 * timeout + 3, proc.stderr)
+                    self.assert_retried(maildir, name, text)
+                    self.assertTrue(os.path.exists(path))
+                    self.assertEqual(h.jpps.committed, {})
+                    self.assertEqual(h.ftps.stores, 0)
+                    h.ftps.release()
+                    self.expire_uploads(h)
+                    self.once(h)
+                    self.assert_delivered_once(h, maildir, path, digest,
+                                               stores=1)
+
+    def test_ftp_login_refused_is_kept_and_delivered_once_after_requeue(self):
+        # A refused login is permanent by design (README, Uploads): the
+        # message goes to undeliverable/ with the reason, the file stays,
+        # and --requeue after the fix delivers it once.
+        h = self.harness()
+        maildir, name, path, digest = self.queue(h, "dump", 1)
+        h.ftps.inject("refuse_login")
+        proc, took = self.once(h)
+        self.assertLess(took, 3 * 5 + 3)
+        self.assertEqual(listing(maildir, "undeliverable"), [name])
+        self.assertIn("530 Login incorrect",
+                      h.state(maildir, name).get("reason", ""))
+        self.assertTrue(os.path.exists(path))
+        self.assertEqual(h.ftps.stores, 0)
+        proc = run([sys.executable, JP_IMPORTER, "--requeue"] + h.args())
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.expire_uploads(h)
+        self.once(h)
+        self.assert_delivered_once(h, maildir, path, digest, stores=1)
+
+    # -- 2. JPPS faults in StartUpload and CommitUpload ------------------------
+
+    def test_jpps_faults_in_upload_calls_are_retried_then_delivered_once(self):
+        # (fault, arguments, --timeout, text in last_error)
+        faults = [("http500", {}, 5, "not a SOAP 1.1 envelope"),
+                  ("drop_mid", {}, 5, "JPPS response is not"),
+                  ("hang", {"seconds": TIMEOUT}, 1, "within 1s")]
+        for op in ("StartUpload", "CommitUpload"):
+            for n, (fault, kw, timeout, text) in enumerate(faults):
+                what = ("dump", "sandbox")[n % 2]
+                with self.subTest(op=op, fault=fault, what=what):
+                    h = self.harness()
+                    maildir, name, path, digest = self.queue(h, what, n)
+                    h.jpps.inject(fault, op, **kw)
+                    proc, took = self.once(h, "--timeout", str(timeout))
+                    self.assertLess(took, 3 * timeout + 3, proc.stderr)
+                    self.assert_retried(maildir, name, text)
+                    self.assertEqual(
+                        [c.result for c in h.jpps.ops(op)],
+                        ["injected-" + fault])
+                    self.assertTrue(os.path.exists(path))
+                    h.jpps.release()
+                    self.once(h)
+                    # One upload, one commit: a failed CommitUpload is
+                    # resumed without sending the file again.
+                    self.assert_delivered_once(h, maildir, path, digest,
+                                               stores=1)
+                    self.assertEqual(len(h.jpps.ops("StartUpload", "ok")),
+                                     1)
+
+    # -- 3. a full disk under the importer's maildirs -------------------------
+
+    def test_full_disk_under_the_maildirs_loses_nothing(self):
+        h = self.harness()
+        # The registration and dump maildirs on a small tmpfs, filled up
+        # with their messages in new/: delivering a dump must record its
+        # progress, and a failing registration its failure.
+        disk = self.tmpfs(h.path("disk"))
+        reg = make_maildir(os.path.join(disk, "reg"))
+        dump = make_maildir(os.path.join(disk, "dump"))
+        fails = drop_message(reg, registration(1))
+        works = drop_message(reg, registration(2))
+        _, dump_name, path, digest = self.queue(h, "dump", 3, maildir=dump)
+        filler = self.fill(disk)
+        h.jpps.inject("http500", "RegisterJob")
+        args = ("-r", reg, "-d", dump, "--timeout", "2")
+        proc, took = self.once(h, *args)
+        self.assertLess(took, 3 * 2 + 3, proc.stderr)
+        self.assertIn("No space left on device", proc.stderr)
+        # Nothing lost, nothing given up, nothing partial left behind: the
+        # registration that worked is done (that needs no space), the
+        # other two wait in post/ for their retry.
+        self.assertEqual([c.get("job") for c in h.jpps.ops("RegisterJob",
+                                                           "ok")],
+                         ["https://lb.example.org:9000/job00002"])
+        self.assertEqual(listing(reg, "post"), [fails])
+        self.assertEqual(listing(dump, "post"), [dump_name])
+        self.assertEqual(listing(reg, "tmp"), [fails])
+        self.assertEqual(listing(dump, "tmp"), [dump_name])
+        for maildir in (reg, dump):
+            for sub in ("new", "work", "undeliverable", "state"):
+                self.assertEqual(listing(maildir, sub), [], (maildir, sub))
+        self.assertTrue(os.path.exists(path))
+        self.assertEqual(h.jpps.committed, {})
+        self.assertTrue(works)
+        # Space again: everything is delivered, once.
+        os.unlink(filler)
+        self.expire_uploads(h)
+        self.once(h, *args)
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 2)
+        self.assert_delivered_once(h, dump, path, digest)
+        for sub in MAILDIR_SUBDIRS + ("state",):
+            self.assertEqual(listing(reg, sub), [], sub)
+
+    # -- 4. a read-only maildir ------------------------------------------------
+
+    def test_read_only_maildir_loses_nothing(self):
+        h = ImporterHarness(self)
+        # The registration maildir the importer sees (h.reg) is a bind
+        # mount of `real`, through which the test writes even while the
+        # mount is read-only.
+        real = make_maildir(h.path("reg-real"))
+        self.mount("--bind", real, h.reg)
+        self.addCleanup(run, ["umount", h.reg])
+        daemon = h.start()
+        wait_for(lambda: "started:" in h.output(), what="the daemon")
+        self.mount("-o", "remount,ro,bind", h.reg)
+        name = drop_message(real, registration(1))
+        wait_for(lambda: "Read-only file system" in h.output(),
+                 what="the worker's error")
+        # A new start refuses the read-only maildir in one line.
+        proc = h.once()
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertEqual(len(proc.stderr.splitlines()), 1, proc.stderr)
+        self.assertIn(h.reg, proc.stderr)
+        self.assertEqual(listing(real, "new"), [name])
+        self.assertEqual(h.jpps.ops("RegisterJob"), [])
+        # Writable again: the running daemon delivers it, once.
+        self.mount("-o", "remount,rw,bind", h.reg)
+        wait_for(lambda: not os.listdir(os.path.join(real, "new")) and
+                 not os.listdir(os.path.join(real, "work")),
+                 what="the delivery")
+        self.assertEqual(h.stop(daemon), 0)
+        self.assertEqual([c.result for c in h.jpps.ops("RegisterJob")],
+                         ["ok"])
+        for sub in MAILDIR_SUBDIRS + ("state",):
+            self.assertEqual(listing(real, sub), [], sub)
+        output = h.output()
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("died", output)
+
+    # -- 5. a full disk under jp_upload_files.py ------------------------------
+
+    def test_upload_files_on_a_full_disk_leaves_nothing(self):
+        work = tempfile.mkdtemp(prefix="jp-faults-upload-")
+        self.addCleanup(shutil.rmtree, work, True)
+        job = os.path.join(work, "stdout.txt")
+        with open(job, "wb") as f:
+            f.write(os.urandom(20000))
+        proxy = os.path.join(work, "x509up")
+        with open(proxy, "w") as f:
+            f.write("named, not read\n")
+        # The size of the archive, from a run on a roomy disk.
+        spare = os.path.join(work, "spare")
+        proc = run([sys.executable, JP_UPLOAD_FILES, "-j",
+                    "https://lb.example.org/abc", "-p", proxy, "-m", spare,
+                    job])
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        size = sum(os.path.getsize(os.path.join(spare, "spool", n))
+                   for n in os.listdir(os.path.join(spare, "spool")))
+        pages = -(-size // 4096) * 4096
+        disk = self.tmpfs(os.path.join(work, "disk"))
+        maildir = os.path.join(disk, "jpsandbox")
+        filler = self.fill(disk)
+
+        def request():
+            return run([sys.executable, JP_UPLOAD_FILES, "-j",
+                        "https://lb.example.org/abc", "-p", proxy, "-m",
+                        maildir, job])
+
+        def left_behind():
+            return [(top, names) for top, _, names in os.walk(maildir)
+                    if names]
+        # No room for the archive; then room for it but not the message.
+        for leave, what in ((0, "cannot write the archive"),
+                            (pages, "cannot write the message")):
+            with self.subTest(what=what):
+                if leave:
+                    os.truncate(filler, os.path.getsize(filler) - leave)
+                proc = request()
+                self.assertEqual(proc.returncode, 1, proc.stderr)
+                self.assertEqual(len(proc.stderr.splitlines()), 1,
+                                 proc.stderr)
+                self.assertIn(what, proc.stderr)
+                self.assertIn("No space left on device", proc.stderr)
+                self.assertEqual(left_behind(), [])
+        os.unlink(filler)
+        proc = request()
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(len(listing(maildir, "new")), 1)
+        self.assertEqual(len(listing(maildir, "spool")), 1)
+
+
 # ---------------------------------------------------------------------------
 # The demonstration (python3 test_all.py --demo)
 # ---------------------------------------------------------------------------

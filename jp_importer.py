@@ -790,6 +790,7 @@ class JPPSClient:
 
     def _transmit(self, first):
         op, request, deadline, _ = self._pending
+        reused = False          # a failed connect or handshake: not reused
         try:
             reused = self._connect(deadline)
             self._pending[3] = reused

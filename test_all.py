@@ -3225,16 +3225,18 @@ class TestFaultsClear(unittest.TestCase):
 
     def test_full_disk_under_the_maildirs_loses_nothing(self):
         h = self.harness()
-        # The registration and dump maildirs on a small tmpfs, filled up
-        # with their messages in new/: delivering a dump must record its
-        # progress, and a failing registration its failure.
-        disk = self.tmpfs(h.path("disk"))
-        reg = make_maildir(os.path.join(disk, "reg"))
-        dump = make_maildir(os.path.join(disk, "dump"))
+        # The registration and dump maildirs each on a small tmpfs (a
+        # delivered registration frees a page), filled up with their
+        # messages in new/: delivering a dump must record its progress,
+        # and a failing registration its failure.
+        reg = make_maildir(os.path.join(self.tmpfs(h.path("disk-reg")),
+                                        "reg"))
+        dump = make_maildir(os.path.join(self.tmpfs(h.path("disk-dump")),
+                                         "dump"))
         fails = drop_message(reg, registration(1))
         drop_message(reg, registration(2))
         _, dump_name, path, digest = self.queue(h, "dump", 3, maildir=dump)
-        filler = self.fill(disk)
+        fillers = [self.fill(os.path.dirname(m)) for m in (reg, dump)]
         h.jpps.inject("http500", "RegisterJob")
         args = ("-r", reg, "-d", dump, "--timeout", "2")
         proc, took = self.once(h, *args)
@@ -3256,7 +3258,8 @@ class TestFaultsClear(unittest.TestCase):
         self.assertTrue(os.path.exists(path))
         self.assertEqual(h.jpps.committed, {})
         # Space again: everything is delivered, once.
-        os.unlink(filler)
+        for filler in fillers:
+            os.unlink(filler)
         self.expire_uploads(h)
         self.once(h, *args)
         self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 2)

@@ -2969,7 +2969,7 @@ class Master:
     """
 
     STOP_GRACE = 30.0           # beyond the call timeouts, then SIGKILL
-    HOUSEKEEPING = 600.0        # stale tmp/ copies and state files
+    HOUSEKEEPING = 600.0        # stale tmp/ copies, state files, spool/
 
     def __init__(self, options, credentials, maildirs):
         self.options, self.credentials = options, credentials

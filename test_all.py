@@ -3497,7 +3497,7 @@ class TestKillsLoseNothing(unittest.TestCase):
         rng = random.Random(7)
         for mode, interleave in (("grouped", 1), ("-x", 40)):
             x = ExporterRun(self)
-            jobs = 15000 if SOAK else 3000
+            jobs = scaled(3000)
             table, data = generated_dump(jobs, per_job=3,
                                          interleave=interleave, pad=300)
             dump = x.dump_file(data)

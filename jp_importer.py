@@ -1162,10 +1162,9 @@ class Maildir:
         messages are read only when there is such a file.
         """
         now = time.time() if now is None else now
-        spool = self.paths["spool"]
         candidates = set()
         for name in self.names("spool"):
-            path = os.path.join(spool, name)
+            path = self.path("spool", name)
             try:
                 st = os.lstat(path)
             except FileNotFoundError:

@@ -315,7 +315,7 @@ class Exporter:
         self.suffix = "." + self.dump_id
         journal = self.journal_path()
         if os.path.exists(journal):
-            if self._recover(journal):
+            if self._recover():
                 return False
         self.journal_fd = os.open(journal, os.O_WRONLY | os.O_APPEND |
                                   os.O_CREAT, 0o600)
@@ -328,10 +328,12 @@ class Exporter:
         return os.path.join(self.store, ".%s.%s.journal"
                             % (PROG, self.dump_id))
 
-    def _recover(self, journal):
-        """Read an earlier run's journal; True when it had finished."""
+    def _read_journal(self):
+        """([message, jobid, file name] of every whole entry, True when
+        the run that wrote it had finished)."""
         entries, complete = [], False
-        with open(journal, "r", encoding="utf-8", errors="replace") as f:
+        with open(self.journal_path(), "r", encoding="utf-8",
+                  errors="replace") as f:
             for line in f:
                 if line == "complete\n":
                     complete = True
@@ -339,6 +341,11 @@ class Exporter:
                 fields = line.rstrip("\n").split("\t")
                 if len(fields) == 3 and line.endswith("\n"):
                     entries.append(fields)
+        return entries, complete
+
+    def _recover(self):
+        """Read an earlier run's journal; True when it had finished."""
+        entries, complete = self._read_journal()
         if complete:
             return True
         tmp = os.path.join(self.maildir, "tmp")
@@ -531,12 +538,10 @@ class Exporter:
         job.size = os.path.getsize(job.path)
 
     def _journaled_message(self, name):
-        with open(self.journal_path(), "r", errors="replace") as f:
-            found = None
-            for line in f:
-                fields = line.rstrip("\n").split("\t")
-                if len(fields) == 3 and fields[2] == name + self.suffix:
-                    found = fields[0]
+        found = None
+        for message, _, filename in self._read_journal()[0]:
+            if filename == name + self.suffix:
+                found = message
         return found
 
     def _open_append(self, path):
@@ -733,10 +738,9 @@ class Exporter:
 
     def finish(self):
         """End of input: publish every job still open, mark the journal."""
-        finished = set()
+        finished = set(self.open)
         for job in list(self.open.values()):
             self._finish(job)
-            finished.add(job.name)
         if self.mixed:
             self._finish_parked(finished)
         self.current = self.current_field = None
@@ -769,10 +773,7 @@ class Exporter:
             # Parked jobs are known by their files alone: remove those
             # that no journal entry (this run's or an earlier one's) names.
             try:
-                with open(self.journal_path(), "r", encoding="utf-8",
-                          errors="replace") as f:
-                    journaled = set(line.rstrip("\n").split("\t")[-1]
-                                    for line in f)
+                journaled = set(entry[2] for entry in self._read_journal()[0])
                 for filename in os.listdir(self.store):
                     if filename.endswith(self.suffix) and \
                             filename not in journaled:

@@ -499,8 +499,9 @@ class JPPSFixture:
     class per job, destinations under `dest_base`, commitBefore = now +
     `upload_deadline`, CommitUpload by exact destination and identity.
 
-    Tests read `calls` (a list of JPPSCall), `jobs`, `files`, and inject
-    trouble with inject(kind, op=None, count=1, **kw); kinds:
+    Tests read `calls` (a list of JPPSCall), `jobs`, `files`, make time
+    pass for open uploads with expire_uploads(), and inject trouble with
+    inject(kind, op=None, count=1, **kw); kinds:
       fault     answer a genericFault: code=errno, description=text
       http500   HTTP 500 with a non-SOAP body
       garbage   HTTP 200 with a body that is not XML
@@ -591,6 +592,14 @@ class JPPSFixture:
         prefix = self.dest_base.split("://", 1)[1]
         path = destination.split("://", 1)[1][len(prefix.split("/", 1)[0]):]
         return os.path.join(self.local_root, path.lstrip("/"))
+
+    def expire_uploads(self):
+        """Let every upload never committed pass its deadline, as time
+        does at the real JPPS (which then forgets it)."""
+        with self.lock:
+            for f in self.files.values():
+                if f["state"] == "uploading":
+                    f["deadline"] = 0
 
     def register(self, jobid, owner):
         """Register a job directly (test set-up)."""
@@ -2015,12 +2024,13 @@ def payloads(directory, sizes):
 UPLOAD_SIZES = (0, 1, 5000, 3 * 1024 * 1024, 64 * 1024 * 1024)
 
 
-def upload_harness(case, **jpps_kw):
+def upload_harness(case, ftps_class=None, **jpps_kw):
     """An ImporterHarness whose JPPS hands out destinations on a fresh
-    FTPS fixture; the fixture is h.ftps, its root h.ftp_root."""
+    FTPS fixture (of `ftps_class`, default FTPSFixture); the fixture is
+    h.ftps, its root h.ftp_root."""
     root = tempfile.mkdtemp(prefix="jp-ftp-root-")
     case.addCleanup(shutil.rmtree, root, True)
-    ftps = FTPSFixture(pki(), root).start()
+    ftps = (ftps_class or FTPSFixture)(pki(), root).start()
     case.addCleanup(ftps.stop)
     h = ImporterHarness(case, dest_base=ftps.url("jpps"), local_root=root,
                         **jpps_kw)
@@ -2049,6 +2059,11 @@ def dump_message(jobid, path, jpps=None):
     if jpps:
         data += "jpps   %s\n" % jpps
     return data.encode()
+
+
+def sandbox_message(jobid, path, proxy):
+    return ("jobid\t%s\nfile\t%s\nproxy\t%s\n" % (jobid, path, proxy)
+            ).encode()
 
 
 def sha256_of(path):
@@ -2167,9 +2182,8 @@ class TestImporterUploads(unittest.TestCase):
         with open(archive, "wb") as f:
             f.write(b"tar data" * 1000)
         h.jpps.inject("fault", "StartUpload", code=errno.EIO)
-        name = drop_message(h.sandbox, (
-            "jobid\t%s\nfile\t%s\nproxy\t%s\n" % (jobid, archive,
-                                                  h.pki.proxy)).encode())
+        name = drop_message(h.sandbox, sandbox_message(jobid, archive,
+                                                       h.pki.proxy))
         h.once()
         self.assertEqual(listing(h.sandbox, "post"), [name])
         self.assertIn("EIO", h.state(h.sandbox, name)["last_error"])
@@ -2252,8 +2266,7 @@ class TestImporterUploads(unittest.TestCase):
         m = jp_importer.Maildir(h.dump).init()
         state["upload_started"] = str(time.time() - 250)
         m.write_state(name, state)
-        for f in h.jpps.files.values():
-            f["deadline"] = 0
+        h.jpps.expire_uploads()
         h.once()
         self.assertEqual(len(h.jpps.ops("StartUpload", "ok")), 2)
         self.assertEqual(len(h.jpps.committed), 1)
@@ -2430,8 +2443,8 @@ class TestFTPSUpload(FTPSCase):
             f.write(os.urandom(30000))
         digests = sorted([sha256_of(path), sha256_of(archive)])
         drop_message(h.dump, dump_message(jobid, path))
-        drop_message(h.sandbox, ("jobid\t%s\nfile\t%s\nproxy\t%s\n" % (
-            jobid, archive, h.pki.proxy)).encode())
+        drop_message(h.sandbox, sandbox_message(jobid, archive,
+                                                h.pki.proxy))
         proc = h.once()
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertEqual(sorted(h.jpps.committed.values()), digests)
@@ -2857,8 +2870,8 @@ class TestGridFTPUpload(unittest.TestCase):
             f.write(os.urandom(20000))
         digests = sorted([sha256_of(path), sha256_of(archive)])
         drop_message(h.dump, dump_message(jobid, path))
-        drop_message(h.sandbox, ("jobid\t%s\nfile\t%s\nproxy\t%s\n" % (
-            jobid, archive, h.pki.proxy)).encode())
+        drop_message(h.sandbox, sandbox_message(jobid, archive,
+                                                h.pki.proxy))
         proc = h.once()
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertEqual(sorted(h.jpps.committed.values()), digests)
@@ -3047,14 +3060,7 @@ class TestFaultsClear(unittest.TestCase):
 
     def harness(self):
         """upload_harness() with the quota-capable FTPS fixture."""
-        root = tempfile.mkdtemp(prefix="jp-ftp-root-")
-        self.addCleanup(shutil.rmtree, root, True)
-        ftps = self.QuotaFTPS(pki(), root).start()
-        self.addCleanup(ftps.stop)
-        h = ImporterHarness(self, dest_base=ftps.url("jpps"),
-                            local_root=root)
-        h.ftps, h.ftp_root = ftps, root
-        return h
+        return upload_harness(self, ftps_class=self.QuotaFTPS)
 
     def queue(self, h, what, n, maildir=None, size=200000):
         """A registered job's dump or sandbox and its message in `maildir`
@@ -3071,8 +3077,7 @@ class TestFaultsClear(unittest.TestCase):
             path = os.path.join(maildir, "spool", "%d.tar" % n)
             with open(path, "wb") as f:
                 f.write(os.urandom(size))
-            data = ("jobid\t%s\nfile\t%s\nproxy\t%s\n"
-                    % (jobid, path, h.pki.proxy)).encode()
+            data = sandbox_message(jobid, path, h.pki.proxy)
         h.jpps.register(jobid, USER_SUBJECT)
         return maildir, drop_message(maildir, data), path, sha256_of(path)
 
@@ -3084,16 +3089,6 @@ class TestFaultsClear(unittest.TestCase):
         self.assertNotIn("Traceback", proc.stderr)
         self.assertEqual(proc.returncode, 0, proc.stderr)
         return proc, took
-
-    @staticmethod
-    def expire_uploads(h):
-        """The JPPS forgets uploads never committed, as it does after its
-        deadline (300 s, shorter than the first retry delay of 360 s):
-        without this the retry would be told EEXIST and wait it out."""
-        with h.jpps.lock:
-            for f in h.jpps.files.values():
-                if f["state"] == "uploading":
-                    f["deadline"] = 0
 
     def assert_retried(self, maildir, name, text, attempts=1):
         self.assertEqual(listing(maildir, "post"), [name])
@@ -3141,7 +3136,7 @@ class TestFaultsClear(unittest.TestCase):
         self.assertEqual(st.f_bavail * st.f_frsize, leave)
         return filler
 
-    # -- 1. FTP faults ---------------------------------------------------------
+    # -- 1. FTP faults --------------------------------------------------------
 
     def test_ftp_faults_are_retried_then_delivered_once(self):
         # (fault, its arguments, --timeout, text in last_error)
@@ -3165,7 +3160,7 @@ class TestFaultsClear(unittest.TestCase):
                     self.assertEqual(h.jpps.committed, {})
                     self.assertEqual(h.ftps.stores, 0)
                     h.ftps.release()
-                    self.expire_uploads(h)
+                    h.jpps.expire_uploads()
                     self.once(h)
                     self.assert_delivered_once(h, maildir, path, digest,
                                                stores=1)
@@ -3186,11 +3181,11 @@ class TestFaultsClear(unittest.TestCase):
         self.assertEqual(h.ftps.stores, 0)
         proc = run([sys.executable, JP_IMPORTER, "--requeue"] + h.args())
         self.assertEqual(proc.returncode, 0, proc.stderr)
-        self.expire_uploads(h)
+        h.jpps.expire_uploads()
         self.once(h)
         self.assert_delivered_once(h, maildir, path, digest, stores=1)
 
-    # -- 2. JPPS faults in StartUpload and CommitUpload ------------------------
+    # -- 2. JPPS faults in StartUpload and CommitUpload -----------------------
 
     def test_jpps_faults_in_upload_calls_are_retried_then_delivered_once(self):
         # (fault, arguments, --timeout, text in last_error); a cut answer
@@ -3260,14 +3255,14 @@ class TestFaultsClear(unittest.TestCase):
         # Space again: everything is delivered, once.
         for filler in fillers:
             os.unlink(filler)
-        self.expire_uploads(h)
+        h.jpps.expire_uploads()
         self.once(h, *args)
         self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 2)
         self.assert_delivered_once(h, dump, path, digest)
         for sub in MAILDIR_SUBDIRS + ("state",):
             self.assertEqual(listing(reg, sub), [], sub)
 
-    # -- 4. a read-only maildir ------------------------------------------------
+    # -- 4. a read-only maildir -----------------------------------------------
 
     def test_read_only_maildir_loses_nothing(self):
         h = ImporterHarness(self)
@@ -3407,10 +3402,7 @@ class TestKillsLoseNothing(unittest.TestCase):
         the JPPS fixture expires its open uploads and the waiting
         messages' clocks are set back; returns how many were waiting.
         """
-        with h.jpps.lock:
-            for f in h.jpps.files.values():
-                if f["state"] == "uploading":
-                    f["deadline"] = 0
+        h.jpps.expire_uploads()
         waiting = 0
         for maildir in (h.dump, h.sandbox):
             md = jp_importer.Maildir(maildir)
@@ -3552,9 +3544,8 @@ class TestKillsLoseNothing(unittest.TestCase):
             with open(archive, "wb") as f:
                 f.write(os.urandom(rng.randrange(100, 30000)))
             digests[jobid] = sha256_of(archive)
-            messages.append((h.sandbox, (
-                "jobid\t%s\nfile\t%s\nproxy\t%s\n"
-                % (jobid, archive, h.pki.proxy)).encode()))
+            messages.append((h.sandbox, sandbox_message(
+                jobid, archive, h.pki.proxy)))
         rng.shuffle(messages)
 
         def start():
@@ -4280,19 +4271,13 @@ def write_new(maildir, messages, tag):
     return names
 
 
-def malformed_registration(rng, i):
-    """(bytes, reason text or None) of a surely malformed registration."""
-    jobid = b"https://lb.example.org:9000/bad%06d" % i
-    good = jobid + b"\n/O=Grid/CN=owner %d" % i
-    kind = rng.choice(("random", "truncated", "huge", "nul", "utf8",
-                       "no_owner", "lines", "jobid", "no_newline", "empty",
-                       "random", "truncated", "nul", "utf8", "jobid"))
+def common_corruption(rng, kind, good):
+    """The corruptions any message kind shares, of the good message
+    `good`: (bytes, reason text or None), or None when `kind` is not one
+    of them."""
     at = rng.randrange(len(good) + 1)
     if kind == "random":
         return random_bytes(rng, rng.randrange(1, 300)), None
-    if kind == "truncated":
-        # Cut before the owner starts: never a whole registration.
-        return good[:rng.randrange(len(jobid) + 2)], None
     if kind == "huge":
         return good + b"x" * (jp_importer.MAX_MESSAGE - len(good)
                               + rng.randrange(1, 5000)), "larger than"
@@ -4300,6 +4285,22 @@ def malformed_registration(rng, i):
         return good[:at] + b"\0" + good[at:], "NUL byte"
     if kind == "utf8":
         return good[:at] + rng.choice(NOT_UTF8) + good[at:], "not UTF-8"
+    return None
+
+
+def malformed_registration(rng, i):
+    """(bytes, reason text or None) of a surely malformed registration."""
+    jobid = b"https://lb.example.org:9000/bad%06d" % i
+    good = jobid + b"\n/O=Grid/CN=owner %d" % i
+    kind = rng.choice(("random", "truncated", "huge", "nul", "utf8",
+                       "no_owner", "lines", "jobid", "no_newline", "empty",
+                       "random", "truncated", "nul", "utf8", "jobid"))
+    corrupted = common_corruption(rng, kind, good)
+    if corrupted is not None:
+        return corrupted
+    if kind == "truncated":
+        # Cut before the owner starts: never a whole registration.
+        return good[:rng.randrange(len(jobid) + 2)], None
     if kind == "no_owner":
         return jobid + rng.choice((b"\n", b"\n  ", b"\r\n")), "owner"
     if kind == "lines":
@@ -4324,19 +4325,12 @@ def malformed_keyed(rng, i, sandbox):
                        "no_file", "no_jobid", "twice", "jobid", "no_value",
                        "relative", "jpps", "empty", "random", "truncated",
                        "nul", "utf8", "jobid"))
-    at = rng.randrange(len(good) + 1)
-    if kind == "random":
-        return random_bytes(rng, rng.randrange(1, 300)), None
+    corrupted = common_corruption(rng, kind, good)
+    if corrupted is not None:
+        return corrupted
     if kind == "truncated":
         # Cut before the file path starts: "file" and one blank at most.
         return good[:rng.randrange(len(jobid_line) + 6)], None
-    if kind == "huge":
-        return good + b"x" * (jp_importer.MAX_MESSAGE - len(good)
-                              + rng.randrange(1, 5000)), "larger than"
-    if kind == "nul":
-        return good[:at] + b"\0" + good[at:], "NUL byte"
-    if kind == "utf8":
-        return good[:at] + rng.choice(NOT_UTF8) + good[at:], "not UTF-8"
     if kind == "no_file":
         return jobid_line.encode(), "no 'file' line"
     if kind == "no_jobid":
@@ -4712,15 +4706,13 @@ class TestTLSAndSecrets(unittest.TestCase):
         archive = h.path("sandbox", "spool", "1.tar")
         with open(archive, "wb") as f:
             f.write(os.urandom(3000))
-        drop_message(h.sandbox, ("jobid\t%s\nfile\t%s\nproxy\t%s\n" % (
-            "https://lb.example.org:9000/dump00000", archive,
-            h.pki.proxy)).encode())
+        drop_message(h.sandbox, sandbox_message(
+            "https://lb.example.org:9000/dump00000", archive, h.pki.proxy))
         logfile = h.path("debug.log")
         proc = h.once("-g", "--log", logfile)
         self.assertEqual(proc.returncode, 0, proc.stderr)
         # The retries; the dropped upload's JPPS slot has expired.
-        for f in h.jpps.files.values():
-            f["deadline"] = 0
+        h.jpps.expire_uploads()
         proc2 = h.once("-g", "--log", logfile)
         self.assertEqual(proc2.returncode, 0, proc2.stderr)
         log_text = read_text(logfile)

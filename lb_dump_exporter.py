@@ -220,6 +220,14 @@ def write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
+def message_time(text):
+    """(seconds, microseconds) of a "<sec>_<usec>" message name, or None."""
+    sec, _, usec = text.partition("_")
+    if not (sec.isdigit() and usec.isdigit()):
+        return None
+    return int(sec), int(usec)
+
+
 def open_input(path):
     """(binary stream, total size or None) of the dump; gzip unwrapped."""
     if path in (None, "-"):
@@ -296,8 +304,9 @@ class Exporter:
         self.current_field = None
         self.counts = {"jobs": 0, "lines": 0, "exported": 0, "rejected": 0,
                        "blank": 0, "earlier": 0, "bytes": 0}
-        self.msg_seq = 0
         self.dump_id = None
+        now = time.time()
+        self.started = int(now), int(now % 1 * 1e6)
 
     # -- set-up -----------------------------------------------------------
 
@@ -330,22 +339,26 @@ class Exporter:
 
     def _read_journal(self):
         """([message, jobid, file name] of every whole entry, True when
-        the run that wrote it had finished)."""
-        entries, complete = [], False
+        the run that wrote it had finished, the time (seconds,
+        microseconds) of the last batch begun or None)."""
+        entries, complete, batch = [], False, None
         with open(self.journal_path(), "r", encoding="utf-8",
                   errors="replace") as f:
             for line in f:
                 if line == "complete\n":
                     complete = True
                     continue
+                if line.startswith("batch ") and line.endswith("\n"):
+                    batch = message_time(line[6:-1])
+                    continue
                 fields = line.rstrip("\n").split("\t")
                 if len(fields) == 3 and line.endswith("\n"):
                     entries.append(fields)
-        return entries, complete
+        return entries, complete, batch
 
     def _recover(self):
         """Read an earlier run's journal; True when it had finished."""
-        entries, complete = self._read_journal()
+        entries, complete, batch = self._read_journal()
         if complete:
             return True
         tmp = os.path.join(self.maildir, "tmp")
@@ -356,6 +369,11 @@ class Exporter:
             if name.endswith(".retracted"):
                 retracted.add(name[:-len(".retracted")])
                 unlink_quietly(os.path.join(tmp, name))
+        journaled = set(entry[0] for entry in entries)
+        for message in os.listdir(tmp):
+            if message not in journaled and self._cut_before_journal(
+                    os.path.join(tmp, message), message, batch):
+                unlink_quietly(os.path.join(tmp, message))
         for message, jobid, filename in entries:
             name = filename[:-len(self.suffix)]
             master = os.path.join(tmp, message)
@@ -372,6 +390,37 @@ class Exporter:
             if filename.endswith(self.suffix) and \
                     filename[:-len(self.suffix)] not in self.announced:
                 unlink_quietly(os.path.join(self.store, filename))
+        return False
+
+    def _cut_before_journal(self, path, message, batch):
+        """Is `path` in tmp/ a message of this dump that the cut run wrote
+        but did not journal (so never published)?  Left there, the
+        importer would queue it after a day: a second upload of its job.
+
+        Killed between creating a message and writing it, the run left
+        it empty: an empty one is taken for ours when it is named after
+        the last batch began (`batch`) and before this run started
+        (another writer still between creating and writing its message
+        since then would be very slow; it would see its link fail).
+        """
+        try:
+            st = os.lstat(path)
+            if st.st_nlink != 1 or not stat.S_ISREG(st.st_mode):
+                return False
+            if st.st_size == 0:
+                named = message_time(message.split(".", 1)[0])
+                return batch is not None and named is not None and \
+                    batch <= named < self.started
+            with open(path, "rb") as f:
+                head = f.read(8192)
+        except OSError:
+            return False
+        for line in head.split(b"\n"):
+            key, _, value = line.partition(b" ")
+            if key == b"file":
+                value = os.fsdecode(value.strip())
+                return os.path.dirname(value) == self.store and \
+                    value.endswith(self.suffix)
         return False
 
     # -- lines ------------------------------------------------------------
@@ -663,6 +712,12 @@ class Exporter:
             self._sync([job.path for job in batch] + [self.store])
             # 2. the messages (in tmp/, invisible) and the journal, synced;
             fresh = [job for job in batch if job.retracted is None]
+            # Names of messages written from now on are not earlier than
+            # this: a rerun after a kill in the middle of the next step
+            # knows which empty tmp/ files it left (_recover).
+            now = time.time()
+            write_all(self.journal_fd, b"batch %d_%06d\n"
+                      % (int(now), int(now % 1 * 1e6)))
             for job in fresh:
                 job.message = self._write_message(job)
             write_all(self.journal_fd, "".join(

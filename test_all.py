@@ -3704,6 +3704,11 @@ class ExporterRun:
             data_files = [n for n in os.listdir(self.store)
                           if not n.startswith((".", "lb_dump_exporter."))]
             self.case.assertEqual(len(data_files), len(expected))
+            # No copy in tmp/ without its link in new/: the importer
+            # would queue it after a day, a second upload of its job.
+            tmp = os.path.join(self.maildir, "tmp")
+            self.case.assertEqual([n for n in os.listdir(tmp) if os.stat(
+                os.path.join(tmp, n)).st_nlink < 2], [])
         return messages
 
     def rejects(self):
@@ -3913,6 +3918,43 @@ class TestDumpExporter(unittest.TestCase):
         self.assertEqual(again.returncode, 0)
         self.assertIn(b"exported completely before", again.stderr)
         self.assertEqual(len(listing(x.maildir, "new")), len(table))
+
+    def test_message_written_but_not_journaled_is_taken_back(self):
+        # A kill between writing a batch's messages in tmp/ and journaling
+        # them: the rerun must remove them, or the importer would queue
+        # them after a day as second uploads of their jobs.
+        x = ExporterRun(self)
+        table, data = generated_dump(20, per_job=2, pad=100)
+        dump = x.dump_file(data)
+        self.assertEqual(x.run("-q", "-d", dump).returncode, 0)
+        journal = [os.path.join(x.store, n) for n in os.listdir(x.store)
+                   if n.endswith(".journal")][0]
+        with open(journal) as f:
+            entries = f.read().splitlines()
+        self.assertEqual(entries[-1], "complete")
+        cut = [entry.split("\t")[0] for entry in entries[-6:-1]]
+        with open(journal, "w") as f:
+            f.write("".join(entry + "\n" for entry in entries[:-6]))
+        for message in cut:
+            os.unlink(os.path.join(x.maildir, "new", message))
+        # Killed between creating a message and writing it: an empty
+        # file named after the batch began.  Another writer's empty file
+        # named before it is not the exporter's to remove.
+        batch = [e for e in entries if e.startswith("batch ")][-1]
+        sec, usec = map(int, batch.split()[1].split("_"))
+        empty = "%d_%06d.localhost" % (sec, usec + 1)
+        foreign = "%d_%06d.localhost" % (sec - 1, usec)
+        for name in (empty, foreign):
+            open(os.path.join(x.maildir, "tmp", name), "wb").close()
+        proc = x.run("-q", "-d", dump)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        os.unlink(os.path.join(x.maildir, "tmp", foreign))
+        messages = x.assert_exported(table)
+        for message in cut + [empty]:
+            self.assertFalse(os.path.exists(os.path.join(
+                x.maildir, "tmp", message)))
+        self.assertFalse(set(cut) & set(name for _, name, _ in
+                                         messages.values()))
 
     def test_file_size_limit_is_a_clear_error_and_rerun_completes(self):
         import resource

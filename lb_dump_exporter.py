@@ -48,6 +48,7 @@ import hashlib
 import io
 import os
 import re
+import select
 import signal
 import stat
 import sys
@@ -229,7 +230,9 @@ def message_time(text):
 
 
 def open_input(path):
-    """(binary stream, total size or None) of the dump; gzip unwrapped."""
+    """(binary stream, total size or None, the stream of the file as
+    stored, its descriptor when it is a pipe or the like, else None) of
+    the dump; gzip unwrapped."""
     if path in (None, "-"):
         raw = sys.stdin.buffer
         total = None
@@ -242,8 +245,13 @@ def open_input(path):
     if not hasattr(raw, "peek"):
         raw = io.BufferedReader(raw)
     if raw.peek(2)[:2] == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=raw, mode="rb"), total, raw
-    return raw, total, raw
+        return gzip.GzipFile(fileobj=raw, mode="rb"), total, raw, None
+    try:
+        fd = raw.fileno()
+        waits = not stat.S_ISREG(os.fstat(fd).st_mode)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        waits = False
+    return raw, total, raw, fd if waits else None
 
 
 # ---------------------------------------------------------------------------
@@ -874,7 +882,7 @@ def export(o, stderr=sys.stderr):
 
     exporter = Exporter(store, maildir, o.jpps, o.mixed,
                         o.allow_shared_dirs, reject=report)
-    stream, total, raw = open_input(o.dump)
+    stream, total, raw, fd = open_input(o.dump)
     try:
         exporter.prepare()
     except Error:
@@ -884,7 +892,7 @@ def export(o, stderr=sys.stderr):
     progress = None
     if not o.quiet and stderr.isatty():
         progress = Progress(stderr, total)
-    read = reader(stream, source)
+    read = reader(stream, source, fd, exporter.publish)
 
     def position():
         # Of the file as stored (compressed or not) when it is a file.
@@ -930,21 +938,38 @@ def export(o, stderr=sys.stderr):
     return 1 if counts["rejected"] else 0
 
 
-def reader(stream, source):
-    """read() of CHUNK bytes, with read errors as one clear Error."""
+def reader(stream, source, fd=None, idle=None):
+    """read() of CHUNK bytes, with read errors as one clear Error.
+
+    `fd`: the descriptor under `stream` when the input may pause (a
+    pipe): once what `stream` buffered is read, every BATCH_SECONDS that
+    nothing comes, idle() is called (it publishes the finished jobs).
+    """
     # read1: what is there, up to CHUNK; read() would wait on a pipe for
     # the whole CHUNK, holding back the jobs already complete.
     read_some = getattr(stream, "read1", stream.read)
 
+    def read_fd(size):
+        while not select.select([fd], [], [], BATCH_SECONDS)[0]:
+            idle()
+        return os.read(fd, size)
+
     def read():
         try:
-            data = read_some(CHUNK)
+            if read.drained:
+                data = read_fd(CHUNK)
+            else:
+                # read1 returns what stream holds, if anything, and reads
+                # no further: after it, the descriptor tells all.
+                data = read_some(CHUNK)
+                read.drained = fd is not None and idle is not None
         except (OSError, EOFError, zlib.error) as exc:
             raise Error("cannot read %s: %s" % (source, getattr(
                 exc, "strerror", None) or exc))
         read.done += len(data)
         return data
     read.done = 0
+    read.drained = False
     return read
 
 

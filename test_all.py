@@ -3919,6 +3919,27 @@ class TestDumpExporter(unittest.TestCase):
         self.assertIn(b"exported completely before", again.stderr)
         self.assertEqual(len(listing(x.maildir, "new")), len(table))
 
+    def test_a_pausing_pipe_does_not_hold_back_finished_jobs(self):
+        # A dump written into a pipe that then pauses (the pipe stays
+        # open): the jobs finished so far are announced within a few
+        # seconds; the last one may still grow and waits for the end.
+        x = ExporterRun(self)
+        table, data = generated_dump(300, per_job=2, pad=2000)
+        self.assertGreater(len(data), 1 << 20)    # more than the dump id
+        proc = subprocess.Popen(x.args("-q"), stdin=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        self.addCleanup(proc.kill)
+        proc.stdin.write(data)
+        proc.stdin.flush()
+        wait_for(lambda: len(listing(x.maildir, "new")) == len(table) - 1,
+                 what="every job but the last announced")
+        self.assertIsNone(proc.poll())
+        self.assertNotIn(table[-1][0], x.messages())
+        proc.stdin.close()
+        self.assertEqual(proc.wait(TIMEOUT), 0, proc.stderr.read())
+        proc.stderr.close()
+        x.assert_exported(table)
+
     def test_message_written_but_not_journaled_is_taken_back(self):
         # A kill between writing a batch's messages in tmp/ and journaling
         # them: the rerun must remove them, or the importer would queue

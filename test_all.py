@@ -3919,6 +3919,44 @@ class TestDumpExporter(unittest.TestCase):
         self.assertIn(b"exported completely before", again.stderr)
         self.assertEqual(len(listing(x.maildir, "new")), len(table))
 
+    def test_a_big_batch_syncs_its_filesystems_alone(self):
+        # One syncfs per filesystem of the batch, never sync(2) (every
+        # filesystem of the machine, NFS too); sync(2) only where libc or
+        # the kernel has no syncfs.
+        work = tempfile.mkdtemp(prefix="jp-syncfs-test-")
+        self.addCleanup(shutil.rmtree, work, True)
+        other = tempfile.mkdtemp(dir="/dev/shm")       # tmpfs: another fs
+        self.addCleanup(shutil.rmtree, other, True)
+        paths = [work, other]
+        for i in range(lb_dump_exporter.SYNC_EACH_BELOW):
+            paths.append(os.path.join(work if i % 2 else other, str(i)))
+            open(paths[-1], "wb").close()
+        fd = os.open(work, os.O_RDONLY)
+        try:
+            self.assertEqual(lb_dump_exporter.find_syncfs()[0](fd), 0)
+        finally:
+            os.close(fd)                              # the real one works
+        synced, whole = [], []
+
+        def syncfs(fd):
+            synced.append(os.fstat(fd).st_dev)
+            return 0
+        self.addCleanup(setattr, lb_dump_exporter, "SYNCFS",
+                        lb_dump_exporter.SYNCFS)
+        self.addCleanup(setattr, os, "sync", os.sync)
+        os.sync = lambda: whole.append(1)
+        lb_dump_exporter.SYNCFS = (syncfs, lambda: 0)
+        lb_dump_exporter.Exporter._sync(paths)
+        self.assertEqual(sorted(synced), sorted(
+            set([os.stat(work).st_dev, os.stat(other).st_dev])))
+        self.assertEqual(whole, [])
+        lb_dump_exporter.SYNCFS = (lambda fd: -1, lambda: errno.ENOSYS)
+        lb_dump_exporter.Exporter._sync(paths)
+        self.assertEqual(whole, [1])
+        self.assertIs(lb_dump_exporter.SYNCFS, False)
+        lb_dump_exporter.Exporter._sync(paths)
+        self.assertEqual(whole, [1, 1])
+
     def test_a_pausing_pipe_does_not_hold_back_finished_jobs(self):
         # A dump written into a pipe that then pauses (the pipe stays
         # open): the jobs finished so far are announced within a few

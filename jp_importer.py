@@ -1907,7 +1907,8 @@ def der_time(t):
 
 
 def read_rsa_key(path):
-    """(n, d) of the RSA key in a PEM file (PKCS#1 or unencrypted PKCS#8)."""
+    """(n, e, d, p, q, dp, dq, qinv) of the RSA key in a PEM file (PKCS#1
+    or unencrypted PKCS#8): the fields of RFC 8017's RSAPrivateKey."""
     with open(path, "rb") as f:
         match = PEM_KEY_RE.search(f.read(1024 * 1024))
     if not match:
@@ -1924,9 +1925,23 @@ def read_rsa_key(path):
         data = data[fields[2][1]:fields[2][2]]
         _, s, e = der_read(data)
         fields = der_children(data, s, e)
-    n, d = (int.from_bytes(data[f[1]:f[2]], "big") for f in
-            (fields[1], fields[3]))
-    return n, d
+    return tuple(int.from_bytes(data[f[1]:f[2]], "big")
+                 for f in fields[1:9])
+
+
+def rsa_sign_raw(key, message):
+    """message**d mod n, by the Chinese remainder theorem: two half-size
+    exponentiations, about a quarter of the 20 ms a 2048-bit pow(m, d, n)
+    takes in CPython.  The result is checked against the public exponent
+    (cheap) before it leaves, so that a fault in one half cannot give the
+    key away (the Boneh-DeMillo-Lipton attack on CRT signatures)."""
+    n, e, d, p, q, dp, dq, qinv = key
+    m1 = pow(message, dp, p)
+    m2 = pow(message, dq, q)
+    signature = m2 + q * ((m1 - m2) * qinv % p)
+    if pow(signature, e, n) != message:
+        raise ValueError("RSA signature check failed")
+    return signature
 
 
 def sign_proxy_request(request, cert_file, key_file, now=None):
@@ -1970,12 +1985,14 @@ def sign_proxy_request(request, cert_file, key_file, now=None):
         der(0x30, subject), der(0x30, der_time(now - 300) + der_time(
             min(info.not_after, now + DELEGATED_LIFETIME))),
         proxy_subject, public_key, extensions]))
-    n, d = read_rsa_key(key_file)
+    key = read_rsa_key(key_file)
+    n = key[0]
     size = (n.bit_length() + 7) // 8
     digest = SHA256_DIGEST_INFO + hashlib.sha256(tbs_der).digest()
     block = b"\x00\x01" + b"\xff" * (size - 3 - len(digest)) + b"\x00" + \
         digest                                   # EMSA-PKCS1-v1_5
-    signature = pow(int.from_bytes(block, "big"), d, n).to_bytes(size, "big")
+    signature = rsa_sign_raw(key, int.from_bytes(block, "big")).to_bytes(
+        size, "big")
     return der(0x30, tbs_der + algorithm + der(0x03, b"\x00" + signature))
 
 

@@ -66,6 +66,7 @@ import calendar
 import errno
 import fcntl
 import ftplib
+import gc
 import getopt
 import hashlib
 import http.client
@@ -1932,15 +1933,16 @@ def read_rsa_key(path):
 def rsa_sign_raw(key, message):
     """message**d mod n, by the Chinese remainder theorem: two half-size
     exponentiations, about a quarter of the 20 ms a 2048-bit pow(m, d, n)
-    takes in CPython.  The result is checked against the public exponent
-    (cheap) before it leaves, so that a fault in one half cannot give the
-    key away (the Boneh-DeMillo-Lipton attack on CRT signatures)."""
+    takes in CPython.  The result is checked with the public exponent
+    (cheap) before it leaves: a wrong one (a fault in one half, which
+    would give the key away, or a key of more than two primes) is
+    replaced by the plain exponentiation."""
     n, e, d, p, q, dp, dq, qinv = key
     m1 = pow(message, dp, p)
     m2 = pow(message, dq, q)
     signature = m2 + q * ((m1 - m2) * qinv % p)
     if pow(signature, e, n) != message:
-        raise ValueError("RSA signature check failed")
+        signature = pow(message, d, n)
     return signature
 
 
@@ -3492,4 +3494,11 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # What the imports made (thousands of functions, classes, patterns)
+    # is never garbage: out of the cyclic collector's sight, the full
+    # collection at exit skips it (8 to 10 ms of a one-shot --upload,
+    # measured) and so do the daemon's.  Left to main()'s callers when
+    # imported (the tests run it in process).
+    if hasattr(gc, "freeze"):                                    # novm
+        gc.freeze()                                              # novm
     sys.exit(main())

@@ -104,20 +104,24 @@ os.write(report, b"%d %d %r" % (status, usage.ru_maxrss,
 """
 
 
-def settle(warm=None):
+def settle(warm=None, commands=(), drop=True):
     """Give the next timed command the same start as the others.
 
-    Writes back what is dirty; then, as root, drops the page, dentry and
-    inode caches and reads `warm` (the input) back in.  The drop matters
-    on ext4 without a journal (this machine's disk): the kernel does not
-    reuse an inode freed in the last ~50 minutes while its inode-table
-    block is cached, and scans past every such inode for each new file
-    (recently_deleted() in fs/ext4/ialloc.c).  Removing one round's
-    hundreds of thousands of files then made each file creation of the
-    next command cost 200-500 us instead of 25, slowing whichever
-    command came first.
+    Writes back what is dirty; then (`drop`), as root, drops the page,
+    dentry and inode caches, reads `warm` (the input) back in and runs
+    `commands` (each timed command with --version or the like, so that
+    none starts from a cold cache, Python with its many modules the
+    coldest).  The drop matters on ext4 without a journal (this
+    machine's disk): the kernel does not reuse an inode freed in the
+    last ~50 minutes while its inode-table block is cached, and scans
+    past every such inode for each new file (recently_deleted() in
+    fs/ext4/ialloc.c).  Removing one round's hundreds of thousands of
+    files then made each file creation of the next command cost 200-500
+    us instead of 25, slowing whichever command came first.
     """
     os.sync()
+    if not drop:
+        return
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
@@ -127,6 +131,9 @@ def settle(warm=None):
         with open(warm, "rb") as f:
             while f.read(1 << 20):
                 pass
+    for cmd in commands:
+        subprocess.call(cmd, stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL)
 
 
 def child_run(cmd, **kw):
@@ -266,6 +273,10 @@ def bench_dumps(table, quick, runs):
                 size = make_dump(dump, jobs, interleave)
                 mb = size / 1e6
 
+                warm = [[sys.executable, LB_DUMP_EXPORTER, "--version"],
+                         ["awk", "BEGIN {}"], ["cp", "--version"],
+                         ["sync", "--version"]]
+
                 def once():
                     out = tempfile.mkdtemp(dir=work)
                     try:
@@ -276,20 +287,20 @@ def bench_dumps(table, quick, runs):
                             cmd.append("-x")
                         # Each command starts from the same state: nothing
                         # left to write back, the dump alone in the cache.
-                        settle(dump)
+                        settle(dump, warm)
                         exporter, rss = child_run(cmd)
                         made = len(os.listdir(os.path.join(out, "md", "new")))
                         if made != jobs:
                             raise RuntimeError("%d messages for %d jobs"
                                                % (made, jobs))
-                        settle(dump)
+                        settle(dump, warm)
                         started = time.perf_counter()
                         subprocess.check_call(["cp", dump, os.path.join(
                             out, "copy")])
                         subprocess.check_call(["sync"])
                         copy = time.perf_counter() - started
                         os.mkdir(os.path.join(out, "awk"))
-                        settle(dump)
+                        settle(dump, warm)
                         awk, _ = child_run(["awk", "-v", "dir=" + os.path.join(
                             out, "awk"), AWK_SPLIT, dump])
                         return {"exporter": exporter, "rss": rss,
@@ -341,15 +352,19 @@ def bench_uploads(table, quick, runs):
 
                 def ftps():
                     n[0] += 1
+                    settle(drop=False)
                     mine, _ = child_run(ours + ["-c", p.host_cert, "-k",
                                                 p.host_key, vsftpd.url(
                                                     "ours%d" % n[0])],
                                         stdout=subprocess.DEVNULL)
+                    os.unlink(vsftpd.local("ours%d" % n[0]))
+                    settle(drop=False)
                     curl, _ = child_run([
                         "curl", "-sS", "--ssl-reqd", "--tls-max", "1.2",
                         "--cacert", p.ca_cert, "--cert", p.host_cert,
                         "--key", p.host_key, "-T", payload,
                         vsftpd.url("curl%d" % n[0])])
+                    os.unlink(vsftpd.local("curl%d" % n[0]))
                     return {"ours": mb / mine, "curl": mb / curl}
                 m = median_of(runs, ftps)
                 table.add("uploads", "curl --ssl-reqd -T to vsftpd, %d MiB"
@@ -374,12 +389,16 @@ def bench_uploads(table, quick, runs):
 
                 def gsiftp():
                     n[0] += 1
+                    settle(drop=False)
                     mine, _ = child_run(ours + ["-c", p.proxy, "--dcau", dcau,
                                                 peer.url("ours%d" % n[0])],
                                         stdout=subprocess.DEVNULL)
+                    os.unlink(os.path.join(peer.root, "ours%d" % n[0]))
+                    settle(drop=False)
                     guc, _ = child_run(["globus-url-copy", client_flag,
                                         "file://" + payload,
                                         peer.url("guc%d" % n[0])], env=env)
+                    os.unlink(os.path.join(peer.root, "guc%d" % n[0]))
                     return {"ours": mb / mine, "guc": mb / guc}
                 m = median_of(runs, gsiftp)
                 table.add("uploads", "globus-url-copy %s, %d MiB"

@@ -3445,15 +3445,22 @@ class TestKillsLoseNothing(unittest.TestCase):
         # killed after writing its message in tmp/ but before linking it
         # into new/ left a complete request there: the importer queues
         # such a lone copy after a day (a second request for the job,
-        # which the JPPS answers EEXIST: stored once).
-        jobids, named = [], set()
+        # which the JPPS answers EEXIST: stored once).  Killed between
+        # creating the message and writing it (as any maildir writer can
+        # be, the LB server too), it left an empty one, which the
+        # importer puts in undeliverable/ after a day, with the reason.
+        jobids, named, empty = [], set(), 0
         for sub in ("new", "tmp"):
             for name in listing(maildir, sub):
                 path = os.path.join(maildir, sub, name)
                 if sub == "tmp" and os.stat(path).st_nlink > 1:
                     continue                   # the master copy of new/
                 with open(path, "rb") as f:
-                    fields = jp_importer.parse_keyed(f.read())
+                    data = f.read()
+                if sub == "tmp" and not data:
+                    empty += 1
+                    continue
+                fields = jp_importer.parse_keyed(data)
                 if sub == "new":
                     jobids.append(fields["jobid"])
                 named.add(fields["file"])
@@ -3467,7 +3474,7 @@ class TestKillsLoseNothing(unittest.TestCase):
         self.assertEqual(set(jobids), set(
             "https://lb.example.org:9000/kill%04d" % n for n in range(runs)))
         twice = len(jobids) - runs
-        lone = len(listing(maildir, "tmp")) - len(jobids)
+        lone = len(listing(maildir, "tmp")) - len(jobids) - empty
         # Archives of killed runs that no message names: the importer's
         # housekeeping removes them once they are a day old.
         spool = os.path.join(maildir, "spool")
@@ -3479,10 +3486,17 @@ class TestKillsLoseNothing(unittest.TestCase):
                          .remove_orphan_archives(), len(orphans))
         self.assertEqual(set(os.path.join(spool, n)
                              for n in os.listdir(spool)), named)
+        # A day later the importer queues every lone copy, empty or not
+        # (an empty one goes to undeliverable/ as malformed, see
+        # TestBadInputInBulk): none stays in tmp/ for ever.
+        self.assertEqual(jp_importer.Maildir(maildir).init()
+                         .requeue_stale_tmp(now=time.time() + 2 * 86400),
+                         lone + empty)
         report_figures("jp_upload_files kills", [
             ("runs", runs), ("killed", kills), ("lost", 0),
             ("requests made twice", twice),
             ("complete requests left in tmp/", lone),
+            ("empty ones", empty),
             ("orphan archives removed", len(orphans))])
 
     def test_exporter_killed_at_random_moments(self):

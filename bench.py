@@ -277,16 +277,14 @@ def bench_dumps(table, quick, runs):
     work = tempfile.mkdtemp(prefix="jp-bench-", dir=os.environ.get(
         "JP_BENCH_DIR"))
     spread(work)              # each round's directory: a fresh group
+    warm = [[sys.executable, LB_DUMP_EXPORTER, "--version"],
+            ["awk", "BEGIN {}"], ["cp", "--version"], ["sync", "--version"]]
     try:
         for jobs in sizes:
             for mode, interleave in (("grouped", 1), ("interleaved -x", 100)):
                 dump = os.path.join(work, "dump")
                 size = make_dump(dump, jobs, interleave)
                 mb = size / 1e6
-
-                warm = [[sys.executable, LB_DUMP_EXPORTER, "--version"],
-                         ["awk", "BEGIN {}"], ["cp", "--version"],
-                         ["sync", "--version"]]
 
                 def once():
                     out = tempfile.mkdtemp(dir=work)

@@ -270,6 +270,12 @@ def write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
+def clock():
+    """Now as (seconds, microseconds): the time of a message name."""
+    now = time.time()
+    return int(now), int(now % 1 * 1e6)
+
+
 def message_time(text):
     """(seconds, microseconds) of a "<sec>_<usec>" message name, or None."""
     sec, _, usec = text.partition("_")
@@ -367,8 +373,7 @@ class Exporter:
         self.counts = {"jobs": 0, "lines": 0, "exported": 0, "rejected": 0,
                        "blank": 0, "earlier": 0, "bytes": 0}
         self.dump_id = None
-        now = time.time()
-        self.started = int(now), int(now % 1 * 1e6)
+        self.started = clock()
 
     # -- set-up -----------------------------------------------------------
 
@@ -423,22 +428,21 @@ class Exporter:
         entries, complete, batch = self._read_journal()
         if complete:
             return True
-        tmp = os.path.join(self.maildir, "tmp")
-        # A message taken back to append to when the run was cut: its
-        # job is redone from the dump, like one never published.
-        retracted = set()
-        for name in os.listdir(tmp):
-            if name.endswith(".retracted"):
-                retracted.add(name[:-len(".retracted")])
-                unlink_quietly(os.path.join(tmp, name))
         journaled = set(entry[0] for entry in entries)
-        for message in os.listdir(tmp):
-            if message not in journaled and self._cut_before_journal(
-                    os.path.join(tmp, message), message, batch):
-                unlink_quietly(os.path.join(tmp, message))
+        retracted = set()
+        for name in os.listdir(self.in_tmp):
+            path = self.in_tmp + name
+            if name.endswith(".retracted"):
+                # A message taken back to append to when the run was
+                # cut: its job is redone, like one never published.
+                retracted.add(name[:-len(".retracted")])
+                unlink_quietly(path)
+            elif name not in journaled and \
+                    self._cut_before_journal(path, name, batch):
+                unlink_quietly(path)
         for message, jobid, filename in entries:
             name = filename[:-len(self.suffix)]
-            master = os.path.join(tmp, message)
+            master = self.in_tmp + message
             try:
                 linked = os.stat(master).st_nlink > 1
             except FileNotFoundError:
@@ -451,7 +455,7 @@ class Exporter:
         for filename in os.listdir(self.store):
             if filename.endswith(self.suffix) and \
                     filename[:-len(self.suffix)] not in self.announced:
-                unlink_quietly(os.path.join(self.store, filename))
+                unlink_quietly(self.in_store + filename)
         return False
 
     def _cut_before_journal(self, path, message, batch):
@@ -637,9 +641,9 @@ class Exporter:
         if message is None:
             raise BadLine("job %s reappeared but its message is unknown"
                           % job.jobid)
-        private = os.path.join(self.maildir, "tmp", message + ".retracted")
+        private = self.in_tmp + message + ".retracted"
         try:
-            os.rename(os.path.join(self.maildir, "new", message), private)
+            os.rename(self.in_new + message, private)
         except FileNotFoundError:
             self.handed_over.add(job.name)
             raise BadLine("job %s reappeared after its dump was handed to "
@@ -694,8 +698,7 @@ class Exporter:
                 continue
             jobid = self.parked_jobids.pop(name, None) or \
                 self.jobid_prefix + name
-            job = Job(jobid, name, os.path.join(self.store,
-                                                name + self.suffix))
+            job = Job(jobid, name, self.in_store + name + self.suffix)
             self.open[name] = job
             self._finish(job)
 
@@ -776,9 +779,7 @@ class Exporter:
             # Names of messages written from now on are not earlier than
             # this: a rerun after a kill in the middle of the next step
             # knows which empty tmp/ files it left (_recover).
-            now = time.time()
-            write_all(self.journal_fd, b"batch %d_%06d\n"
-                      % (int(now), int(now % 1 * 1e6)))
+            write_all(self.journal_fd, b"batch %d_%06d\n" % clock())
             for job in fresh:
                 job.message = self._write_message(job)
             write_all(self.journal_fd, "".join(
@@ -825,8 +826,7 @@ class Exporter:
         data = "jobid  %s\nfile   %s\n" % (job.jobid, job.path)
         if self.jpps:
             data += "jpps   %s\n" % self.jpps
-        now = time.time()
-        sec, usec = int(now), int(now % 1 * 1e6)
+        sec, usec = clock()
         while True:
             name = "%d_%06d.localhost" % (sec, usec)
             path = self.in_tmp + name
@@ -869,7 +869,6 @@ class Exporter:
         message (the importer would queue a lone tmp/ copy after a day);
         the rerun exports them again.
         """
-        tmp = os.path.join(self.maildir, "tmp")
         for job in list(self.open.values()) + self.pending:
             if job.fd is not None:
                 try:
@@ -881,7 +880,7 @@ class Exporter:
             if job.retracted:
                 unlink_quietly(job.retracted)
             if job.message:
-                unlink_quietly(os.path.join(tmp, job.message))
+                unlink_quietly(self.in_tmp + job.message)
             unlink_quietly(job.path)
         if self.mixed and self.dump_id:
             # Parked jobs are known by their files alone: remove those
@@ -891,7 +890,7 @@ class Exporter:
                 for filename in os.listdir(self.store):
                     if filename.endswith(self.suffix) and \
                             filename not in journaled:
-                        unlink_quietly(os.path.join(self.store, filename))
+                        unlink_quietly(self.in_store + filename)
             except OSError:
                 pass                      # the rerun's recovery does it
 

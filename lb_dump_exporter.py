@@ -391,8 +391,12 @@ class Exporter:
         self.suffix = "." + self.dump_id
         journal = self.journal_path()
         if os.path.exists(journal):
-            if self._recover():
-                return False
+            try:
+                if self._recover():
+                    return False
+            except OSError as exc:
+                raise Error("cannot recover the cut run of %s: %s"
+                            % (journal, exc.strerror))
         self.journal_fd = os.open(journal, os.O_WRONLY | os.O_APPEND |
                                   os.O_CREAT, 0o600)
         self.rejects_path = os.path.join(
@@ -405,58 +409,82 @@ class Exporter:
                             % (PROG, self.dump_id))
 
     def _read_journal(self):
-        """([message, jobid, file name] of every whole entry, True when
-        the run that wrote it had finished, the time (seconds,
-        microseconds) of the last batch begun or None)."""
-        entries, complete, batch = [], False, None
+        """([message, jobid, file name] of every whole entry not voided
+        since, True when the run that wrote it had finished, the time
+        (seconds, microseconds) of the last batch begun or None, the set
+        of voided messages)."""
+        entries, complete, batch, voided = {}, False, None, set()
         with open(self.journal_path(), "r", encoding="utf-8",
                   errors="replace") as f:
             for line in f:
+                if not line.endswith("\n"):
+                    continue                  # cut in the middle
                 if line == "complete\n":
                     complete = True
-                    continue
-                if line.startswith("batch ") and line.endswith("\n"):
+                elif line.startswith("batch "):
                     batch = message_time(line[6:-1])
-                    continue
-                fields = line.rstrip("\n").split("\t")
-                if len(fields) == 3 and line.endswith("\n"):
-                    entries.append(fields)
-        return entries, complete, batch
+                elif line.startswith("void "):
+                    entries.pop(line[5:-1], None)
+                    voided.add(line[5:-1])
+                else:
+                    fields = line[:-1].split("\t")
+                    if len(fields) == 3:
+                        entries[fields[0]] = fields
+        return list(entries.values()), complete, batch, voided
 
     def _recover(self):
         """Read an earlier run's journal; True when it had finished."""
-        entries, complete, batch = self._read_journal()
+        entries, complete, batch, voided = self._read_journal()
         if complete:
             return True
         journaled = set(entry[0] for entry in entries)
-        retracted = set()
+        retracted, remove = [], voided - journaled
         for name in os.listdir(self.in_tmp):
-            path = self.in_tmp + name
             if name.endswith(".retracted"):
                 # A message taken back to append to when the run was
                 # cut: its job is redone, like one never published.
-                retracted.add(name[:-len(".retracted")])
-                unlink_quietly(path)
-            elif name not in journaled and \
-                    self._cut_before_journal(path, name, batch):
-                unlink_quietly(path)
+                retracted.append(name)
+            elif name not in journaled and self._cut_before_journal(
+                    self.in_tmp + name, name, batch):
+                remove.add(name)
+        taken_back = set(name[:-len(".retracted")] for name in retracted)
+        unpublished = []
         for message, jobid, filename in entries:
             name = filename[:-len(self.suffix)]
-            master = self.in_tmp + message
             try:
-                linked = os.stat(master).st_nlink > 1
+                linked = os.stat(self.in_tmp + message).st_nlink > 1
             except FileNotFoundError:
                 linked = True             # delivered and removed already
-            if linked and message not in retracted:
+            if linked and message not in taken_back:
                 self.announced.add(name)
             else:
-                unlink_quietly(master)    # written, never published
+                unpublished.append(message)
                 self.announced.discard(name)
+        # A missing master means "delivered" to the next rerun: before
+        # the masters of these go, the journal says, durably, that they
+        # never were (a rerun killed here must not lose their jobs).
+        self._void(unpublished)
+        for name in retracted:
+            unlink_quietly(self.in_tmp + name)
+        for message in remove.union(unpublished):
+            unlink_quietly(self.in_tmp + message)
         for filename in os.listdir(self.store):
             if filename.endswith(self.suffix) and \
                     filename[:-len(self.suffix)] not in self.announced:
                 unlink_quietly(self.in_store + filename)
         return False
+
+    def _void(self, messages):
+        """Journal `messages` as never published, and sync that."""
+        if not messages:
+            return
+        fd = os.open(self.journal_path(), os.O_WRONLY | os.O_APPEND)
+        try:
+            write_all(fd, "".join("void %s\n" % message
+                                  for message in messages).encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _cut_before_journal(self, path, message, batch):
         """Is `path` in tmp/ a message of this dump that the cut run wrote

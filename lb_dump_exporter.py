@@ -52,6 +52,7 @@ import select
 import signal
 import stat
 import sys
+import threading
 import time
 import urllib.parse
 import zlib
@@ -68,8 +69,8 @@ SUBDIRS = ("tmp", "new", "work", "post", "undeliverable")
 CHUNK = 1024 * 1024              # read size: the loop works on big blocks
 MAX_LINE = 4 * 1024 * 1024       # a longer "line" is not an LB event
 FINGERPRINT_BYTES = 1024 * 1024  # the dump id hashes this much of the input
-# A batch of finished jobs is made durable with one sync and then
-# published; these bound how much is waiting.
+# Finished jobs are made durable and published by batches (see
+# Exporter.publish); these bound a batch.
 BATCH_JOBS = 1000
 BATCH_BYTES = 64 * 1024 * 1024
 BATCH_SECONDS = 2.0
@@ -201,14 +202,6 @@ def private_store(store, allow_shared):
     return store
 
 
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def sync_filesystems(paths):
     """Write back everything of the filesystems that hold `paths`.
 
@@ -243,6 +236,40 @@ def sync_filesystems(paths):
                 return
         finally:
             os.close(fd)
+
+
+def sync_paths(paths):
+    """Make `paths` (files and directories) durable.
+
+    A few are fsynced one by one; for many, one syncfs(2) per filesystem
+    they are on is much cheaper than thousands of fsyncs.
+    """
+    if len(paths) >= SYNC_EACH_BELOW:
+        sync_filesystems(paths)
+        return
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class SyncThread(threading.Thread):
+    """sync_paths(paths) while the main thread goes on splitting; the
+    waits of a sync (the disk's) then cost no time.  Daemonic: a run cut
+    short does not wait for it."""
+
+    def __init__(self, paths):
+        threading.Thread.__init__(self, name="sync", daemon=True)
+        self.paths, self.error = paths, None
+        self.start()
+
+    def run(self):
+        try:
+            sync_paths(self.paths)
+        except OSError as exc:
+            self.error = exc
 
 
 def find_syncfs():
@@ -317,7 +344,7 @@ class Job:
     """One job of the dump: its file, its message, where it stands."""
 
     __slots__ = ("jobid", "name", "path", "fd", "buf", "buffered", "size",
-                 "message", "retracted", "published")
+                 "message", "retracted", "published", "finished")
 
     def __init__(self, jobid, name, path):
         self.jobid, self.name, self.path = jobid, name, path
@@ -328,6 +355,7 @@ class Job:
         self.message = None       # its maildir name, once written
         self.retracted = None     # private path of a message taken back
         self.published = False    # linked into new/ by this run
+        self.finished = None      # time.monotonic() when it was complete
 
 
 class Exporter:
@@ -353,9 +381,12 @@ class Exporter:
         self.report_reject = reject
         self.open = {}            # key -> Job still being written
         self.lru = []             # -x: jobs holding a descriptor
-        self.pending = []         # finished, not yet published
+        # Finished jobs on their way to new/ (see publish()):
+        self.pending = []         # their files written
         self.pending_bytes = 0
-        self.pending_since = None
+        self.syncing = []         # their files being synced
+        self.written = []         # their messages journaled, being synced
+        self.sync_thread = None
         self.handed_over = set()      # reappeared, but the importer has it
         self.announced = set()    # names announced by an earlier run
         self.journal_fd = None
@@ -647,11 +678,15 @@ class Exporter:
         if name in self.handed_over:
             raise BadLine("job %s reappeared after its dump was handed to "
                           "the importer" % jobid)
-        for job in self.pending:
-            if job.name == name:      # finished, not yet published
-                self.pending.remove(job)
+        for job in self.pending + self.syncing:
+            if job.name == name:      # finished, no message yet
+                (self.pending if job in self.pending else
+                 self.syncing).remove(job)
                 break
         else:
+            # Its message is written, or published: publish what is
+            # written, then take the message back like any other.
+            self.drain()
             job = Job(jobid, name, path)
             self._retract(job)
         job.fd = self._open_append(path)
@@ -779,47 +814,73 @@ class Exporter:
         if job.fd is not None:
             os.close(job.fd)          # fsync reopens it: fds are limited
             job.fd = None
-        if self.pending_since is None:
-            self.pending_since = time.monotonic()
+        job.finished = time.monotonic()
         self.pending.append(job)
         self.pending_bytes += job.size
         if len(self.pending) >= BATCH_JOBS or \
-                self.pending_bytes >= BATCH_BYTES or \
-                time.monotonic() - self.pending_since >= BATCH_SECONDS:
+                self.pending_bytes >= BATCH_BYTES:
             self.publish()
+        elif job.finished - self._oldest() >= BATCH_SECONDS:
+            self.drain()              # a slow input: announce them now
+
+    def _oldest(self):
+        """When the job waiting longest to be announced was complete."""
+        for batch in (self.written, self.syncing, self.pending):
+            if batch:
+                return batch[0].finished
 
     def publish(self):
-        """Make the pending jobs durable, then announce them.
+        """Move every batch of finished jobs one step on to new/.
 
-        One sync for the whole batch (files, messages, journal) keeps a
-        dump of 100,000 small jobs fast; nothing is linked into new/
-        before that sync returned.
+        Three batches can be on their way: the newest gets its files
+        synced; the one before, whose files are on disk, gets its
+        messages written in tmp/ and journaled, synced along; the one
+        before that, whose messages and journal entries are on disk, is
+        linked into new/.  One sync a step, for the whole of it, keeps a
+        dump of 100,000 small jobs fast; and it runs in a thread while
+        the next batch is split, so the disk's waits cost no time.  The
+        order holds whatever happens: no message before its job's file
+        is on disk, no link before the message and its entry are.
         """
-        batch, self.pending = self.pending, []
-        self.pending_bytes, self.pending_since = 0, None
-        if not batch:
-            return
+        self._wait_sync()
+        # 3. announce the batch whose messages are on disk;
+        announced, self.written = self.written, []
+        self._announce(announced)
+        # 2. write the messages of the batch whose files are on disk;
+        batch, self.syncing = self.syncing, []
+        fresh = [job for job in batch if job.retracted is None]
         try:
-            # 1. the files are complete on disk before any message exists;
-            self._sync([job.path for job in batch] + [self.store])
-            # 2. the messages (in tmp/, invisible) and the journal, synced;
-            fresh = [job for job in batch if job.retracted is None]
-            # Names of messages written from now on are not earlier than
-            # this: a rerun after a kill in the middle of the next step
-            # knows which empty tmp/ files it left (_recover).
-            write_all(self.journal_fd, b"batch %d_%06d\n" % clock())
-            for job in fresh:
-                job.message = self._write_message(job)
-            write_all(self.journal_fd, "".join(
-                "%s\t%s\t%s\n" % (job.message, job.jobid,
-                                   job.name + self.suffix)
-                for job in fresh).encode("utf-8"))
-            self._sync([self.in_tmp + job.message for job in fresh]
-                       + [self.in_tmp, self.journal_path()])
+            if fresh:
+                # Names of messages written from now on are not earlier
+                # than this: a rerun after a kill in the middle knows
+                # which empty tmp/ files it left (_recover).
+                write_all(self.journal_fd, b"batch %d_%06d\n" % clock())
+                for job in fresh:
+                    job.message = self._write_message(job)
+                write_all(self.journal_fd, "".join(
+                    "%s\t%s\t%s\n" % (job.message, job.jobid,
+                                       job.name + self.suffix)
+                    for job in fresh).encode("utf-8"))
         except OSError as exc:
-            raise Error("cannot make the batch durable: %s" % exc.strerror)
-        # 3. only then are they published.
-        for job in batch:
+            # Its messages, journaled or not, are the rerun's to redo.
+            raise Error("cannot journal the batch: %s" % exc.strerror)
+        self.written = batch
+        # 1. the newest batch's files.
+        self.syncing, self.pending = self.pending, []
+        self.pending_bytes = 0
+        paths = [job.path for job in self.syncing]
+        if paths:
+            paths.append(self.store)
+        if fresh:
+            paths += [self.in_tmp + job.message for job in fresh]
+            paths += [self.in_tmp, self.journal_path()]
+        if announced:
+            paths.append(self.in_new)
+        if paths:
+            self.sync_thread = SyncThread(paths)
+
+    def _announce(self, jobs):
+        for job in jobs:
             target = self.in_new + job.message
             try:
                 if job.retracted:
@@ -829,25 +890,24 @@ class Exporter:
             except OSError as exc:
                 raise Error("cannot publish %s: %s" % (target, exc.strerror))
             job.published = True
-        fsync_dir(self.in_new)
 
-    @staticmethod
-    def _sync(paths):
-        """Make `paths` (files and directories) durable.
+    def drain(self):
+        """Publish every finished job now, and wait for the disk."""
+        while self.pending or self.syncing or self.written:
+            self.publish()
+        self._wait_sync()
 
-        A few are fsynced one by one; for many, one syncfs(2) per
-        filesystem they are on is much cheaper than thousands of fsyncs
-        (each a journal commit).
-        """
-        if len(paths) >= SYNC_EACH_BELOW:
-            sync_filesystems(paths)
+    def _wait_sync(self):
+        thread, self.sync_thread = self.sync_thread, None
+        if thread is None:
             return
-        for path in paths:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        thread.join()
+        if thread.error is not None:
+            # The batch written is not known to be on disk: not to be
+            # published (by abandon()); the rerun's recovery redoes it.
+            self.written = []
+            raise Error("cannot make the batch durable: %s"
+                        % thread.error.strerror)
 
     def _write_message(self, job):
         """The job's message in tmp/ (the maildir way; linked later)."""
@@ -886,18 +946,23 @@ class Exporter:
         if self.mixed:
             self._finish_parked(finished)
         self.current = self.current_field = None
-        self.publish()
+        self.drain()
         write_all(self.journal_fd, b"complete\n")
         os.fsync(self.journal_fd)
 
     def abandon(self):
         """After a fatal error: remove what no message will point at.
 
-        Jobs not published lose their file and their unlinked tmp/
-        message (the importer would queue a lone tmp/ copy after a day);
-        the rerun exports them again.
+        The batch whose messages are journaled is published if its sync
+        succeeds (else the rerun's recovery takes it back).  Jobs without
+        a message lose their file; the rerun exports them again.
         """
-        for job in list(self.open.values()) + self.pending:
+        try:
+            self._wait_sync()
+            self._announce(self.written)
+        except Error:
+            pass
+        for job in list(self.open.values()) + self.pending + self.syncing:
             if job.fd is not None:
                 try:
                     os.close(job.fd)
@@ -970,7 +1035,7 @@ def export(o, stderr=sys.stderr):
     progress = None
     if not o.quiet and stderr.isatty():
         progress = Progress(stderr, total)
-    read = reader(stream, source, fd, exporter.publish)
+    read = reader(stream, source, fd, exporter.drain)
 
     def position():
         # Of the file as stored (compressed or not) when it is a file.

@@ -3933,6 +3933,135 @@ class TestDumpExporter(unittest.TestCase):
         self.assertIn(b"exported completely before", again.stderr)
         self.assertEqual(len(listing(x.maildir, "new")), len(table))
 
+    def traced_export(self, x, dump, fail_sync=None):
+        """Run an export in this process, checking the durability order:
+        each message is written after a sync, begun after its job's file
+        was complete, returned; each is linked into new/ after a sync
+        begun after it and its journal entry were written returned.
+        `fail_sync`: the number of the sync that fails with EIO.
+
+        A sync records what it covers when it begins (for a syncfs, all
+        of the store and the maildir; else the paths named), and makes
+        it durable when it returns: in the exporter's thread, alone."""
+        durable_files, durable_entries, calls = {}, set(), [0]
+        journal = [None]
+        real_sync = lb_dump_exporter.sync_paths
+
+        def covered(paths):
+            if len(paths) >= lb_dump_exporter.SYNC_EACH_BELOW:
+                paths = [x.store, os.path.join(x.maildir, "tmp"),
+                         os.path.join(x.maildir, "new")]
+                paths += [os.path.join(d, n) for d in paths
+                          for n in os.listdir(d)]
+            files, entries = {}, set()
+            for path in map(os.path.normpath, paths):
+                if os.path.isdir(path):
+                    entries.update((path, n) for n in os.listdir(path))
+                else:
+                    files[path] = os.path.getsize(path)
+            return files, entries
+
+        def traced_sync(paths):
+            calls[0] += 1
+            files, entries = covered(paths)
+            if calls[0] == fail_sync:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            real_sync(paths)
+            durable_files.update(files)
+            durable_entries.update(entries)
+
+        def assert_durable(path):
+            path = os.path.normpath(path)
+            self.assertIn(os.path.split(path), durable_entries, path)
+            self.assertEqual(durable_files.get(path),
+                             os.path.getsize(path), path)
+
+        exporter_class = lb_dump_exporter.Exporter
+        real_write, real_announce = (exporter_class._write_message,
+                                     exporter_class._announce)
+
+        def traced_write(exporter, job):
+            assert_durable(job.path)
+            journal[0] = exporter.journal_path()
+            return real_write(exporter, job)
+
+        def traced_announce(exporter, jobs):
+            if not jobs:
+                return real_announce(exporter, jobs)
+            assert_durable(journal[0])
+            with open(journal[0]) as f:
+                entries = f.read(durable_files[journal[0]])
+            for job in jobs:
+                assert_durable(job.path)
+                assert_durable(os.path.join(x.maildir, "tmp", job.message))
+                self.assertIn(job.message + "\t", entries)
+            return real_announce(exporter, jobs)
+        patches = [(lb_dump_exporter, "sync_paths", real_sync, traced_sync),
+                   (exporter_class, "_write_message", real_write,
+                    traced_write),
+                   (exporter_class, "_announce", real_announce,
+                    traced_announce)]
+        stderr = io.StringIO()
+        try:
+            for owner, name, _, traced in patches:
+                setattr(owner, name, traced)
+            status = lb_dump_exporter.export(lb_dump_exporter.parse_args(
+                ["-q", "-d", dump, "-s", x.store, "-m", x.maildir]), stderr)
+        except lb_dump_exporter.Error as exc:
+            return None, str(exc)
+        finally:
+            # No sync outlives the run: its end waits for the disk.
+            self.assertEqual([t for t in threading.enumerate()
+                              if t.name == "sync"], [])
+            for owner, name, real, _ in patches:
+                setattr(owner, name, real)
+        if status == 0:
+            # Every link of the run is on disk when the run ends.
+            for name in os.listdir(os.path.join(x.maildir, "new")):
+                self.assertIn((os.path.join(x.maildir, "new"), name),
+                              durable_entries)
+        return status, stderr.getvalue()
+
+    def test_publication_waits_for_the_disk(self):
+        # Three batches in flight (the exporter syncs the next batch's
+        # files while splitting on), and jobs that reappear while their
+        # batch is at each step: files syncing, messages syncing,
+        # published.
+        x = ExporterRun(self)
+        table, _ = generated_dump(2600, per_job=2, pad=50)
+        extra = {}
+        order = []
+        for index, (jobid, lines) in enumerate(table):
+            order.append(list(lines))
+            for late, after in ((5, 1001), (6, 2005), (7, 2599)):
+                if index == after:
+                    line = ulm_line(table[late][0], 900000 + late, 50)
+                    extra.setdefault(late, []).append(line)
+                    order.append([line])
+        for late, lines in extra.items():
+            table[late][1].extend(lines)
+        dump = x.dump_file(b"".join(b"".join(lines) for lines in order))
+        status, err = self.traced_export(x, dump)
+        self.assertEqual((status, err), (0, ""))
+        x.assert_exported(table)
+
+    def test_a_failed_sync_publishes_nothing_unsynced(self):
+        # 3,500 jobs: 4 batches, 6 syncs; the last one is of new/ alone.
+        for failing in (1, 2, 3, 5, 6):
+            x = ExporterRun(self)
+            table, data = generated_dump(3500, per_job=2, pad=20)
+            dump = x.dump_file(data)
+            status, err = self.traced_export(x, dump, fail_sync=failing)
+            self.assertIsNone(status, failing)
+            self.assertEqual(err, "cannot make the batch durable: %s"
+                             % os.strerror(errno.EIO))
+            published = x.assert_exported(table, complete=False)
+            if failing < 6:
+                self.assertLess(len(published), len(table))
+            proc = x.run("-q", "-d", dump)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            x.assert_exported(table)
+
     def test_a_big_batch_syncs_its_filesystems_alone(self):
         # One syncfs per filesystem of the batch, never sync(2) (every
         # filesystem of the machine, NFS too); sync(2) only where libc or
@@ -3960,15 +4089,15 @@ class TestDumpExporter(unittest.TestCase):
         self.addCleanup(setattr, os, "sync", os.sync)
         os.sync = lambda: whole.append(1)
         lb_dump_exporter.SYNCFS = (syncfs, lambda: 0)
-        lb_dump_exporter.Exporter._sync(paths)
+        lb_dump_exporter.sync_paths(paths)
         self.assertEqual(sorted(synced), sorted(
             set([os.stat(work).st_dev, os.stat(other).st_dev])))
         self.assertEqual(whole, [])
         lb_dump_exporter.SYNCFS = (lambda fd: -1, lambda: errno.ENOSYS)
-        lb_dump_exporter.Exporter._sync(paths)
+        lb_dump_exporter.sync_paths(paths)
         self.assertEqual(whole, [1])
         self.assertIs(lb_dump_exporter.SYNCFS, False)
-        lb_dump_exporter.Exporter._sync(paths)
+        lb_dump_exporter.sync_paths(paths)
         self.assertEqual(whole, [1, 1])
 
     def test_a_pausing_pipe_does_not_hold_back_finished_jobs(self):

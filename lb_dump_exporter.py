@@ -344,7 +344,8 @@ class Job:
     """One job of the dump: its file, its message, where it stands."""
 
     __slots__ = ("jobid", "name", "path", "fd", "buf", "buffered", "size",
-                 "message", "retracted", "published", "finished")
+                 "message", "retracted", "published", "finished",
+                 "fields")
 
     def __init__(self, jobid, name, path):
         self.jobid, self.name, self.path = jobid, name, path
@@ -356,6 +357,7 @@ class Job:
         self.retracted = None     # private path of a message taken back
         self.published = False    # linked into new/ by this run
         self.finished = None      # time.monotonic() when it was complete
+        self.fields = []          # -x: its DG.JOBID fields in by_field
 
 
 class Exporter:
@@ -381,6 +383,7 @@ class Exporter:
         self.report_reject = reject
         self.open = {}            # key -> Job still being written
         self.lru = []             # -x: jobs holding a descriptor
+        self.by_field = {}        # -x: DG.JOBID field -> open Job
         # Finished jobs on their way to new/ (see publish()):
         self.pending = []         # their files written
         self.pending_bytes = 0
@@ -554,13 +557,16 @@ class Exporter:
         """Route lines (without LF), numbered from `number` + 1.
 
         The hot loop: a line of the job being written (every line but
-        the first of a job in a grouped dump) costs a few bytes
-        operations; everything else goes the long way.  `clean` says the
-        block has no NUL byte and no backslash: then a line's quotes are
-        balanced when their number is even.
+        the first of a job in a grouped dump), or with -x of any job
+        open, costs a few bytes operations; everything else goes the
+        long way.  `clean` says the block has no NUL byte and no
+        backslash: then a line's quotes are balanced when their number
+        is even.
         """
         field, job = self.current_field, self.current
         quotes_ok = self._quotes_ok
+        by_field = self.by_field if self.mixed else None
+        skip = len(JOBID_FIELD)
         for line in lines:
             number += 1
             if field is not None:
@@ -580,6 +586,20 @@ class Exporter:
                 if job.buffered > JOB_BUFFER:
                     self._flush(job)
                 continue
+            if by_field is not None:
+                at = line.find(JOBID_FIELD)
+                if at >= 0 and (at == 0 or line[at - 1] == 32):
+                    found = by_field.get(
+                        line[at:line.find(b'"', at + skip) + 1])
+                    if found is not None and \
+                            line.count(JOBID_FIELD) == 1 and (
+                                not line.count(b'"') & 1 if clean else
+                                b"\0" not in line and quotes_ok(line)):
+                        found.buf.append(line)
+                        found.buffered += len(line) + 1
+                        if found.buffered > JOB_BUFFER:
+                            self._flush(found)
+                        continue
             if not line or line == b"\r":
                 self.counts["blank"] += 1
                 continue
@@ -646,7 +666,11 @@ class Exporter:
         job = self.open.get(name)
         if job is None:
             job = self._start(jobid, name)
-        if not self.mixed:
+        if self.mixed:
+            if field not in job.fields:
+                job.fields.append(field)
+                self.by_field[field] = job
+        else:
             if self.current is not None and self.current is not job:
                 self._finish(self.current)
             self.current, self.current_field = job, field
@@ -746,10 +770,16 @@ class Exporter:
             os.close(job.fd)
             job.fd = None
         del self.open[job.name]
+        self._forget_fields(job)
         if self.jobid_prefix is None and job.jobid.endswith("/" + job.name):
             self.jobid_prefix = job.jobid[:-len(job.name)]
         if job.jobid != (self.jobid_prefix or "") + job.name:
             self.parked_jobids[job.name] = job.jobid
+
+    def _forget_fields(self, job):
+        for field in job.fields:
+            del self.by_field[field]
+        job.fields = []
 
     def _finish_parked(self, finished):
         """-x, end of input: queue every parked job, found in the store."""
@@ -810,6 +840,7 @@ class Exporter:
     def _finish(self, job):
         """A job is complete: queue it for the next batch."""
         del self.open[job.name]
+        self._forget_fields(job)
         self._flush(job)
         if job.fd is not None:
             os.close(job.fd)          # fsync reopens it: fds are limited

@@ -4209,6 +4209,26 @@ class TestDumpExporter(unittest.TestCase):
         self.assertEqual(proc.returncode, 0, proc.stderr)
         x.assert_exported(table)
 
+    def test_mixed_mode_job_spelled_two_ways_and_parked_twice(self):
+        # -x routes a line by its DG.JOBID field to the open job; a job
+        # written with and without its port has two such fields, and
+        # neither may outlive the job's parking (its lines would go to a
+        # forgotten buffer).  More jobs than -x keeps open: each job is
+        # parked after its first two lines (one spelling each), and again
+        # after its third (with the port) before its fourth (without).
+        x = ExporterRun(self)
+        jobs = lb_dump_exporter.MAX_OPEN_FILES + 50
+        table, _ = generated_dump(jobs, per_job=4, pad=20)
+        for _, lines in table:
+            for i in (1, 3):
+                lines[i] = lines[i].replace(b".org:9000/", b".org/")
+        dump = x.dump_file(b"".join(
+            [lines[0] + lines[1] for _, lines in table] +
+            [lines[i] for i in (2, 3) for _, lines in table]))
+        proc = x.run("-q", "-x", "-d", dump)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        x.assert_exported(table)
+
     def test_file_size_limit_in_mixed_mode_leaves_no_parked_file(self):
         import resource
         x = ExporterRun(self)

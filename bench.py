@@ -151,8 +151,9 @@ def spread(directory):
                     stderr=subprocess.DEVNULL)
 
 
-def child_run(cmd, **kw):
-    """Run cmd; return (seconds, peak RSS in MB of that command alone)."""
+def child_run(cmd, expect=0, **kw):
+    """Run cmd, which must exit with `expect`; return (seconds, peak RSS
+    in MB of that command alone)."""
     read_end, write_end = os.pipe()
     try:
         proc = subprocess.Popen(
@@ -173,7 +174,7 @@ def child_run(cmd, **kw):
     status, maxrss, elapsed = int(figures[0]), int(figures[1]), \
         float(figures[2])
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
-    if code != 0:
+    if code != expect:
         raise RuntimeError("%s exited with %d" % (cmd[:3], code))
     return elapsed, maxrss / 1024.0
 
@@ -406,7 +407,17 @@ def bench_uploads(table, quick, runs):
         tempfile.tempdir = saved
 
 
+def start_up(cmd, **kw):
+    """Seconds a command takes to start and exit doing nothing (the
+    median of 3): what a daemon's worker does not pay for each upload."""
+    return statistics.median(child_run(cmd, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, **kw)[0]
+                             for _ in range(3))
+
+
 def upload_peers(table, p, size_mb, runs):
+    """Each command is a whole process; the "transport alone" ratio takes
+    each side's start-up (start_up()) off its time."""
     work = tempfile.mkdtemp(prefix="jp-bench-")
     try:
         payload = os.path.join(work, "payload")
@@ -416,6 +427,7 @@ def upload_peers(table, p, size_mb, runs):
         mb = size_mb * 1048576 / 1e6
         ours = [sys.executable, JP_IMPORTER, "-C", p.ca_dir, "--timeout",
                 "60", "--upload", payload]
+        ours_idle = [sys.executable, JP_IMPORTER, "--version"]
         try:
             vsftpd = test_all.VsftpdPeer(p)
         except test_all.unittest.SkipTest as exc:
@@ -439,13 +451,17 @@ def upload_peers(table, p, size_mb, runs):
                         "--key", p.host_key, "-T", payload,
                         vsftpd.url("curl%d" % n[0])])
                     os.unlink(vsftpd.local("curl%d" % n[0]))
+                    mine0, curl0 = start_up(ours_idle), start_up(
+                        ["curl", "--version"])
                     return {"ours": mb / mine, "curl": mb / curl,
-                            "ratio": curl / mine}
+                            "ratio": curl / mine,
+                            "transport": (curl - curl0) / (mine - mine0)}
                 m = median_of(runs, ftps)
                 table.add("uploads", "curl --ssl-reqd -T to vsftpd, %d MiB"
                           % size_mb, m["curl"], "MB/s")
                 table.add("uploads", "jp_importer --upload ftp:// (FTPS)",
-                          m["ours"], "MB/s", m["curl"], m["ratio"])
+                          m["ours"], "MB/s", m["curl"], m["ratio"],
+                          "transport alone %.2f" % m["transport"])
             finally:
                 vsftpd.stop()
         for name, extra, client_flag, dcau in (
@@ -474,13 +490,17 @@ def upload_peers(table, p, size_mb, runs):
                                         "file://" + payload,
                                         peer.url("guc%d" % n[0])], env=env)
                     os.unlink(os.path.join(peer.root, "guc%d" % n[0]))
+                    mine0, guc0 = start_up(ours_idle), start_up(
+                        ["globus-url-copy", "-version"], expect=1, env=env)
                     return {"ours": mb / mine, "guc": mb / guc,
-                            "ratio": guc / mine}
+                            "ratio": guc / mine,
+                            "transport": (guc - guc0) / (mine - mine0)}
                 m = median_of(runs, gsiftp)
                 table.add("uploads", "globus-url-copy %s, %d MiB"
                           % (client_flag, size_mb), m["guc"], "MB/s")
                 table.add("uploads", "jp_importer --upload " + name,
-                          m["ours"], "MB/s", m["guc"], m["ratio"])
+                          m["ours"], "MB/s", m["guc"], m["ratio"],
+                          "transport alone %.2f" % m["transport"])
             finally:
                 peer.stop()
     finally:

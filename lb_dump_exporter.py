@@ -569,53 +569,35 @@ class Exporter:
         skip = len(JOBID_FIELD)
         for line in lines:
             number += 1
-            if field is not None:
-                at = line.find(field)
-                if at >= 0 and (at == 0 or line[at - 1] == 32) and \
-                        line.count(JOBID_FIELD) == 1 and (
-                            not line.count(b'"') & 1 if clean else
-                            b"\0" not in line and quotes_ok(line)):
-                    ok = True
-                else:
-                    ok = False
+            # The fast way: the line names a job being written (grouped:
+            # the current one; -x: any open one) and passes the checks.
+            if by_field is None:
+                target = job
+                at = line.find(field) if field is not None else -1
             else:
-                ok = False
-            if ok:
-                job.buf.append(line)
-                job.buffered += len(line) + 1
-                if job.buffered > JOB_BUFFER:
-                    self._flush(job)
-                continue
-            if by_field is not None:
                 at = line.find(JOBID_FIELD)
-                if at >= 0 and (at == 0 or line[at - 1] == 32):
-                    found = by_field.get(
-                        line[at:line.find(b'"', at + skip) + 1])
-                    if found is not None and \
-                            line.count(JOBID_FIELD) == 1 and (
-                                not line.count(b'"') & 1 if clean else
-                                b"\0" not in line and quotes_ok(line)):
-                        found.buf.append(line)
-                        found.buffered += len(line) + 1
-                        if found.buffered > JOB_BUFFER:
-                            self._flush(found)
-                        continue
-            if not line or line == b"\r":
-                self.counts["blank"] += 1
-                continue
-            try:
-                found = self._job_of(line)
-            except BadLine as exc:
-                self.reject(number, line, str(exc))
-                continue
-            if found is None:             # announced by an earlier run
-                self.counts["earlier"] += 1
-                continue
-            found.buf.append(line)
-            found.buffered += len(line) + 1
-            if found.buffered > JOB_BUFFER:
-                self._flush(found)
-            field, job = self.current_field, self.current
+                target = by_field.get(line[at:line.find(
+                    b'"', at + skip) + 1]) if at >= 0 else None
+            if target is None or at < 0 or (at and line[at - 1] != 32) or \
+                    line.count(JOBID_FIELD) != 1 or (
+                        line.count(b'"') & 1 if clean else
+                        b"\0" in line or not quotes_ok(line)):
+                if not line or line == b"\r":
+                    self.counts["blank"] += 1
+                    continue
+                try:
+                    target = self._job_of(line)
+                except BadLine as exc:
+                    self.reject(number, line, str(exc))
+                    continue
+                if target is None:        # announced by an earlier run
+                    self.counts["earlier"] += 1
+                    continue
+                field, job = self.current_field, self.current
+            target.buf.append(line)
+            target.buffered += len(line) + 1
+            if target.buffered > JOB_BUFFER:
+                self._flush(target)
         if self.mixed:
             # Every job is open: bound the lines buffered over all of them.
             self.unflushed += size
@@ -702,12 +684,8 @@ class Exporter:
         if name in self.handed_over:
             raise BadLine("job %s reappeared after its dump was handed to "
                           "the importer" % jobid)
-        for job in self.pending + self.syncing:
-            if job.name == name:      # finished, no message yet
-                (self.pending if job in self.pending else
-                 self.syncing).remove(job)
-                break
-        else:
+        job = self._take_back(name)
+        if job is None:
             # Its message is written, or published: publish what is
             # written, then take the message back like any other.
             self.drain()
@@ -715,6 +693,16 @@ class Exporter:
             self._retract(job)
         job.fd = self._open_append(path)
         return job
+
+    def _take_back(self, name):
+        """The finished job `name` if it has no message yet, out of its
+        batch; else None."""
+        for batch in (self.pending, self.syncing):
+            for job in batch:
+                if job.name == name:
+                    batch.remove(job)
+                    return job
+        return None
 
     def _retract(self, job):
         """Take back the published message of a job that reappeared.

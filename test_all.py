@@ -3944,7 +3944,6 @@ class TestDumpExporter(unittest.TestCase):
         of the store and the maildir; else the paths named), and makes
         it durable when it returns: in the exporter's thread, alone."""
         durable_files, durable_entries, calls = {}, set(), [0]
-        journal = [None]
         real_sync = lb_dump_exporter.sync_paths
 
         def covered(paths):
@@ -3982,15 +3981,15 @@ class TestDumpExporter(unittest.TestCase):
 
         def traced_write(exporter, job):
             assert_durable(job.path)
-            journal[0] = exporter.journal_path()
             return real_write(exporter, job)
 
         def traced_announce(exporter, jobs):
             if not jobs:
                 return real_announce(exporter, jobs)
-            assert_durable(journal[0])
-            with open(journal[0]) as f:
-                entries = f.read(durable_files[journal[0]])
+            journal = os.path.normpath(exporter.journal_path())
+            assert_durable(journal)
+            with open(journal) as f:
+                entries = f.read(durable_files[journal])
             for job in jobs:
                 assert_durable(job.path)
                 assert_durable(os.path.join(x.maildir, "tmp", job.message))

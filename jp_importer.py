@@ -41,10 +41,10 @@ New options (long only):
   --upload FILE URL       upload one file by hand with the importer's
                           credentials (checks a site's JPPS storage)
   --dcau auto|N|A         gsiftp data channel protection (default: auto)
-  --files-in DIR          a directory dump and sandbox files may lie in
-                          (repeatable; default: %(exporter_store)s,
-                          the store lb_dump_exporter uses by default);
-                          the sandbox maildir's spool/ is always allowed
+  --files-in DIR          only upload dump and sandbox files that lie in
+                          DIR (repeatable; the sandbox maildir's spool/ is
+                          always allowed); without it, any file that
+                          passes the checks (see README, "Which files")
   --allow-plain-ftp       allow ftp:// destinations without TLS
   --version               print the version and exit
 
@@ -100,12 +100,8 @@ DEFAULT_REG_MDIR = "/var/glite/jpreg"
 DEFAULT_DUMP_MDIR = "/var/glite/jpdump"
 DEFAULT_SANDBOX_MDIR = "/var/glite/jpsandbox"
 DEFAULT_CA_DIR = "/etc/grid-security/certificates"
-# Where lb_dump_exporter puts dumps by default: its private subdirectory
-# of the original's /tmp store.  A message naming a file elsewhere is
-# refused unless --files-in allows the directory (the original would
-# upload /etc/shadow if a message named it).
-DEFAULT_EXPORTER_STORE = "/tmp/lb_dump_exporter.%d"
 DEFAULT_POLL = 2.0
+SYSLOG_SOCKET = "/dev/log"
 MAX_DUMP_WORKERS = 20                       # PID_POOL_SIZE of the original
 
 CALL_TIMEOUT = 120.0        # JPPS_NO_RESPONSE_TIMEOUT: one SOAP call, total
@@ -1293,6 +1289,7 @@ class Message:
         except ValueError:
             self.mtime = st.st_mtime
         self.jobid = self.state.get("jobid")
+        self.owner = st.st_uid                   # who wrote the message
         self._data = None
 
     def read(self):
@@ -1478,14 +1475,205 @@ def parse_keyed(data):
     return fields
 
 
-def dump_owner(path, limit=64 * 1024):
-    """The job owner (DG.USER) named in the first lines of an LB dump."""
-    with open(path, "rb") as f:
-        head = f.read(limit)
-    match = re.search(rb'\bDG\.USER="((?:[^"\\\n]|\\.)*)"', head)
+DUMP_HEAD = 64 * 1024          # where a dump's first event line must be
+
+
+def _ulm_field(head, key):
+    """The unescaped value of ULM field `key` in the first lines of a dump."""
+    match = re.search(rb'\b' + re.escape(key) + rb'="((?:[^"\\\n]|\\.)*)"',
+                      head)
     if not match:
         return None
     return re.sub(r'\\(.)', r'\1', match.group(1).decode("utf-8", "replace"))
+
+
+def dump_owner(source):
+    """The job owner (DG.USER) named in the first lines of an LB dump."""
+    return _ulm_field(os.pread(source.fileno(), DUMP_HEAD, 0), b"DG.USER")
+
+
+# ---------------------------------------------------------------------------
+# Files that messages name: opened once, checked open, uploaded from there
+# ---------------------------------------------------------------------------
+#
+# A message may only make the importer upload a file that its writer could
+# have written and that belongs to the message's queue.  The path is walked
+# from "/" one component at a time (openat), never trusting a place another
+# user controls: every directory on the way is owned by root or by us and
+# not writable by group or others unless sticky (as /tmp is), and a symbolic
+# link on the way is followed only when root or we own it.  The last
+# component is opened once, with O_NOFOLLOW and O_NONBLOCK (a FIFO never
+# blocks), and the open file is checked: a regular file, one link, owned by
+# the writer of the message, who is us unless --allow-shared-dirs.  The
+# upload reads from that descriptor, so nothing swapped in after the check
+# is ever read.  The file must also be the message writer's own, and belong
+# to its queue (check_belongs).  The layouts of the original tools pass: the exporter's
+# store (/tmp or any private directory), the upload tool's
+# /tmp/jpimporter_<pid>_<time>.tar, our sandbox spool.
+
+MAX_SYMLINKS = 40                       # as the kernel's path walk allows
+OPEN_FILE_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) |
+                   getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) |
+                   getattr(os, "O_CLOEXEC", 0))
+OPEN_DIR_FLAGS = OPEN_FILE_FLAGS | getattr(os, "O_DIRECTORY", 0)
+
+
+def _trusted_owner(uid):
+    return uid in (0, os.geteuid())
+
+
+def open_directory(path, allow_shared=False):
+    """(descriptor, resolved path) of directory `path`, reached safely.
+
+    Raises PermanentError naming the first place on the way that another
+    user could have changed (see above), TransientError for an I/O error,
+    PermanentError when the directory does not exist.
+    """
+    if not os.path.isabs(path):
+        raise PermanentError("%s is not an absolute path" % path)
+    fds, names = [os.open("/", OPEN_DIR_FLAGS)], []
+    pending = list(reversed(path.split("/")))
+    links = 0
+    try:
+        while pending:
+            name = pending.pop()
+            if name in ("", "."):
+                continue
+            if name == "..":
+                if len(fds) > 1:
+                    os.close(fds.pop())
+                    names.pop()
+                continue
+            where = "/" + "/".join(names + [name])
+            st = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                if not _trusted_owner(st.st_uid):
+                    raise PermanentError(
+                        "%s is a symbolic link owned by uid %d; not followed"
+                        % (where, st.st_uid))
+                links += 1
+                if links > MAX_SYMLINKS:
+                    raise PermanentError("too many symbolic links in %s"
+                                         % path)
+                target = os.readlink(name, dir_fd=fds[-1])
+                if target.startswith("/"):
+                    while len(fds) > 1:
+                        os.close(fds.pop())
+                    del names[:]
+                pending.extend(reversed(target.split("/")))
+                continue
+            fd = os.open(name, OPEN_DIR_FLAGS, dir_fd=fds[-1])
+            fds.append(fd)
+            names.append(name)
+            _check_directory_open(fd, where, allow_shared)
+        return fds.pop(), "/" + "/".join(names)
+    except FileNotFoundError:
+        raise PermanentError("directory %s no longer exists" % path)
+    except NotADirectoryError:
+        raise PermanentError("%s is not a directory" % path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:             # swapped for a link meanwhile
+            raise PermanentError("%s changed into a symbolic link while "
+                                 "being checked" % path)
+        raise TransientError("directory %s: %s" % (path, exc.strerror))
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _check_directory_open(fd, where, allow_shared):
+    st = os.fstat(fd)
+    if allow_shared:
+        return
+    if not _trusted_owner(st.st_uid):
+        raise PermanentError("directory %s is owned by uid %d, neither root "
+                             "nor us; see --allow-shared-dirs"
+                             % (where, st.st_uid))
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise PermanentError("directory %s is writable by group or others "
+                             "and not sticky (mode %04o); see "
+                             "--allow-shared-dirs"
+                             % (where, stat.S_IMODE(st.st_mode)))
+
+
+def open_message_file(path, writer_uid, allow_shared=False, within=None):
+    """The file a message names, open for reading, after every check.
+
+    `writer_uid`: the owner of the message, who must own the file too
+    (and be us, unless allow_shared): a message makes us send only what
+    its writer could have sent.  `within`: resolved
+    directories the file must lie in (--files-in), or None for anywhere.
+    Returns a binary file object; raises PermanentError (the message can
+    never be delivered) or TransientError.
+    """
+    directory, name = os.path.split(path)
+    if not name:
+        raise PermanentError("%s names no file" % path)
+    dir_fd, real_dir = open_directory(directory or "/", allow_shared)
+    try:
+        if within is not None and not any(
+                real_dir == d or real_dir.startswith(d.rstrip("/") + "/")
+                for d in within):
+            raise PermanentError(
+                "file %s is outside the directories files may come from "
+                "(%s); see --files-in" % (path, ", ".join(within)))
+        try:
+            fd = os.open(name, OPEN_FILE_FLAGS, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise PermanentError("file %s no longer exists" % path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise PermanentError("file %s is a symbolic link; not "
+                                     "followed" % path)
+            if exc.errno in (errno.ENXIO, errno.EACCES, errno.EPERM):
+                raise PermanentError("file %s cannot be opened: %s"
+                                     % (path, exc.strerror))
+            raise TransientError("file %s: %s" % (path, exc.strerror))
+    finally:
+        os.close(dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise PermanentError("file %s is not a regular file" % path)
+        if st.st_nlink != 1:
+            raise PermanentError("file %s has %d links; a file to upload has "
+                                 "one" % (path, st.st_nlink))
+        if st.st_uid != writer_uid:
+            raise PermanentError("file %s is owned by uid %d, not by the "
+                                 "writer of the message (uid %d)"
+                                 % (path, st.st_uid, writer_uid))
+        if st.st_uid != os.geteuid() and not allow_shared:
+            raise PermanentError("file %s is owned by uid %d, not by us; "
+                                 "see --allow-shared-dirs"
+                                 % (path, st.st_uid))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_belongs(source, path, jobid, file_class):
+    """A file must belong to the queue and the job that name it.
+
+    A dump holds its job's events (DG.JOBID of its first line); a
+    sandbox is a tar archive.  So a sandbox message cannot send another
+    job's pending dump elsewhere, nor a dump message another job's file.
+    """
+    head = os.pread(source.fileno(), DUMP_HEAD, 0)
+    if file_class == CLASS_LB:
+        named = _ulm_field(head.split(b"\n", 1)[0], b"DG.JOBID")
+        try:
+            named = parse_jobid(named) if named else None
+        except ValueError:
+            named = None
+        if named != jobid:
+            raise PermanentError(
+                "file %s does not hold the events of job %s (its first "
+                "line is %s)" % (path, jobid, "of job " + one_line(named, 200)
+                                 if named else "no LB event of a job"))
+    elif head[257:262] != b"ustar":
+        raise PermanentError("file %s is not a tar archive; a sandbox "
+                             "message names one" % path)
 
 
 # ---------------------------------------------------------------------------
@@ -1499,6 +1687,29 @@ FTPS_IMPLICIT_PORT = 990
 FTP_MIN_RATE = 64 * 1024       # bytes/s: the slowest upload still waited for
 FTP_QUIT_WAIT = 5.0            # seconds for the goodbye after a refusal
 FTP_TICKET_WAIT = 2.0          # seconds for the server's TLS 1.3 verdict
+
+
+class _SourceFile:
+    """`with _SourceFile(source) as f`: a binary file object to upload
+    from; `source` is one already (closed by its owner), or a path,
+    opened here and closed at the end (--upload, tests)."""
+
+    def __init__(self, source):
+        self.source, self.opened = source, None
+
+    def __enter__(self):
+        if not isinstance(self.source, str):
+            return self.source
+        try:
+            self.opened = open(self.source, "rb")
+        except OSError as exc:
+            raise TransientError("cannot read %s: %s"
+                                 % (self.source, exc.strerror))
+        return self.opened
+
+    def __exit__(self, *exc_info):
+        if self.opened is not None:
+            self.opened.close()
 
 
 class _Deadline:
@@ -1696,8 +1907,9 @@ def _ftp_mkdirs(ftp, directory):
             pass            # it exists (or cannot be made: STOR will say)
 
 
-def upload_ftp(url, path, credentials, timeout, allow_plain=False):
-    """Upload `path` to an ftp:// or ftps:// URL over TLS (RFC 4217).
+def upload_ftp(url, source, credentials, timeout, allow_plain=False):
+    """Upload file object `source` to an ftp:// or ftps:// URL over TLS
+    (RFC 4217).
 
     Explicit TLS (AUTH TLS, PBSZ 0, PROT P) with the importer's client
     certificate, the server verified against the CA directory with its
@@ -1726,11 +1938,7 @@ def upload_ftp(url, path, credentials, timeout, allow_plain=False):
     user = urllib.parse.unquote(parts.username or "anonymous")
     password = urllib.parse.unquote(parts.password or "")
     where = "ftp %s:%d" % (host, port)
-    try:
-        source = open(path, "rb")
-    except OSError as exc:
-        raise TransientError("cannot read %s: %s" % (path, exc.strerror))
-    with source:
+    with _SourceFile(source) as source:
         size = os.fstat(source.fileno()).st_size
         limit = 3 * timeout + size / FTP_MIN_RATE
         context = credentials.client_context()
@@ -1805,6 +2013,7 @@ def _ftp_overrun(where, limit, size):
 def _ftp_store(ftp, target, source):
     """STOR `source` as `target` from its first byte; the bytes sent."""
     sent = 0
+    source.seek(0)
     conn = ftp.transfercmd("STOR " + target)
     try:
         while True:
@@ -2272,8 +2481,8 @@ def _gsiftp_quit(control):
             pass
 
 
-def upload_gsiftp(url, path, credentials, timeout, dcau="auto", prot="P"):
-    """Upload `path` to a gsiftp:// URL (GridFTP with GSI).
+def upload_gsiftp(url, source, credentials, timeout, dcau="auto", prot="P"):
+    """Upload file object `source` to a gsiftp:// URL (GridFTP with GSI).
 
     The importer's credential (host certificate or proxy) authenticates
     the control channel; the server is verified against the CA directory
@@ -2303,91 +2512,88 @@ def upload_gsiftp(url, path, credentials, timeout, dcau="auto", prot="P"):
     mode = dcau
     if dcau == "AUTO":
         mode = "A" if (host, port) in _DCAU_DEMANDED else "N"
-    try:
-        return _gsiftp_put(host, port, target, path, credentials, timeout,
-                           mode, prot, where)
-    except _NeedsDCAU as exc:
-        if dcau != "AUTO":
-            raise TransientError("%s demands data channel protection (%s) "
-                                 "and --dcau is N" % (where, exc))
-        log.info("%s demands data channel protection (%s): DCAU A",
-                 where, exc)
-        _DCAU_DEMANDED.add((host, port))
-        return _gsiftp_put(host, port, target, path, credentials, timeout,
-                           "A", prot, where)
-    except Error:
-        if dcau == "AUTO":
-            _DCAU_DEMANDED.discard((host, port))   # next time N first again
-        raise
+    with _SourceFile(source) as source:
+        try:
+            return _gsiftp_put(host, port, target, source, credentials,
+                               timeout, mode, prot, where)
+        except _NeedsDCAU as exc:
+            if dcau != "AUTO":
+                raise TransientError("%s demands data channel protection "
+                                     "(%s) and --dcau is N" % (where, exc))
+            log.info("%s demands data channel protection (%s): DCAU A",
+                     where, exc)
+            _DCAU_DEMANDED.add((host, port))
+            return _gsiftp_put(host, port, target, source, credentials,
+                               timeout, "A", prot, where)
+        except Error:
+            if dcau == "AUTO":
+                _DCAU_DEMANDED.discard((host, port))   # N first next time
+            raise
 
 
 class _NeedsDCAU(Exception):
     """The server refuses an unprotected data channel."""
 
 
-def _gsiftp_put(host, port, target, path, credentials, timeout, dcau, prot,
-                where):
-    """One GridFTP upload attempt with a fixed DCAU mode."""
-    try:
-        source = open(path, "rb")
-    except OSError as exc:
-        raise TransientError("cannot read %s: %s" % (path, exc.strerror))
+def _gsiftp_put(host, port, target, source, credentials, timeout, dcau,
+                prot, where):
+    """One GridFTP upload attempt with a fixed DCAU mode, from byte 0."""
+    source.seek(0)
     control = data = None
     try:
-        with source:
-            control = _GSIControl(host, port, credentials.client_context(),
-                                  timeout)
-            control.authenticate(credentials if dcau == "A" else None)
-            control.command("TYPE I")
-            control.command("MODE S")
-            try:
-                control.command("DCAU " + dcau)
-                if dcau == "A":
-                    control.command("PBSZ 1048576")
-                    control.command("PROT " + prot)
-            except ftplib.error_perm as exc:
-                if dcau == "N":
-                    raise _NeedsDCAU(one_line(str(exc), 200))
-                raise
-            _ftp_mkdirs(control, target.rsplit("/", 1)[0])
-            try:
-                data = control.passive()
-            except ftplib.error_perm as exc:
-                if dcau == "N" and str(exc).startswith("534"):
-                    raise _NeedsDCAU(one_line(str(exc), 200))
-                raise
-            sent = 0
+        control = _GSIControl(host, port, credentials.client_context(),
+                              timeout)
+        control.authenticate(credentials if dcau == "A" else None)
+        control.command("TYPE I")
+        control.command("MODE S")
+        try:
+            control.command("DCAU " + dcau)
             if dcau == "A":
-                # The server answers STOR only after the data channel
-                # handshake (PEERS.md): send it, shake hands, then read.
-                control.tls.write(("STOR %s\r\n" % target).encode("utf-8"))
-                control._send_line("ENC " + base64.b64encode(
-                    control.outgoing.read()).decode("ascii"))
-                channel = _DataTLS(data, credentials, control.delegated,
-                                   control)
-                if prot == "C":
-                    channel.clear_channel()
-                if channel.preliminary is None:
-                    control.check(control.reply(), "1")
-                if prot == "C":
-                    channel = data
-            else:
-                control.command("STOR " + target, "1")
+                control.command("PBSZ 1048576")
+                control.command("PROT " + prot)
+        except ftplib.error_perm as exc:
+            if dcau == "N":
+                raise _NeedsDCAU(one_line(str(exc), 200))
+            raise
+        _ftp_mkdirs(control, target.rsplit("/", 1)[0])
+        try:
+            data = control.passive()
+        except ftplib.error_perm as exc:
+            if dcau == "N" and str(exc).startswith("534"):
+                raise _NeedsDCAU(one_line(str(exc), 200))
+            raise
+        sent = 0
+        if dcau == "A":
+            # The server answers STOR only after the data channel
+            # handshake (PEERS.md): send it, shake hands, then read.
+            control.tls.write(("STOR %s\r\n" % target).encode("utf-8"))
+            control._send_line("ENC " + base64.b64encode(
+                control.outgoing.read()).decode("ascii"))
+            channel = _DataTLS(data, credentials, control.delegated,
+                               control)
+            if prot == "C":
+                channel.clear_channel()
+            if channel.preliminary is None:
+                control.check(control.reply(), "1")
+            if prot == "C":
                 channel = data
-            while True:
-                block = source.read(UPLOAD_BLOCK)
-                if not block:
-                    break
-                channel.sendall(block)
-                sent += len(block)
-            if isinstance(channel, _DataTLS):
-                channel.finish()
-            data.close()
-            data = None
-            control.check(control.reply())               # 226
-            _ftp_check_size(control, target, sent, where)
-            _gsiftp_quit(control)
-            return sent
+        else:
+            control.command("STOR " + target, "1")
+            channel = data
+        while True:
+            block = source.read(UPLOAD_BLOCK)
+            if not block:
+                break
+            channel.sendall(block)
+            sent += len(block)
+        if isinstance(channel, _DataTLS):
+            channel.finish()
+        data.close()
+        data = None
+        control.check(control.reply())               # 226
+        _ftp_check_size(control, target, sent, where)
+        _gsiftp_quit(control)
+        return sent
     except _NeedsDCAU:
         _gsiftp_quit(control)
         raise
@@ -2406,9 +2612,10 @@ def _gsiftp_put(host, port, target, path, credentials, timeout, dcau, prot,
             control.close()
 
 
-def upload(url, path, credentials, timeout, dcau="auto",
+def upload(url, source, credentials, timeout, dcau="auto",
            allow_plain=False):
-    """Put file `path` at `url` (gsiftp://, ftp:// or ftps://).
+    """Put `source` at `url` (gsiftp://, ftp:// or ftps://) from its
+    first byte: an open binary file, or the path of one.
 
     Returns the number of bytes sent; raises TransientError (retry) or
     PermanentError (undeliverable).
@@ -2416,9 +2623,9 @@ def upload(url, path, credentials, timeout, dcau="auto",
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     credentials.refresh()           # a renewed proxy serves uploads too
     if scheme == "gsiftp":
-        return upload_gsiftp(url, path, credentials, timeout, dcau=dcau)
+        return upload_gsiftp(url, source, credentials, timeout, dcau=dcau)
     if scheme in ("ftp", "ftps"):
-        return upload_ftp(url, path, credentials, timeout,
+        return upload_ftp(url, source, credentials, timeout,
                           allow_plain=allow_plain)
     raise PermanentError("cannot upload to %r: unsupported scheme"
                          % one_line(public_url(url), 200))
@@ -2699,28 +2906,37 @@ class Worker:
             self.finish_file(path, file_class)
             return "delivered (committed by an earlier attempt)"
         pending = msg.state.get("destination")
-        if pending:
-            result = self._resume(msg, client, pending, path, file_class)
-            if result is not None:
-                return result
-        self.check_file(path)
-        started = time.time()
-        destination = self.start_upload(msg, client, fields["jobid"], path,
-                                        file_class, content_type, failsafe)
-        if destination is None:
-            self.finish_file(path, file_class)
-            return "already stored at the JPPS (StartUpload EEXIST)"
-        # Recorded before the transfer: after a failed transfer or a crash
-        # the next attempt sends the file again to the same destination
-        # while the JPPS holds it open, instead of meeting EEXIST from a
-        # second StartUpload and waiting the deadline out.
-        msg.save_state(destination=destination, upload_started=str(started),
-                       uploading="1")
-        return self._upload_and_commit(msg, client, destination, path,
-                                       file_class)
+        if pending and not msg.state.get("uploading"):
+            # Uploaded (no `uploading` mark; also the state an older
+            # version wrote): commit, the file is not read again.
+            return self._commit(msg, client, pending, path, file_class,
+                                "delivered (committed an interrupted "
+                                "upload)")
+        with self.open_file(msg, path, fields["jobid"], file_class) as source:
+            if pending:
+                result = self._resume(msg, client, pending, source, path,
+                                      file_class)
+                if result is not None:
+                    return result
+            started = time.time()
+            destination = self.start_upload(msg, client, fields["jobid"],
+                                            source, file_class, content_type,
+                                            failsafe)
+            if destination is None:
+                self.finish_file(path, file_class)
+                return "already stored at the JPPS (StartUpload EEXIST)"
+            # Recorded before the transfer: after a failed transfer or a
+            # crash the next attempt sends the file again to the same
+            # destination while the JPPS holds it open, instead of meeting
+            # EEXIST from a second StartUpload and waiting the deadline out.
+            msg.save_state(destination=destination,
+                           upload_started=str(started), uploading="1")
+            return self._upload_and_commit(msg, client, destination, source,
+                                           path, file_class)
 
-    def _upload_and_commit(self, msg, client, destination, path, file_class):
-        size = upload(destination, path, self.credentials,
+    def _upload_and_commit(self, msg, client, destination, source, path,
+                           file_class):
+        size = upload(destination, source, self.credentials,
                       self.options.timeout, dcau=self.options.dcau,
                       allow_plain=self.options.allow_plain_ftp)
         msg.save_state(uploading=None)
@@ -2728,22 +2944,14 @@ class Worker:
                             "delivered %d bytes to %s"
                             % (size, public_url(destination)))
 
-    def _resume(self, msg, client, destination, path, file_class):
-        """An earlier attempt got a destination; None: start over.
-
-        Uploaded (no `uploading` mark; also the state an older version
-        wrote): commit.  Not known to be uploaded: upload again, from
-        byte 0, while the JPPS surely still holds the upload open.
-        """
-        if not msg.state.get("uploading"):
-            return self._commit(msg, client, destination, path, file_class,
-                                "delivered (committed an interrupted "
-                                "upload)")
+    def _resume(self, msg, client, destination, source, path, file_class):
+        """An earlier attempt got a destination and may not have sent the
+        file whole; None: start over.  Upload again, from byte 0, while the
+        JPPS surely still holds the upload open."""
         started = float(msg.state.get("upload_started") or 0)
         if time.time() - started < UPLOAD_DEADLINE - 60:
-            self.check_file(path)
-            return self._upload_and_commit(msg, client, destination, path,
-                                           file_class)
+            return self._upload_and_commit(msg, client, destination, source,
+                                           path, file_class)
         msg.save_state(destination=None, upload_started=None, uploading=None)
         return None
 
@@ -2772,7 +2980,7 @@ class Worker:
         self.finish_file(path, file_class)
         return result
 
-    def start_upload(self, msg, client, jobid, path, file_class,
+    def start_upload(self, msg, client, jobid, source, file_class,
                      content_type, failsafe):
         """The destination URL, or None when the file is already stored."""
         for round_ in (1, 2):
@@ -2786,7 +2994,7 @@ class Worker:
                     return self._already_stored(msg, fault)
                 if fault.code in (errno.ENOENT, None) and failsafe and \
                         round_ == 1 and self.failsafe_register(
-                            client, jobid, path, fault):
+                            client, jobid, source, fault):
                     continue
                 raise
         raise AssertionError("not reached")
@@ -2806,7 +3014,7 @@ class Worker:
         raise RetryLater("%s; checking again after the JPPS upload deadline"
                          % fault, first + UPLOAD_DEADLINE + 10 - now)
 
-    def failsafe_register(self, client, jobid, path, start_fault):
+    def failsafe_register(self, client, jobid, source, start_fault):
         """Register a job the JPPS does not know (StartUpload ENOENT).
 
         Fixes of the original: the check goes to the message's JPPS (B-I7),
@@ -2824,11 +3032,11 @@ class Worker:
         if exists:
             raise TransientError("StartUpload failed although the job is "
                                  "registered: %s" % start_fault)
-        owner = dump_owner(path)
+        owner = dump_owner(source)
         if owner is None:
             owner = self.credentials.identity
-            log.warning("%s: no DG.USER in %s; registering with our own "
-                        "identity as owner", jobid, path)
+            log.warning("%s: no DG.USER in its dump; registering with our "
+                        "own identity as owner", jobid)
         log.info("%s: not registered at %s; failsafe registration (owner "
                  "%s)", jobid, client.address, owner)
         try:
@@ -2838,56 +3046,61 @@ class Worker:
                 raise
         return True
 
-    def check_file(self, path):
-        """The file a message names must be ours, a regular file, and in
-        one of the directories files may come from (--files-in)."""
-        where = os.path.realpath(os.path.dirname(os.path.abspath(path)))
-        if not any(where == d or where.startswith(d.rstrip(os.sep) + os.sep)
-                   for d in self.file_directories):
-            raise PermanentError(
-                "file %s is outside the directories files may come from "
-                "(%s); see --files-in" % (path, ", ".join(
-                    self.file_directories)))
+    def open_file(self, msg, path, jobid, file_class):
+        """The file the message names, open, checked, and its job's."""
+        source = open_message_file(path, msg.owner,
+                                   self.options.allow_shared_dirs,
+                                   self.file_directories)
         try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            raise PermanentError("file %s no longer exists" % path)
-        except OSError as exc:
-            raise TransientError("file %s: %s" % (path, exc.strerror))
-        if stat.S_ISLNK(st.st_mode):
-            raise PermanentError("file %s is a symbolic link; not followed"
-                                 % path)
-        if not stat.S_ISREG(st.st_mode):
-            raise PermanentError("file %s is not a regular file" % path)
-        if st.st_uid != os.geteuid() and not self.options.allow_shared_dirs:
-            raise PermanentError("file %s is owned by uid %d, not by us"
-                                 % (path, st.st_uid))
+            check_belongs(source, path, jobid, file_class)
+        except BaseException:
+            source.close()
+            raise
+        return source
 
     def finish_file(self, path, file_class):
-        """After the commit: keep a dump in --store, else remove the file."""
+        """After the commit: keep a dump in --store, else remove the file.
+
+        The directory is reached as safely as for the upload, and only a
+        regular file of ours is removed or moved: a message cannot make
+        us delete what it could not make us upload.
+        """
         store = self.options.store if file_class == CLASS_LB else None
-        if not os.path.lexists(path):
-            return
-        if not store:
-            unlink_quietly(path)
-            return
-        target = os.path.join(store, os.path.basename(path))
-        if os.path.lexists(target):
-            target += ".%d" % time.time()
+        directory, name = os.path.split(path)
         try:
-            os.rename(path, target)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            # Another filesystem (B-I13): copy, sync, then remove.
-            shutil.copy2(path, target + ".part")
-            fd = os.open(target + ".part", os.O_RDONLY)
+            dir_fd, _ = open_directory(directory,
+                                       self.options.allow_shared_dirs)
+        except PermanentError as exc:
+            log.warning("uploaded file %s left in place: %s", path, exc)
+            return
+        try:
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(target + ".part", target)
-            os.unlink(path)
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            if not stat.S_ISREG(st.st_mode):
+                log.warning("uploaded file %s left in place: no longer a "
+                            "regular file", path)
+                return
+            if not store:
+                os.unlink(name, dir_fd=dir_fd)
+                return
+            target = os.path.join(store, name)
+            if os.path.lexists(target):
+                target += ".%d" % time.time()
+            try:
+                os.rename(name, target, src_dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                # Another filesystem: copy, sync, then remove (a rename
+                # across filesystems fails; the original left the file).
+                with os.fdopen(os.open(name, OPEN_FILE_FLAGS,
+                                       dir_fd=dir_fd), "rb") as source:
+                    write_private_file(target, source.read())
+                os.unlink(name, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 # ---------------------------------------------------------------------------
@@ -3159,12 +3372,13 @@ class PidFile:
         os.close(self.fd)
 
 
-def daemonize():
+def daemonize(keep_stderr=False):
     """Detach from the terminal (PEP 3143 / Stevens 13.3).
 
     umask and working directory first, then fork and setsid so we lead a
     session with no controlling terminal, then fork again so we can never
-    acquire one, then the standard streams go to /dev/null.
+    acquire one, then the standard streams go to /dev/null (standard
+    error stays with keep_stderr: the log goes there).
     """
     os.umask(0o027)
     os.chdir("/")
@@ -3176,7 +3390,7 @@ def daemonize():
     for sig in ("SIGTSTP", "SIGTTIN", "SIGTTOU"):
         signal.signal(getattr(signal, sig), signal.SIG_IGN)
     null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
+    for fd in (0, 1) if keep_stderr else (0, 1, 2):
         os.dup2(null, fd)
     if null > 2:
         os.close(null)
@@ -3211,7 +3425,7 @@ def setup_logging(logfile=None, use_syslog=False, level=logging.INFO):
             "%(levelname)s %(message)s"
     elif use_syslog:
         handler = logging.handlers.SysLogHandler(
-            address="/dev/log",
+            address=SYSLOG_SOCKET,
             facility=logging.handlers.SysLogHandler.LOG_DAEMON)
         fmt = PROG + "[%(process)d]: %(role)s: %(message)s"
     else:
@@ -3361,14 +3575,15 @@ def usage(stream):
         "reg": DEFAULT_REG_MDIR, "dump": DEFAULT_DUMP_MDIR,
         "sandbox": DEFAULT_SANDBOX_MDIR, "maxdump": MAX_DUMP_WORKERS,
         "pidfile": default_pidfile(), "poll": "%g" % DEFAULT_POLL,
-        "giveup": GIVE_UP, "timeout": CALL_TIMEOUT,
-        "exporter_store": DEFAULT_EXPORTER_STORE % os.geteuid()})
+        "giveup": GIVE_UP, "timeout": CALL_TIMEOUT})
 
 
 def file_directories(o):
-    """The directories dump and sandbox files may lie in (resolved)."""
-    dirs = list(o.files_in) or [DEFAULT_EXPORTER_STORE % os.geteuid()]
-    dirs.append(os.path.join(o.sandbox_mdir, "spool"))
+    """The directories dump and sandbox files may lie in (resolved), or
+    None: anywhere the checks of open_message_file() allow."""
+    if not o.files_in:
+        return None
+    dirs = list(o.files_in) + [os.path.join(o.sandbox_mdir, "spool")]
     return [os.path.realpath(d) for d in dirs]
 
 
@@ -3418,10 +3633,21 @@ def run_daemon(o):
     foreground = o.debug or o.once
     pidfile = None if o.once else PidFile(o.pidfile).acquire()
     if not foreground:
-        if o.logfile is None:
-            setup_logging(use_syslog=True)        # fails here, not later
-        daemonize()
-        setup_logging(o.logfile, use_syslog=o.logfile is None)
+        use_syslog = o.logfile is None
+        if use_syslog:
+            try:
+                setup_logging(use_syslog=True)    # fails here, not later
+            except OSError as exc:
+                # A node without a syslog daemon: log where the starter
+                # sends our standard error (a file, the journal), and say
+                # so there, rather than fail or log nowhere.
+                sys.stderr.write("%s: no syslog at %s (%s); logging to "
+                                 "standard error (see --log)\n"
+                                 % (PROG, SYSLOG_SOCKET, exc.strerror))
+                sys.stderr.flush()
+                use_syslog = False
+        daemonize(keep_stderr=not use_syslog and o.logfile is None)
+        setup_logging(o.logfile, use_syslog=use_syslog)
     if pidfile:
         pidfile.write()
     log.info("jp_importer %s: credential %s (%s), valid until %s",

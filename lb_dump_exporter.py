@@ -930,9 +930,12 @@ class Exporter:
 
     def _write_message(self, job):
         """The job's message in tmp/ (the maildir way; linked later)."""
-        data = "jobid  %s\nfile   %s\n" % (job.jobid, job.path)
+        # The original's bytes: padded keys, no newline after the last
+        # line; "jpps" on a line of its own (the original's -j ran it
+        # into the file name).
+        data = "jobid  %s\nfile   %s" % (job.jobid, job.path)
         if self.jpps:
-            data += "jpps   %s\n" % self.jpps
+            data += "\njpps   %s" % self.jpps
         sec, usec = clock()
         while True:
             name = "%d_%06d.localhost" % (sec, usec)

@@ -1184,8 +1184,7 @@ class ImporterHarness:
         return ["-c", self.cert, "-k", self.key, "-C", self.pki.ca_dir,
                 "-p", self.jpps.url, "-r", self.reg, "-d", self.dump,
                 "-s", self.sandbox, "-i", self.pidfile, "-t", "0.05",
-                "--timeout", "5", "--retry", "0", "--files-in", self.dir
-                ] + list(extra)
+                "--timeout", "5", "--retry", "0"] + list(extra)
 
     def once(self, *extra, **kw):
         proc = run([sys.executable, JP_IMPORTER, "--once"]
@@ -2066,6 +2065,16 @@ def sandbox_message(jobid, path, proxy):
             ).encode()
 
 
+def write_archive(path, size):
+    """A sandbox tarball at `path`: one member of `size` random bytes.
+    (The importer sends only tar archives from sandbox messages.)"""
+    member = tarfile.TarInfo("sandbox/out.bin")
+    member.size = size
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        tar.addfile(member, io.BytesIO(os.urandom(size)))
+    return path
+
+
 def sha256_of(path):
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -2136,8 +2145,9 @@ class TestImporterUploads(unittest.TestCase):
         self.assertEqual(h.jpps.calls, [])
 
     def test_files_that_must_not_be_uploaded(self):
-        """A message may only name a regular file of ours, in a directory
-        files may come from (--files-in, the sandbox spool)."""
+        """A message may only name a regular file of its writer's, with one
+        link, reached through directories and links no other user
+        controls, and of its own queue and job; --files-in narrows it."""
         h = upload_harness(self)
         outside = tempfile.mkdtemp(prefix="jp-outside-")
         self.addCleanup(shutil.rmtree, outside, True)
@@ -2145,6 +2155,7 @@ class TestImporterUploads(unittest.TestCase):
         with open(secret, "w") as f:
             f.write("root:secret\n")
         jobid, path = write_dump(h, 4)
+        other_job, other_dump = write_dump(h, 5)
         link = path + ".link"
         os.symlink(secret, link)
         other = path + ".other"
@@ -2152,26 +2163,68 @@ class TestImporterUploads(unittest.TestCase):
         os.chown(other, 65534, 65534)
         fifo = path + ".fifo"
         os.mkfifo(fifo)
-        cases = {secret: "outside the directories files may come from",
-                 "/dev/null": "outside the directories files may come from",
+        hard = path + ".hard"
+        shutil.copy(path, hard)
+        os.link(hard, hard + "2")
+        # A directory on the way that others may write to, not sticky.
+        open_dir = os.path.join(outside, "open")
+        os.mkdir(open_dir)
+        os.chmod(open_dir, 0o777)
+        shutil.copy(path, os.path.join(open_dir, "d"))
+        # A link on the way, planted by another user in a sticky /tmp.
+        sticky = os.path.join(outside, "sticky")
+        os.mkdir(sticky)
+        os.chmod(sticky, 0o1777)
+        planted = os.path.join(sticky, "planted")
+        os.symlink(h.path("lbexport"), planted)
+        os.lchown(planted, 65534, 65534)
+        archive = write_archive(h.path("lbexport", "x.tar"), 100)
+        cases = {secret: "does not hold the events of job",
+                 "/dev/null": "not a regular file",
+                 "/etc/passwd": "does not hold the events of job",
                  h.path("..", os.path.basename(h.dir) + "-x", "f"):
-                     "outside the directories files may come from",
+                     "no longer exists",
                  link: "symbolic link", other: "owned by uid 65534",
-                 fifo: "not a regular file"}
+                 fifo: "not a regular file", hard: "has 2 links",
+                 other_dump: "does not hold the events of job %s" % jobid,
+                 os.path.join(open_dir, "d"): "writable by group or others",
+                 os.path.join(planted, os.path.basename(path)):
+                     "symbolic link owned by uid 65534",
+                 archive: "does not hold the events"}
         names = dict((drop_message(h.dump, dump_message(jobid, target)),
                       reason) for target, reason in cases.items())
+        # A sandbox message naming a pending dump (of its own job even).
+        names[drop_message(h.sandbox, sandbox_message(
+            jobid, path, h.pki.proxy))] = "not a tar archive"
         proc = h.once()
         self.assertNotIn("Traceback", proc.stderr)
-        self.assertEqual(sorted(listing(h.dump, "undeliverable")),
+        self.assertEqual(sorted(listing(h.dump, "undeliverable") +
+                                listing(h.sandbox, "undeliverable")),
                          sorted(names))
         for name, reason in names.items():
-            self.assertIn(reason, h.state(h.dump, name)["reason"])
+            maildir = h.dump if name in listing(h.dump, "undeliverable") \
+                else h.sandbox
+            self.assertIn(reason, h.state(maildir, name)["reason"], name)
         self.assertEqual(h.jpps.calls, [])
-        # The same dump, once its directory is allowed, goes through.
-        drop_message(h.dump, dump_message(jobid, secret))
-        h.jpps.register(jobid, USER_SUBJECT)
+        self.assertTrue(os.path.exists(path))
+        # --files-in narrows: the good dump outside it is refused...
+        name = drop_message(h.dump, dump_message(jobid, path))
         h.once("--files-in", outside)
-        self.assertEqual(len(h.jpps.committed), 1)
+        self.assertIn("outside the directories files may come from",
+                      h.state(h.dump, name)["reason"])
+        # ...and, without it, the same dump goes through, and so does one
+        # reached through a link that root or we own.
+        h.jpps.register(jobid, USER_SUBJECT)
+        h.jpps.register(other_job, USER_SUBJECT)
+        ours = os.path.join(sticky, "ours")
+        os.symlink(h.path("lbexport"), ours)
+        drop_message(h.dump, dump_message(jobid, path))
+        drop_message(h.dump, dump_message(other_job, os.path.join(
+            ours, os.path.basename(other_dump))))
+        proc = h.once()
+        self.assertEqual(len(h.jpps.committed), 2, proc.stderr)
+        self.assertFalse(os.path.exists(path))
+        self.assertFalse(os.path.exists(other_dump))
 
     def test_sandbox_start_upload_fault_is_retried(self):
         h = upload_harness(self)
@@ -2179,8 +2232,7 @@ class TestImporterUploads(unittest.TestCase):
         h.jpps.register(jobid, USER_SUBJECT)
         archive = h.path("sandbox", "spool", "1.tar")
         os.makedirs(os.path.dirname(archive), mode=0o700)
-        with open(archive, "wb") as f:
-            f.write(b"tar data" * 1000)
+        write_archive(archive, 8000)
         h.jpps.inject("fault", "StartUpload", code=errno.EIO)
         name = drop_message(h.sandbox, sandbox_message(jobid, archive,
                                                        h.pki.proxy))
@@ -2439,8 +2491,7 @@ class TestFTPSUpload(FTPSCase):
         h.jpps.register(jobid, USER_SUBJECT)
         archive = h.path("sandbox", "spool", "1.tar")
         os.makedirs(os.path.dirname(archive), mode=0o700)
-        with open(archive, "wb") as f:
-            f.write(os.urandom(30000))
+        write_archive(archive, 30000)
         digests = sorted([sha256_of(path), sha256_of(archive)])
         drop_message(h.dump, dump_message(jobid, path))
         drop_message(h.sandbox, sandbox_message(jobid, archive,
@@ -2866,8 +2917,7 @@ class TestGridFTPUpload(unittest.TestCase):
         h.jpps.register(jobid, USER_SUBJECT)
         archive = h.path("sandbox", "spool", "1.tar")
         os.makedirs(os.path.dirname(archive), mode=0o700)
-        with open(archive, "wb") as f:
-            f.write(os.urandom(20000))
+        write_archive(archive, 20000)
         digests = sorted([sha256_of(path), sha256_of(archive)])
         drop_message(h.dump, dump_message(jobid, path))
         drop_message(h.sandbox, sandbox_message(jobid, archive,
@@ -3075,8 +3125,7 @@ class TestFaultsClear(unittest.TestCase):
             os.makedirs(os.path.join(maildir, "spool"), mode=0o700,
                         exist_ok=True)
             path = os.path.join(maildir, "spool", "%d.tar" % n)
-            with open(path, "wb") as f:
-                f.write(os.urandom(size))
+            write_archive(path, size)
             data = sandbox_message(jobid, path, h.pki.proxy)
         h.jpps.register(jobid, USER_SUBJECT)
         return maildir, drop_message(maildir, data), path, sha256_of(path)
@@ -3352,6 +3401,219 @@ class TestFaultsClear(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
+# Drop-in: the original deployment's command lines, with no option of ours
+# ---------------------------------------------------------------------------
+
+class TestOriginalCommandLines(unittest.TestCase):
+    """The three tools run exactly as the original packaged start script,
+    export script and upload example write them, on the original layout:
+    stores anywhere (a spool directory, the default /tmp), dumps of the
+    original C exporter, tarballs of the original upload tool in /tmp.
+    Nothing may need an option of ours; the only setting beyond the
+    command line is X509_CERT_DIR, which the original read too."""
+
+    def setUp(self):
+        self.h = h = upload_harness(self)
+        # The deployment's directories, under a private test root.
+        root = h.path("root")
+        self.spool = os.path.join(root, "var", "spool", "glite")
+        self.jpreg, self.jpdump, self.lbexport, self.keep = (
+            os.path.join(self.spool, n)
+            for n in ("jpreg", "jpdump", "lbexport", "lbexport-keep"))
+        self.jpsandbox = os.path.join(root, "var", "glite", "jpsandbox")
+        for d in (self.spool, os.path.dirname(self.jpsandbox)):
+            os.makedirs(d, 0o755)
+        self.env = dict(os.environ, X509_CERT_DIR=h.pki.ca_dir)
+        self.env.pop("X509_USER_PROXY", None)
+        self.owner = USER_SUBJECT
+        self.expected = {}          # (unique, class name) -> sha256
+        self.token = "orig%d" % (time.time() * 1000)
+        # What the exporter's default store (/tmp) keeps of this test.
+        default_store = "/tmp/lb_dump_exporter.%d" % os.geteuid()
+        self.addCleanup(lambda: [
+            unlink_if_there(os.path.join(default_store, name))
+            for name in listing(default_store, "")
+            if name.startswith(self.token)])
+
+    def purge_dump(self, first, jobs):
+        """A purge dump of `jobs` jobs (like glite-lb-purge writes), new
+        to every run: the exporter does not export a dump twice."""
+        table, data = generated_dump(jobs)
+        token = "%s%02d" % (self.token, first)
+        table = [(jobid.replace("gen%05d" % j, "%s%03d" % (token, j)),
+                  [line.replace(b"gen%05d" % j, b"%s%03d" % (
+                      token.encode(), j)) for line in lines])
+                 for j, (jobid, lines) in enumerate(table)]
+        path = self.h.path("purge_%d" % first)
+        with open(path, "wb") as f:
+            f.write(b"".join(b"".join(lines) for _, lines in table))
+        for jobid, lines in table:
+            self.expect(jobid, "lb", b"".join(lines))
+        return path
+
+    def expect(self, jobid, name, data):
+        unique = jobid.rsplit("/", 1)[1]
+        self.expected[(unique, name)] = hashlib.sha256(data).hexdigest()
+
+    def stored(self):
+        jpps = self.h.jpps
+        with jpps.lock:
+            return dict((key, jpps.committed.get(f["destination"]))
+                        for key, f in jpps.files.items()
+                        if f["state"] == "committed")
+
+    def original_message(self, maildir, data):
+        """A message as the original maildir library writes it."""
+        os.makedirs(os.path.join(maildir, "tmp"), 0o700, exist_ok=True)
+        os.makedirs(os.path.join(maildir, "new"), 0o700, exist_ok=True)
+        now = time.time()
+        name = "%d_%d.localhost" % (now, int(now * 1e6) % 1000000)
+        drop_message(maildir, data, name=name)
+
+    def original_exporter_dump(self, n, jpps_bug=False):
+        """A per-job file and message as glite-lb-dump_exporter wrote
+        them: <store>/<unique>.<sec>_<usec>, 0640, no final newline in
+        the message (with -j: the jpps key run into the file name)."""
+        jobid = "https://lb.example.org:9000/cexp%05d" % n
+        data = b"".join(ulm_line(jobid, n * 10 + i) for i in range(3))
+        path = os.path.join(self.lbexport, "cexp%05d.1795350000_%d" % (n, n))
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640)
+        os.write(fd, data)
+        os.close(fd)
+        message = "jobid  %s\nfile   %s" % (jobid, path)
+        if jpps_bug:
+            message += "jpps   %s" % self.h.jpps.hostport
+        self.original_message(self.jpdump, message.encode())
+        self.expect(jobid, "lb", data)
+
+    def original_sandbox(self, n):
+        """A tarball and message as glite_jpimporter_upload_files() made
+        them: /tmp/jpimporter_<pid>_<time>.tar, 0600, GNU format with no
+        end-of-archive blocks; tab-separated message, each line with LF."""
+        jobid = "https://lb.example.org:9000/cbox%05d" % n
+        self.h.jpps.register(jobid, self.owner)
+        path = "/tmp/jpimporter_%d_%d.tar" % (os.getpid() * 100 + n,
+                                              time.time())
+        self.addCleanup(unlink_if_there, path)
+        member = tarfile.TarInfo("home/user/job/stdout")
+        payload = ("output of job %d\n" % n).encode() * 40
+        member.size = len(payload)
+        blob = member.tobuf(tarfile.GNU_FORMAT) + payload + \
+            b"\0" * (-len(payload) % 512)           # no EOF blocks
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.write(fd, blob)
+        os.close(fd)
+        self.original_message(self.jpsandbox, (
+            "jobid\t%s\nfile\t%s\nproxy\t%s\njpps\t%s\n" % (
+                jobid, path, self.h.pki.proxy, self.h.jpps.hostport)
+        ).encode())
+        self.expect(jobid, "sandbox", blob)
+        return path
+
+    def start_importer(self, args):
+        proc = run([sys.executable, JP_IMPORTER] + args, env=self.env)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        pidfile = args[args.index("-i") + 1]
+        pid = wait_for(lambda: int(read_text(pidfile) or 0),
+                       what="the daemon's pid file")
+
+        def stop():
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                return
+            wait_for(lambda: not os.path.exists("/proc/%d" % pid),
+                     what="the daemon to exit")
+        self.addCleanup(stop)
+        return pid, proc.stderr, stop
+
+    def test_original_start_export_and_upload_command_lines(self):
+        h = self.h
+        # glite-lb-export.sh: purge dump -> dump_exporter, into the
+        # deployment's store and the default /tmp store.
+        purge = self.purge_dump(0, 3)
+        proc = run([sys.executable, LB_DUMP_EXPORTER, "-d", purge,
+                    "-s", self.lbexport, "-m", self.jpdump])
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        purge = self.purge_dump(10, 2)
+        proc = run([sys.executable, LB_DUMP_EXPORTER, "-d", purge,
+                    "-m", self.jpdump])
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        # What the original C tools left in the queues.
+        self.original_exporter_dump(1)
+        self.original_exporter_dump(2, jpps_bug=True)
+        archives = [self.original_sandbox(n) for n in (1, 2)]
+        # glite-jp-primary-upload_files -p proxy -j jobid -m dir -s jpps
+        jobid = "https://lb.example.org:9000/upl00001"
+        h.jpps.register(jobid, self.owner)
+        sandbox_file = h.path("stdout.txt")
+        with open(sandbox_file, "w") as f:
+            f.write("hello\n")
+        proc = run([sys.executable, JP_UPLOAD_FILES, "-p", h.pki.proxy,
+                    "-j", jobid, "-m", self.jpsandbox, "-s",
+                    h.jpps.hostport, sandbox_file])
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        # The LB server's registration.
+        self.original_message(self.jpreg, (
+            "https://lb.example.org:9000/reg00001\n%s" % self.owner
+        ).encode())
+        # The packaged start script, as $GLITE_USER: daemonized.
+        pidfile = h.path("glite-jp-importer.pid")
+        pid, said, stop = self.start_importer(
+            ["-i", pidfile, "--reg-mdir", self.jpreg, "--dump-mdir",
+             self.jpdump, "--jpps", h.jpps.hostport, "--sandbox-mdir",
+             self.jpsandbox, "--store", self.keep, "-c", h.cert,
+             "-k", h.key])
+        want = len(self.expected)
+        self.assertEqual(want, 3 + 2 + 2 + 2)
+        wait_for(lambda: len(self.stored()) == want + 1, timeout=60,
+                 what="every dump and sandbox stored")
+        wait_for(lambda: "reg00001" in h.jpps.jobs, what="the registration")
+        stored = self.stored()
+        for key, digest in self.expected.items():
+            self.assertEqual(stored.get(key), digest, key)
+        stop()
+        self.assertFalse(os.path.exists(pidfile))
+        for maildir in (self.jpreg, self.jpdump, self.jpsandbox):
+            for sub in ("new", "work", "post", "undeliverable"):
+                self.assertEqual(listing(maildir, sub), [], (maildir, sub))
+        # --store kept the deployment's dumps; the sandboxes are gone.
+        self.assertEqual(len(os.listdir(self.keep)), 3 + 2 + 2)
+        for path in archives:
+            self.assertFalse(os.path.exists(path))
+
+    def test_example_script_runs_it_in_the_foreground(self):
+        """glite-jp-importer.sh: `-g`, output to a log, short options."""
+        h = self.h
+        purge = self.purge_dump(20, 2)
+        proc = run([sys.executable, LB_DUMP_EXPORTER, "-d", purge,
+                    "-s", self.lbexport, "-m", self.jpdump])
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        log = open(h.path("jp-importer.log"), "wb")
+        importer = subprocess.Popen(
+            [sys.executable, JP_IMPORTER, "-g", "-i", h.path("pid"),
+             "-r", self.jpreg, "-d", self.jpdump, "-s", self.jpsandbox,
+             "-p", h.jpps.hostport, "-c", h.cert, "-k", h.key],
+            stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        log.close()
+        self.addCleanup(lambda: importer.poll() is None and importer.kill())
+        wait_for(lambda: len(self.stored()) == 2, timeout=60,
+                 what="the dumps stored")
+        importer.terminate()
+        self.assertEqual(importer.wait(TIMEOUT), 0)
+        output = read_text(h.path("jp-importer.log"))
+        self.assertNotIn("Traceback", output)
+        self.assertEqual(output.count("delivered"), 2, output)
+
+
+def unlink_if_there(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# ---------------------------------------------------------------------------
 # The demonstration (python3 test_all.py --demo)
 # ---------------------------------------------------------------------------
 
@@ -3555,8 +3817,7 @@ class TestKillsLoseNothing(unittest.TestCase):
             jobid = "https://lb.example.org:9000/sandbox%05d" % n
             h.jpps.register(jobid, USER_SUBJECT)
             archive = h.path("sandbox", "spool", "%05d.tar" % n)
-            with open(archive, "wb") as f:
-                f.write(os.urandom(rng.randrange(100, 30000)))
+            write_archive(archive, rng.randrange(100, 30000))
             digests[jobid] = sha256_of(archive)
             messages.append((h.sandbox, sandbox_message(
                 jobid, archive, h.pki.proxy)))
@@ -3754,7 +4015,7 @@ class TestDumpExporter(unittest.TestCase):
             messages = x.assert_exported([(jp_importer.parse_jobid(jobid),
                                            [data])])
             fields, name, raw = list(messages.values())[0]
-            self.assertEqual(raw, ("jobid  %s\nfile   %s\n" % (
+            self.assertEqual(raw, ("jobid  %s\nfile   %s" % (
                 jp_importer.parse_jobid(jobid), fields["file"])).encode())
             self.assertRegex(name, r"^\d+_\d{6}\.localhost$")
             self.assertTrue(os.path.samefile(
@@ -3841,7 +4102,7 @@ class TestDumpExporter(unittest.TestCase):
         self.assertEqual((proc.returncode, proc.stderr), (0, ""))
         for fields, name, raw in x.assert_exported(table).values():
             self.assertEqual(raw, (
-                "jobid  %s\nfile   %s\njpps   jp.example.org:8901\n"
+                "jobid  %s\nfile   %s\njpps   jp.example.org:8901"
                 % (fields["jobid"], fields["file"])).encode())
         for args, text in ((["-j", "jp example:1"], "invalid JPPS"),
                            (["stray"], "unexpected argument"),
@@ -4714,8 +4975,7 @@ class TestBadInputInBulk(unittest.TestCase):
             digests.append(sha256_of(path))
             drop_message(h.dump, dump_message(jobid, path))
             archive = h.path("sandbox", "spool", "%d.tar" % n)
-            with open(archive, "wb") as f:
-                f.write(os.urandom(1000 + n))
+            write_archive(archive, 1000 + n)
             digests.append(sha256_of(archive))
             drop_message(h.sandbox, ("jobid\t%s\nfile\t%s\n" % (
                 jobid, archive)).encode())
@@ -4993,8 +5253,7 @@ class TestTLSAndSecrets(unittest.TestCase):
         ftps.inject("drop_data", after=1000)
         os.makedirs(h.path("sandbox", "spool"), mode=0o700)
         archive = h.path("sandbox", "spool", "1.tar")
-        with open(archive, "wb") as f:
-            f.write(os.urandom(3000))
+        write_archive(archive, 3000)
         drop_message(h.sandbox, sandbox_message(
             "https://lb.example.org:9000/dump00000", archive, h.pki.proxy))
         logfile = h.path("debug.log")

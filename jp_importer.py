@@ -46,6 +46,11 @@ New options (long only):
                           always allowed); without it, any file that
                           passes the checks (see README, "Which files")
   --allow-plain-ftp       allow ftp:// destinations without TLS
+  --allow-jpps HOST:PORT  a JPPS a message's jpps line may name besides
+                          -p (repeatable); any other: undeliverable
+  --delegate-to HOST      a gsiftp host trusted with a delegated proxy
+                          besides the host of the message's JPPS
+                          (repeatable; see README, "Credentials")
   --version               print the version and exit
 
 Credentials, when -c is not given: $X509_USER_PROXY, /tmp/x509up_u<uid>,
@@ -342,6 +347,13 @@ def parse_endpoint(text):
     except ValueError:
         raise ConfigError("bad port in JPPS address %r" % text)
     return parts.hostname, port, parts.path or "/"
+
+
+def endpoint_key(text):
+    """"host:port" of a JPPS address, whatever its form: what the
+    --allow-jpps check compares."""
+    host, port, _ = parse_endpoint(text)
+    return "%s:%d" % (host.lower(), port)
 
 
 # ---------------------------------------------------------------------------
@@ -2656,6 +2668,7 @@ class Worker:
         self.retry_base = (options.retry if options.retry is not None
                            else self.RETRY[kind])
         self.clients = {}
+        self.allowed_jpps = None    # endpoint_key()s, made on first use
         # name -> a time before which a postponed message is surely not
         # due; saves re-reading every state file of a big backlog in post/
         # on every pass.  Retry times only move later, so it stays true.
@@ -2669,6 +2682,20 @@ class Worker:
                         KIND_SANDBOX: self.deliver_sandbox}[kind]
 
     def client(self, address=None):
+        """The client of -p, or of the JPPS a message's jpps line names:
+        that must be -p or an --allow-jpps one, else the message is
+        undeliverable and no connection is made (a message writer must
+        not send our credential and its files to a JPPS of its choice)."""
+        if address is not None and address != self.options.jpps:
+            if self.allowed_jpps is None:
+                self.allowed_jpps = set(endpoint_key(a) for a in
+                                        [self.options.jpps] +
+                                        self.options.allow_jpps)
+            if endpoint_key(address) not in self.allowed_jpps:
+                raise PermanentError(
+                    "the message names JPPS %s, which is neither -p nor "
+                    "allowed by --allow-jpps; not contacted"
+                    % one_line(address, 200))
         address = address or self.options.jpps
         client = self.clients.get(address)
         if client is None:
@@ -3461,7 +3488,7 @@ LONGOPTS = ["help", "cert=", "key=", "CAdir=", "debug", "jpps=",
             "pidfile=", "poll=", "store=", "once", "status", "requeue",
             "retry=", "give-up=", "timeout=", "log=", "upload", "dcau=",
             "allow-plain-ftp", "allow-shared-dirs", "files-in=",
-            "version"]
+            "allow-jpps=", "delegate-to=", "version"]
 
 
 def default_pidfile():
@@ -3493,6 +3520,8 @@ class Options:
         self.allow_plain_ftp = False
         self.allow_shared_dirs = False
         self.files_in = []
+        self.allow_jpps = []        # JPPS a message may name besides -p
+        self.delegate_to = []       # gsiftp hosts trusted with a proxy
         self.help = self.version = False
         self.args = []
 
@@ -3508,6 +3537,13 @@ def _number(opt, value, low=None, high=None, integer=False):
                                  % (opt, low, high if high is not None
                                     else "any", value))
     return number
+
+
+def _check_endpoint(opt, value):
+    try:
+        parse_endpoint(value)
+    except ConfigError as exc:
+        raise getopt.GetoptError("%s: %s" % (opt, exc))
 
 
 def parse_args(argv):
@@ -3532,6 +3568,8 @@ def parse_args(argv):
             if not arg:
                 raise getopt.GetoptError("%s needs a non-empty value" % opt)
             setattr(o, simple[opt], arg)
+            if simple[opt] == "jpps":
+                _check_endpoint(opt, arg)
         elif opt in flags:
             setattr(o, flags[opt], True)
         elif opt in ("-D", "--dump-slaves"):
@@ -3548,6 +3586,15 @@ def parse_args(argv):
             if not arg:
                 raise getopt.GetoptError("--files-in needs a directory")
             o.files_in.append(os.path.abspath(arg))
+        elif opt == "--allow-jpps":
+            _check_endpoint(opt, arg)
+            o.allow_jpps.append(arg)
+        elif opt == "--delegate-to":
+            host = arg.strip().strip("[]").lower()
+            if not host or "/" in host:
+                raise getopt.GetoptError("--delegate-to needs a host name, "
+                                         "not %r" % arg)
+            o.delegate_to.append(host)
         elif opt == "--dcau":
             if arg not in ("auto", "N", "A"):
                 raise getopt.GetoptError("--dcau must be auto, N or A")

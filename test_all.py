@@ -5292,6 +5292,67 @@ class TestTLSAndSecrets(unittest.TestCase):
                 self.assertNotIn(secret, text)
 
 
+class TestCredentialsHardening(unittest.TestCase):
+    """Who gets our credential: only the JPPS the operator named, a
+    delegated proxy only for trusted hosts, no revoked server, no proxy
+    file planted by another user."""
+
+    def test_message_may_name_only_an_allowed_jpps(self):
+        h = upload_harness(self)
+        # A JPPS of the message writer's choice: a port that listens but
+        # is never served, so any connection made to it stays queued.
+        rogue = socket.socket()
+        self.addCleanup(rogue.close)
+        rogue.bind(("127.0.0.1", 0))
+        rogue.listen(8)
+        other = JPPSFixture(h.pki, dest_base=h.ftps.url("other"),
+                            local_root=h.ftp_root).start()
+        self.addCleanup(other.stop)
+        port = h.jpps.port
+        names = {}
+        # The forms the exporter's -j, jp_upload_files -s and the start
+        # script's --jpps write all name -p: no option needed for them.
+        for n, jpps in enumerate(("localhost:%d" % port,
+                                  "https://localhost:%d" % port,
+                                  "http://LocalHost:%d/" % port,
+                                  "localhost:%d" % rogue.getsockname()[1],
+                                  "https://localhost:%d" % other.port)):
+            jobid, path = write_dump(h, n)
+            h.jpps.register(jobid, USER_SUBJECT)
+            other.register(jobid, USER_SUBJECT)
+            names[drop_message(h.dump, dump_message(jobid, path, jpps))] = \
+                jpps
+        proc = h.once()
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
+        self.assertEqual(len(h.jpps.committed), 3)
+        self.assertEqual(other.ops(), [])
+        rogue.setblocking(False)
+        with self.assertRaises(BlockingIOError):
+            rogue.accept()                  # no connection was made
+        refused = sorted(listing(h.dump, "undeliverable"))
+        self.assertEqual(sorted(names[name] for name in refused),
+                         sorted(list(names.values())[3:]))
+        for name in refused:
+            self.assertEqual(
+                h.state(h.dump, name)["reason"],
+                "the message names JPPS %s, which is neither -p nor allowed "
+                "by --allow-jpps; not contacted" % names[name])
+        # --allow-jpps (any form of the address) lets the other one in.
+        proc = run([sys.executable, JP_IMPORTER, "--requeue", "-r", h.reg,
+                    "-d", h.dump, "-s", h.sandbox])
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        proc = h.once("--allow-jpps", "localhost:%d" % other.port)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(len(other.committed), 1)
+        self.assertEqual(len(listing(h.dump, "undeliverable")), 1)
+        for bad in ("gopher://x:1", "localhost:port"):
+            proc = h.once("--allow-jpps", bad)
+            self.assertEqual(proc.returncode, 2)
+            self.assertIn("--allow-jpps: bad", proc.stderr)
+            self.assertNotIn("Traceback", proc.stderr)
+
+
 # ---- FTPS: fixture, vsftpd peer, transport tests
 #
 # FTPSFixture and VsftpdPeer are defined with the importer upload tests

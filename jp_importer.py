@@ -78,6 +78,7 @@ import http.client
 import itertools
 import logging
 import logging.handlers
+import math
 import os
 import random
 import re
@@ -2089,8 +2090,10 @@ OID_KEY_USAGE = "2.5.29.15"
 OID_BASIC_CONSTRAINTS = "2.5.29.19"
 OID_PROXY_CERT_INFO = "1.3.6.1.5.5.7.1.14"
 OID_PPL_INHERIT_ALL = "1.3.6.1.5.5.7.21.1"
+OID_PPL_GLOBUS_LIMITED = "1.3.6.1.4.1.3536.1.1.1.9"
 SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
-DELEGATED_LIFETIME = 12 * 3600
+DELEGATED_LIFETIME = 12 * 3600      # at most: see delegated_lifetime()
+DELEGATED_MIN_LIFETIME = 600        # covers the peers' clock differences
 PEM_KEY_RE = re.compile(rb"-----BEGIN (RSA )?PRIVATE KEY-----\s*(.+?)\s*"
                         rb"-----END (RSA )?PRIVATE KEY-----", re.S)
 
@@ -2167,12 +2170,16 @@ def rsa_sign_raw(key, message):
     return signature
 
 
-def sign_proxy_request(request, cert_file, key_file, now=None):
+def sign_proxy_request(request, cert_file, key_file, now=None,
+                       lifetime=DELEGATED_LIFETIME, limited=True):
     """The DER of an RFC 3820 proxy for the key in PKCS#10 `request`.
 
     Issued by the first certificate of `cert_file` (our credential),
-    subject = its subject + CN=<serial>, valid 12 hours at most and
-    never longer than its issuer, signed with the key in `key_file`.
+    subject = its subject + CN=<serial>, valid `lifetime` seconds (never
+    longer than its issuer), signed with the key in `key_file`.  A
+    `limited` proxy carries the Globus limited-proxy policy language:
+    Globus job submission (GRAM) refuses such a proxy, and proxies made
+    from it stay limited; data transfers take it.
     """
     now = time.time() if now is None else now
     with open(cert_file, "rb") as f:
@@ -2201,12 +2208,13 @@ def sign_proxy_request(request, cert_file, key_file, now=None):
             der(0x04, b"\x30\x00")),             # CA:FALSE
         der(0x30, der_oid_encode(OID_PROXY_CERT_INFO) + critical +
             der(0x04, der(0x30, der(0x30, der_oid_encode(
-                OID_PPL_INHERIT_ALL))))),
+                OID_PPL_GLOBUS_LIMITED if limited
+                else OID_PPL_INHERIT_ALL))))),
     ])))
     tbs_der = der(0x30, b"".join([
         b"\xa0\x03\x02\x01\x02", der_int(serial), algorithm,
         der(0x30, subject), der(0x30, der_time(now - 300) + der_time(
-            min(info.not_after, now + DELEGATED_LIFETIME))),
+            min(info.not_after, now + lifetime))),
         proxy_subject, public_key, extensions]))
     key = read_rsa_key(key_file)
     n = key[0]
@@ -2390,11 +2398,12 @@ class _GSIControl:
 
     # -- authentication ----------------------------------------------------
 
-    def authenticate(self, credentials=None):
+    def authenticate(self, credentials=None, lifetime=DELEGATED_LIFETIME):
         """AUTH GSSAPI and the GSI handshake in ADAT; then USER/PASS.
 
-        With `credentials`, a proxy is delegated to the server (needed
-        for DCAU A); self.delegated is then its DER.
+        With `credentials`, a limited proxy valid `lifetime` seconds is
+        delegated to the server (needed for DCAU A); self.delegated is
+        then its DER.
         """
         self.check(self.reply())                          # 220 welcome
         self.command("AUTH GSSAPI", "3")                   # 334
@@ -2427,7 +2436,8 @@ class _GSIControl:
             request = self._read_plain()
             try:
                 self.delegated = sign_proxy_request(
-                    request, credentials.cert_file, credentials.key_file)
+                    request, credentials.cert_file, credentials.key_file,
+                    lifetime=lifetime)
             except (ValueError, IndexError, AttributeError) as exc:
                 raise TransientError("cannot delegate to %s:%d: %s"
                                      % (self.host, self.port, exc))
@@ -2493,7 +2503,16 @@ def _gsiftp_quit(control):
             pass
 
 
-def upload_gsiftp(url, source, credentials, timeout, dcau="auto", prot="P"):
+def delegated_lifetime(size, timeout):
+    """Seconds a proxy delegated for one upload is valid: the time the
+    upload may take (as upload_ftp's limit), at least
+    DELEGATED_MIN_LIFETIME, at most DELEGATED_LIFETIME."""
+    return int(min(DELEGATED_LIFETIME, max(DELEGATED_MIN_LIFETIME, math.ceil(
+        3 * timeout + size / FTP_MIN_RATE))))
+
+
+def upload_gsiftp(url, source, credentials, timeout, dcau="auto", prot="P",
+                  delegate_to=None):
     """Upload file object `source` to a gsiftp:// URL (GridFTP with GSI).
 
     The importer's credential (host certificate or proxy) authenticates
@@ -2504,7 +2523,10 @@ def upload_gsiftp(url, source, credentials, timeout, dcau="auto", prot="P"):
     after the handshake); "auto" tries N and, when the server demands
     protection (534, as with -encrypt-data), starts again with A (and
     goes straight to A with that server for the rest of the process,
-    until an attempt with A fails).
+    until an attempt with A fails).  A is used only with a host in
+    `delegate_to` (host names): a proxy of our credential goes nowhere
+    else; None trusts the URL's own host (the caller named it, as
+    --upload's operator does).
     Returns the bytes sent, checked with SIZE.
     """
     parts = urllib.parse.urlsplit(url)
@@ -2521,22 +2543,38 @@ def upload_gsiftp(url, source, credentials, timeout, dcau="auto", prot="P"):
     if dcau not in ("AUTO", "A", "N"):
         raise PermanentError("unknown DCAU policy %r" % dcau)
     where = "gsiftp %s:%d" % (host, port)
+    untrusted = None
+    if delegate_to is not None:
+        trusted = sorted(set(h.lower() for h in delegate_to))
+        if host.lower() not in trusted:
+            untrusted = ("a delegated proxy, and %s is not trusted with one "
+                         "(trusted: %s; see --delegate-to)"
+                         % (host, ", ".join(trusted) or "none"))
     mode = dcau
+    if dcau == "A" and untrusted:
+        raise TransientError("%s: --dcau A needs %s" % (where, untrusted))
     if dcau == "AUTO":
-        mode = "A" if (host, port) in _DCAU_DEMANDED else "N"
+        mode = "A" if (host, port) in _DCAU_DEMANDED and not untrusted \
+            else "N"
     with _SourceFile(source) as source:
+        lifetime = delegated_lifetime(os.fstat(source.fileno()).st_size,
+                                      timeout)
         try:
             return _gsiftp_put(host, port, target, source, credentials,
-                               timeout, mode, prot, where)
+                               timeout, mode, prot, where, lifetime)
         except _NeedsDCAU as exc:
             if dcau != "AUTO":
                 raise TransientError("%s demands data channel protection "
                                      "(%s) and --dcau is N" % (where, exc))
+            if untrusted:
+                raise TransientError("%s demands data channel protection "
+                                     "(%s), which needs %s"
+                                     % (where, exc, untrusted))
             log.info("%s demands data channel protection (%s): DCAU A",
                      where, exc)
             _DCAU_DEMANDED.add((host, port))
             return _gsiftp_put(host, port, target, source, credentials,
-                               timeout, "A", prot, where)
+                               timeout, "A", prot, where, lifetime)
         except Error:
             if dcau == "AUTO":
                 _DCAU_DEMANDED.discard((host, port))   # N first next time
@@ -2548,14 +2586,16 @@ class _NeedsDCAU(Exception):
 
 
 def _gsiftp_put(host, port, target, source, credentials, timeout, dcau,
-                prot, where):
-    """One GridFTP upload attempt with a fixed DCAU mode, from byte 0."""
+                prot, where, lifetime):
+    """One GridFTP upload attempt with a fixed DCAU mode, from byte 0;
+    with A, a proxy valid `lifetime` seconds is delegated."""
     source.seek(0)
     control = data = None
     try:
         control = _GSIControl(host, port, credentials.client_context(),
                               timeout)
-        control.authenticate(credentials if dcau == "A" else None)
+        control.authenticate(credentials if dcau == "A" else None,
+                             lifetime)
         control.command("TYPE I")
         control.command("MODE S")
         try:
@@ -2625,9 +2665,10 @@ def _gsiftp_put(host, port, target, source, credentials, timeout, dcau,
 
 
 def upload(url, source, credentials, timeout, dcau="auto",
-           allow_plain=False):
+           allow_plain=False, delegate_to=None):
     """Put `source` at `url` (gsiftp://, ftp:// or ftps://) from its
-    first byte: an open binary file, or the path of one.
+    first byte: an open binary file, or the path of one.  `delegate_to`:
+    the hosts a gsiftp upload may delegate a proxy to (upload_gsiftp).
 
     Returns the number of bytes sent; raises TransientError (retry) or
     PermanentError (undeliverable).
@@ -2635,7 +2676,8 @@ def upload(url, source, credentials, timeout, dcau="auto",
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     credentials.refresh()           # a renewed proxy serves uploads too
     if scheme == "gsiftp":
-        return upload_gsiftp(url, source, credentials, timeout, dcau=dcau)
+        return upload_gsiftp(url, source, credentials, timeout, dcau=dcau,
+                             delegate_to=delegate_to)
     if scheme in ("ftp", "ftps"):
         return upload_ftp(url, source, credentials, timeout,
                           allow_plain=allow_plain)
@@ -2963,9 +3005,13 @@ class Worker:
 
     def _upload_and_commit(self, msg, client, destination, source, path,
                            file_class):
+        # A proxy only for the host of the JPPS that handed out the
+        # destination, or one the operator named: a destination host is
+        # whatever the JPPS, or a message's jpps line, says.
         size = upload(destination, source, self.credentials,
                       self.options.timeout, dcau=self.options.dcau,
-                      allow_plain=self.options.allow_plain_ftp)
+                      allow_plain=self.options.allow_plain_ftp,
+                      delegate_to=[client.host] + self.options.delegate_to)
         msg.save_state(uploading=None)
         return self._commit(msg, client, destination, path, file_class,
                             "delivered %d bytes to %s"

@@ -5353,6 +5353,78 @@ class TestCredentialsHardening(unittest.TestCase):
             self.assertNotIn("Traceback", proc.stderr)
 
 
+    def test_delegation_only_to_trusted_hosts_short_and_limited(self):
+        p = pki()
+        secure = GridFTPPeer(p, encrypt_data=True)
+        self.addCleanup(secure.stop)
+        jp_importer._DCAU_DEMANDED.clear()
+        self.addCleanup(jp_importer._DCAU_DEMANDED.clear)
+        # The JPPS is https://localhost:P; its destinations name the same
+        # server by address: another host as far as trust goes.
+        by_address = "gsiftp://127.0.0.1:%d%s/chain" % (secure.port,
+                                                        secure.root)
+        h = ImporterHarness(self, dest_base=by_address, local_root="/")
+        h.cert = h.key = p.proxy
+        jobid, path = write_dump(h, 1, size=300000)
+        digest = sha256_of(path)
+        h.jpps.register(jobid, USER_SUBJECT)
+        name = drop_message(h.dump, dump_message(jobid, path))
+        for dcau in ("auto", "A"):
+            proc = h.once("--dcau", dcau)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            self.assertEqual(listing(h.dump, "post"), [name])
+            error = h.state(h.dump, name)["last_error"]
+            self.assertIn("a delegated proxy, and 127.0.0.1 is not trusted "
+                          "with one (trusted: localhost; see --delegate-to)",
+                          error)
+            if dcau == "auto":
+                self.assertIn("demands data channel protection (534", error)
+        self.assertNotIn("DCAU A", secure.log_text())   # never delegated
+        self.assertEqual(h.jpps.committed, {})
+        self.assertTrue(os.path.exists(path))
+        h.jpps.expire_uploads()
+        proc = h.once("--delegate-to", "127.0.0.1")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(list(h.jpps.committed.values()), [digest])
+        self.assertIn("[CLIENT]: DCAU A", secure.log_text())
+        # What is delegated: a limited proxy for the upload's own time.
+        signed = []
+        original = jp_importer.sign_proxy_request
+
+        def recording(*args, **kw):
+            signed.append((time.time(), original(*args, **kw)))
+            return signed[-1][1]
+        jp_importer.sign_proxy_request = recording
+        self.addCleanup(setattr, jp_importer, "sign_proxy_request", original)
+        payload = os.path.join(h.dir, "payload")
+        with open(payload, "wb") as f:
+            f.write(os.urandom(3 * 1024 * 1024))
+        creds = jp_importer.Credentials(p.proxy, p.proxy, p.ca_dir)
+        for timeout, lifetime in ((10, 600), (300, 3 * 300 + 48)):
+            self.assertEqual(jp_importer.upload_gsiftp(
+                secure.url("limited-%d" % timeout), payload, creds, timeout,
+                dcau="A"), 3 * 1024 * 1024)
+            when, der = signed[-1]
+            info = jp_importer.CertInfo(der)
+            self.assertAlmostEqual(info.not_after - when, lifetime, delta=2)
+            pem = os.path.join(h.dir, "delegated.pem")
+            with open(pem, "w") as f:
+                f.write(ssl.DER_cert_to_PEM_cert(der))
+            self.assertRegex(p.openssl("x509", "-in", pem, "-noout",
+                                       "-text"),
+                             r"Policy Language: 1\.3\.6\.1\.4\.1\.3536"
+                             r"\.1\.1\.1\.9\b")
+        self.assertEqual(jp_importer.delegated_lifetime(10 ** 12, 120),
+                         12 * 3600)
+        # --dcau A to an untrusted host: refused before any connection.
+        with self.assertRaises(jp_importer.TransientError) as cm:
+            jp_importer.upload_gsiftp(
+                "gsiftp://storage.invalid/x", payload, None, 5, dcau="A",
+                delegate_to=["jpps.example.org", "se.example.org"])
+        self.assertIn("storage.invalid is not trusted with one (trusted: "
+                      "jpps.example.org, se.example.org;", str(cm.exception))
+
+
 # ---- FTPS: fixture, vsftpd peer, transport tests
 #
 # FTPSFixture and VsftpdPeer are defined with the importer upload tests

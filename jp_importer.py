@@ -534,6 +534,9 @@ class Credentials:
         for path in (self.cert_file, self.key_file):
             st = os.stat(path)
             stamp.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        # fetch-crl renames new CRLs into the CA directory: its change
+        # time brings them in (a stale CRL would fail every handshake).
+        stamp.append(os.stat(self.ca_dir).st_mtime_ns)
         return tuple(stamp)
 
     def load(self):
@@ -574,6 +577,7 @@ class Credentials:
                         stat.S_IMODE(mode))
         context = ssl.create_default_context(capath=self.ca_dir)
         set_minimum_tls(context)
+        load_crls(context, self.ca_dir)
         try:
             context.load_cert_chain(self.cert_file, self.key_file)
         except ssl.SSLError as exc:
@@ -623,6 +627,38 @@ class Credentials:
                                  % (self.cert_file,
                                     format_time(self.not_after)))
         return self._context
+
+
+CRL_NAME_RE = re.compile(r"^[0-9a-f]{8}\.r[0-9]+$")
+
+
+def load_crls(context, ca_dir):
+    """Load every CRL of the CA directory (<hash>.r0, .r1...: fetch-crl
+    keeps them there) into `context`, and check server certificates
+    against them; the number loaded.
+
+    Only the leaf is checked (VERIFY_CRL_CHECK_LEAF): checking the whole
+    chain needs a CRL of every CA in it, the root's own issuer included,
+    and a directory whose CAs lack one would refuse every server.  With
+    no CRL at all nothing is checked (OpenSSL would otherwise refuse
+    every server for a missing CRL); with some, a server whose CA has
+    none is refused ("unable to get certificate CRL").
+    """
+    try:
+        names = sorted(n for n in os.listdir(ca_dir) if CRL_NAME_RE.match(n))
+    except OSError as exc:
+        raise ConfigError("cannot read CA directory %s: %s"
+                          % (ca_dir, exc.strerror))
+    for name in names:
+        path = os.path.join(ca_dir, name)
+        try:
+            context.load_verify_locations(cafile=path)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError("CRL %s: %s" % (
+                path, getattr(exc, "reason", None) or exc.strerror or exc))
+    if names:
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return len(names)
 
 
 def grid_identity(certs):

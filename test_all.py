@@ -5292,6 +5292,34 @@ class TestTLSAndSecrets(unittest.TestCase):
                 self.assertNotIn(secret, text)
 
 
+def revoked_server():
+    """(certificate, key, CA directory) of a server certificate of the
+    test CA that a CRL revokes: the directory is the test CA's plus that
+    CRL as <hash>.r0, as fetch-crl keeps it.  Made once per run."""
+    if "revoked" not in _TLS_CERTS:
+        p = pki()
+        cert, key = p.issue("revoked-server", HOST_SUBJECT, "serverAuth",
+                            san="DNS:localhost,IP:127.0.0.1")
+        db = p.path("crl-db")
+        os.makedirs(db)
+        open(os.path.join(db, "index.txt"), "w").close()
+        conf = p.path("crl.cnf")
+        with open(conf, "w") as f:
+            f.write("[ca]\ndefault_ca=x\n[x]\ndatabase=%s\n"
+                    "default_md=sha256\ndefault_crl_days=3650\n"
+                    % os.path.join(db, "index.txt"))
+        keys = ("-config", conf, "-cert", p.ca_cert, "-keyfile", p.ca_key)
+        p.openssl("ca", "-revoke", cert, *keys)
+        crl = p.path("test-ca.crl")
+        p.openssl("ca", "-gencrl", "-out", crl, *keys)
+        ca_dir = p.path("certificates-with-crl")
+        shutil.copytree(p.ca_dir, ca_dir, symlinks=True)
+        crl_hash = p.openssl("crl", "-noout", "-hash", "-in", crl).strip()
+        shutil.copy(crl, os.path.join(ca_dir, crl_hash + ".r0"))
+        _TLS_CERTS["revoked"] = (cert, key, ca_dir)
+    return _TLS_CERTS["revoked"]
+
+
 class TestCredentialsHardening(unittest.TestCase):
     """Who gets our credential: only the JPPS the operator named, a
     delegated proxy only for trusted hosts, no revoked server, no proxy
@@ -5423,6 +5451,65 @@ class TestCredentialsHardening(unittest.TestCase):
                 delegate_to=["jpps.example.org", "se.example.org"])
         self.assertIn("storage.invalid is not trusted with one (trusted: "
                       "jpps.example.org, se.example.org;", str(cm.exception))
+
+
+    def assert_revoked(self, error):
+        if sys.version_info >= (3, 7):
+            self.assertIn("certificate revoked", error)
+        else:       # 3.6 has no verify_message: the reason is lost
+            self.assertIn("certificate verify failed", error)
+
+    def test_revoked_server_certificates_are_refused(self):
+        cert, key, ca_dir = revoked_server()
+        h = upload_harness(self)
+        jobid, path = write_dump(h, 1)
+        h.jpps.register(jobid, USER_SUBJECT)
+        drop_message(h.dump, dump_message(jobid, path))
+        name = drop_message(h.reg, registration(1))
+        # The CRL revokes one certificate: the others still pass.
+        proc = h.once("-C", ca_dir)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(len(h.jpps.committed), 1)
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 1)
+        # A JPPS presenting the revoked one: nothing sent, retried later.
+        h.jpps.context = h.pki.server_context(cert, key)
+        name = drop_message(h.reg, registration(2))
+        proc = h.once("-C", ca_dir)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(len(h.jpps.ops()), 3)
+        self.assertEqual(listing(h.reg, "post"), [name])
+        error = h.state(h.reg, name)["last_error"]
+        self.assertIn("JPPS localhost:%d: server certificate not trusted"
+                      % h.jpps.port, error)
+        self.assert_revoked(error)
+        # An FTPS server presenting it: taken while the CA directory has
+        # no CRL, refused once a CRL is renamed in (as fetch-crl does).
+        ftps = FTPSFixture(h.pki, h.ftp_root, cert=(cert, key)).start()
+        self.addCleanup(ftps.stop)
+        ca_copy = os.path.join(h.dir, "ca-copy")
+        shutil.copytree(h.pki.ca_dir, ca_copy, symlinks=True)
+        creds = jp_importer.Credentials(h.pki.host_cert, h.pki.host_key,
+                                        ca_copy).load()
+        payload = payloads(h.dir, (5000,))[0][1]
+        self.assertEqual(jp_importer.upload(ftps.url("before"), payload,
+                                            creds, 5), 5000)
+        crl = [n for n in os.listdir(ca_dir) if n.endswith(".r0")][0]
+        shutil.copy(os.path.join(ca_dir, crl), os.path.join(ca_copy, "new"))
+        os.rename(os.path.join(ca_copy, "new"), os.path.join(ca_copy, crl))
+        with self.assertRaises(jp_importer.TransientError) as cm:
+            jp_importer.upload(ftps.url("after"), payload, creds, 5)
+        self.assert_revoked(str(cm.exception))
+        self.assertEqual(ftps.stores, 1)
+        # A broken CRL file is a one-line error naming it.
+        broken = os.path.join(h.dir, "broken-ca")
+        shutil.copytree(ca_dir, broken, symlinks=True)
+        crl = [n for n in os.listdir(broken) if n.endswith(".r0")][0]
+        with open(os.path.join(broken, crl), "w") as f:
+            f.write("-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n")
+        proc = h.once("-C", broken)
+        self.assertEqual(proc.returncode, 1)
+        self.assertRegex(proc.stderr, r"^jp_importer: CRL %s: .+\n$"
+                         % re.escape(os.path.join(broken, crl)))
 
 
 # ---- FTPS: fixture, vsftpd peer, transport tests

@@ -54,8 +54,10 @@ New options (long only):
   --version               print the version and exit
 
 Credentials, when -c is not given: $X509_USER_PROXY, /tmp/x509up_u<uid>,
-$X509_USER_CERT/$X509_USER_KEY, ~/.globus/usercert.pem and userkey.pem,
-and as root /etc/grid-security/hostcert.pem and hostkey.pem.
+$X509_USER_CERT/$X509_USER_KEY, ~/.globus/usercert.pem and userkey.pem;
+as root $X509_USER_PROXY, $X509_USER_CERT/$X509_USER_KEY,
+/etc/grid-security/hostcert.pem and hostkey.pem, /tmp/x509up_u0,
+~/.globus.  A proxy file must be ours and mode 0600 or 0400.
 
 Signals: TERM/INT finish the messages in hand and exit 0; HUP reloads the
 credentials and reopens the log file.
@@ -106,6 +108,9 @@ DEFAULT_REG_MDIR = "/var/glite/jpreg"
 DEFAULT_DUMP_MDIR = "/var/glite/jpdump"
 DEFAULT_SANDBOX_MDIR = "/var/glite/jpsandbox"
 DEFAULT_CA_DIR = "/etc/grid-security/certificates"
+DEFAULT_PROXY = "/tmp/x509up_u%d"           # % uid
+HOST_CERT = "/etc/grid-security/hostcert.pem"
+HOST_KEY = "/etc/grid-security/hostkey.pem"
 DEFAULT_POLL = 2.0
 SYSLOG_SOCKET = "/dev/log"
 MAX_DUMP_WORKERS = 20                       # PID_POOL_SIZE of the original
@@ -460,8 +465,14 @@ def find_credentials(cert=None, key=None, environ=None, uid=None):
     """(cert file, key file, where) by the grid lookup order.
 
     -c/-k first; then X509_USER_PROXY, /tmp/x509up_u<uid>,
-    X509_USER_CERT/X509_USER_KEY, ~/.globus, and as root the host
-    certificate.  A proxy file holds its key, so key == cert for proxies.
+    X509_USER_CERT/X509_USER_KEY, ~/.globus.  As root: X509_USER_PROXY,
+    X509_USER_CERT, the host certificate, /tmp/x509up_u0, ~/.globus:
+    what the environment names, then the host credential before a file
+    in /tmp that any user can create before root does.  A proxy file
+    holds its key, so key == cert for proxies.  A proxy found here must
+    be ours and private (private_file_problem()): X509_USER_PROXY naming
+    another is an error, a default proxy that is not is skipped with a
+    warning.
     """
     env = os.environ if environ is None else environ
     uid = os.geteuid() if uid is None else uid
@@ -469,22 +480,31 @@ def find_credentials(cert=None, key=None, environ=None, uid=None):
         return cert, key or cert, "-c"
     if key:
         raise ConfigError("-k given without -c")
-    candidates = []
+    named, defaults = [], []
     if env.get("X509_USER_PROXY"):
-        candidates.append((env["X509_USER_PROXY"], None, "X509_USER_PROXY"))
-    candidates.append(("/tmp/x509up_u%d" % uid, None, "default proxy"))
+        named.append((env["X509_USER_PROXY"], None, "X509_USER_PROXY"))
+    defaults.append((DEFAULT_PROXY % uid, None, "default proxy"))
     if env.get("X509_USER_CERT"):
-        candidates.append((env["X509_USER_CERT"], env.get("X509_USER_KEY"),
-                           "X509_USER_CERT"))
+        (named if uid == 0 else defaults).append(
+            (env["X509_USER_CERT"], env.get("X509_USER_KEY"),
+             "X509_USER_CERT"))
     home = os.path.expanduser("~")
-    candidates.append((os.path.join(home, ".globus", "usercert.pem"),
-                       os.path.join(home, ".globus", "userkey.pem"),
-                       "~/.globus"))
+    defaults.append((os.path.join(home, ".globus", "usercert.pem"),
+                     os.path.join(home, ".globus", "userkey.pem"),
+                     "~/.globus"))
     if uid == 0:
-        candidates.append(("/etc/grid-security/hostcert.pem",
-                           "/etc/grid-security/hostkey.pem",
-                           "host certificate"))
-    for cert_file, key_file, where in candidates:
+        defaults.insert(0, (HOST_CERT, HOST_KEY, "host certificate"))
+    for cert_file, key_file, where in named + defaults:
+        if where in PROXY_LOOKUPS and os.path.lexists(cert_file):
+            problem = private_file_problem(cert_file, uid,
+                                           where == "X509_USER_PROXY")
+            if problem and where == "default proxy":
+                log.warning("%s %s: %s; not used", where, cert_file,
+                            problem)
+                continue
+            if problem:
+                raise ConfigError("%s %s: %s; refused"
+                                  % (where, cert_file, problem))
         if os.path.exists(cert_file):
             return cert_file, key_file or cert_file, where
         if where in ("X509_USER_PROXY", "X509_USER_CERT"):
@@ -492,6 +512,28 @@ def find_credentials(cert=None, key=None, environ=None, uid=None):
                               % (where, cert_file))
     raise ConfigError("no credential found: give -c/-k, or set "
                       "X509_USER_PROXY or X509_USER_CERT/X509_USER_KEY")
+
+
+PROXY_LOOKUPS = ("X509_USER_PROXY", "default proxy")
+
+
+def private_file_problem(path, uid, follow=True):
+    """Why `path` must not be used as our proxy, or None: it must be a
+    regular file owned by `uid` that group and others can neither read
+    nor write.  follow=False: a symbolic link is refused too (in /tmp
+    anyone can put one at a name of ours)."""
+    try:
+        st = os.stat(path) if follow else os.lstat(path)
+    except OSError as exc:
+        return exc.strerror
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_uid != uid:
+        return "owned by uid %d, not by us (uid %d)" % (st.st_uid, uid)
+    if st.st_mode & 0o077:
+        return ("readable or writable by group or others (mode %04o)"
+                % stat.S_IMODE(st.st_mode))
+    return None
 
 
 def find_ca_dir(ca_dir=None, environ=None):
@@ -518,6 +560,7 @@ class Credentials:
             ca_dir
         self._stamp = None
         self._context = None
+        self.private = None         # (uid, follow): checked at each load
         self.subject = None
         self.identity = None
         self.not_after = None
@@ -525,9 +568,13 @@ class Credentials:
 
     @classmethod
     def from_options(cls, cert=None, key=None, ca_dir=None):
-        cert_file, key_file, _ = find_credentials(cert, key)
-        return cls(os.path.abspath(cert_file), os.path.abspath(key_file),
-                   find_ca_dir(ca_dir))
+        cert_file, key_file, where = find_credentials(cert, key)
+        credentials = cls(os.path.abspath(cert_file),
+                          os.path.abspath(key_file), find_ca_dir(ca_dir))
+        if where in PROXY_LOOKUPS:
+            # Renewed on disk, it is loaded again: checked again.
+            credentials.private = (os.geteuid(), where == "X509_USER_PROXY")
+        return credentials
 
     def _file_stamp(self):
         stamp = []
@@ -544,8 +591,14 @@ class Credentials:
 
         Checks: readable, a certificate inside, not expired or not yet
         valid (every certificate of the chain), key matching, and warns
-        (like ssh) when the key is readable by others.
+        (like ssh) when the key is readable by others.  A proxy found by
+        the lookup must still be ours and private.
         """
+        if self.private is not None:
+            problem = private_file_problem(self.cert_file, *self.private)
+            if problem:
+                raise ConfigError("proxy %s: %s; refused"
+                                  % (self.cert_file, problem))
         try:
             stamp = self._file_stamp()
             certs = read_pem_certificates(self.cert_file)

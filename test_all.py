@@ -5512,6 +5512,112 @@ class TestCredentialsHardening(unittest.TestCase):
                          % re.escape(os.path.join(broken, crl)))
 
 
+    def test_planted_proxy_is_never_used(self):
+        p = pki()
+        d = tempfile.mkdtemp(prefix="jp-proxy-lookup-")
+        self.addCleanup(shutil.rmtree, d, True)
+        for name, value in (("DEFAULT_PROXY", os.path.join(d, "x509up_u%d")),
+                            ("HOST_CERT", p.host_cert),
+                            ("HOST_KEY", p.host_key)):
+            self.addCleanup(setattr, jp_importer, name,
+                            getattr(jp_importer, name))
+            setattr(jp_importer, name, value)
+        me = os.geteuid()
+        # The lookup is run for a user `ours` (root has its own order),
+        # and `other` plants files: made by us, they are not `other`'s.
+        ours = me or 4242
+        other = ours + 1
+
+        def plant(uid, mode, owner=None):
+            path = jp_importer.DEFAULT_PROXY % uid
+            shutil.copy(p.proxy, path)
+            os.chmod(path, mode)
+            if owner is not None and owner != me:
+                os.chown(path, owner, -1)
+            return path
+        find = jp_importer.find_credentials
+        user_env = {"X509_USER_CERT": p.user_cert,
+                    "X509_USER_KEY": p.user_key}
+        for uid, mode, owner, problem in (
+                (other, 0o600, None, "owned by uid %d, not by us (uid %d)"
+                 % (me, other)),
+                (ours, 0o640, ours, "readable or writable by group or "
+                 "others (mode 0640)"),
+                (ours, 0o604, ours, "readable or writable by group or "
+                 "others (mode 0604)")):
+            planted = plant(uid, mode, owner)
+            with self.assertLogs("jp_importer", "WARNING") as logs:
+                self.assertEqual(find(environ=user_env, uid=uid),
+                                 (p.user_cert, p.user_key,
+                                  "X509_USER_CERT"))
+            self.assertEqual(logs.output, ["WARNING:jp_importer:default "
+                                           "proxy %s: %s; not used"
+                                           % (planted, problem)])
+        # Ours and private: used.  A link at the name: not followed.
+        os.chmod(jp_importer.DEFAULT_PROXY % ours, 0o600)
+        self.assertEqual(find(environ={}, uid=ours),
+                         (jp_importer.DEFAULT_PROXY % ours,) * 2 +
+                         ("default proxy",))
+        os.symlink(jp_importer.DEFAULT_PROXY % ours,
+                   jp_importer.DEFAULT_PROXY % (other + 1))
+        with self.assertLogs("jp_importer", "WARNING") as logs:
+            self.assertEqual(find(environ=user_env, uid=other + 1)[2],
+                             "X509_USER_CERT")
+        self.assertIn("not a regular file; not used", logs.output[0])
+        # X509_USER_PROXY naming one that is not ours: an error.
+        with self.assertRaises(jp_importer.ConfigError) as cm:
+            find(environ={"X509_USER_PROXY": jp_importer.DEFAULT_PROXY
+                          % other}, uid=other)
+        self.assertEqual(str(cm.exception), "X509_USER_PROXY %s: owned by "
+                         "uid %d, not by us (uid %d); refused"
+                         % (jp_importer.DEFAULT_PROXY % other, me, other))
+        # Root: the host certificate before /tmp/x509up_u0, after what
+        # the environment names.
+        plant(0, 0o600)
+        self.assertEqual(find(environ={}, uid=0),
+                         (p.host_cert, p.host_key, "host certificate"))
+        self.assertEqual(find(environ=user_env, uid=0)[2], "X509_USER_CERT")
+        # A proxy replaced on disk by one that is not private: the loaded
+        # one is kept.
+        proxy = os.path.join(d, "renewed")
+        shutil.copy(p.proxy, proxy)
+        os.chmod(proxy, 0o600)
+        creds = jp_importer.Credentials(proxy, proxy, p.ca_dir)
+        creds.private = (me, True)
+        creds.load()
+        os.unlink(proxy)
+        shutil.copy(p.host_cert, proxy)
+        os.chmod(proxy, 0o644)
+        with self.assertLogs("jp_importer", "ERROR") as logs:
+            creds.refresh()
+        self.assertIn("proxy %s: readable or writable by group or others "
+                      "(mode 0644); refused; keeping the credential loaded "
+                      "before" % proxy, logs.output[0])
+        self.assertEqual(creds.subject, p.proxy_dn)
+
+    def test_importer_refuses_a_proxy_that_is_not_private(self):
+        h = ImporterHarness(self)
+        proxy = h.path("x509up")
+        shutil.copy(h.pki.proxy, proxy)
+        name = drop_message(h.reg, registration(1))
+        env = dict(os.environ, X509_USER_PROXY=proxy)
+        cmd = [sys.executable, JP_IMPORTER, "--once"] + h.args()[4:]
+        self.assertEqual(h.args()[:4], ["-c", h.cert, "-k", h.key])
+        for mode in (0o644, 0o600):
+            os.chmod(proxy, mode)
+            proc = run(cmd, env=env)
+            if mode == 0o644:
+                self.assertEqual(proc.returncode, 1, proc.stderr)
+                self.assertEqual(proc.stderr, "jp_importer: X509_USER_PROXY "
+                                 "%s: readable or writable by group or "
+                                 "others (mode 0644); refused\n" % proxy)
+                self.assertEqual(listing(h.reg, "new"), [name])
+                self.assertEqual(h.jpps.ops(), [])
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(listing(h.reg, "new"), [])
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 1)
+
+
 # ---- FTPS: fixture, vsftpd peer, transport tests
 #
 # FTPSFixture and VsftpdPeer are defined with the importer upload tests

@@ -49,8 +49,8 @@ sys.path.insert(0, HERE)
 JP_IMPORTER = os.path.join(HERE, "jp_importer.py")
 LB_DUMP_EXPORTER = os.path.join(HERE, "lb_dump_exporter.py")
 JP_UPLOAD_FILES = os.path.join(HERE, "jp_upload_files.py")
-SHARED = os.path.join(os.path.dirname(HERE), "shared")
-REFERENCE = os.path.join(SHARED, "reference")
+# The project's own test data: WSDL, message examples, LB dump samples.
+TESTDATA = os.path.join(HERE, "testdata")
 
 TIMEOUT = 30.0          # upper bound for any single wait in a test
 REQUIRE_PEERS = os.environ.get("JP_TEST_REQUIRE_PEERS") == "1"
@@ -1246,24 +1246,26 @@ class TestImporterMessages(unittest.TestCase):
         self.assertEqual(jp_importer.parse_registration(
             b"https://lb:9000/x\n/C=CZ/CN=John Doe"),
             ("https://lb:9000/x", "/C=CZ/CN=John Doe"))
-        with open(os.path.join(REFERENCE, "messages", "jpreg_message.bin"),
+        with open(os.path.join(TESTDATA, "messages", "jpreg_message.bin"),
                   "rb") as f:
             jobid, owner = jp_importer.parse_registration(f.read())
-        self.assertEqual(owner, "/C=CZ/O=CESNET/CN=John Doe")
+        self.assertEqual(jobid, "https://lb.example.org:9000/"
+                         "hDQ85r7YMkuGV3mHYQiaQY")
+        self.assertEqual(owner, "/C=XX/O=Example Grid/CN=Jane Roe")
 
     def test_keyed_formats_of_every_writer(self):
         for name in ("jpdump_message.bin", "jpsandbox_message.bin"):
-            with open(os.path.join(REFERENCE, "messages", name), "rb") as f:
+            with open(os.path.join(TESTDATA, "messages", name), "rb") as f:
                 fields = jp_importer.parse_keyed(f.read())
             self.assertEqual(fields["jobid"], "https://lb.example.org:9000/"
-                             "rReV1TpJ5oY0Z1_M4NBfHw")
+                             "hDQ85r7YMkuGV3mHYQiaQY")
             self.assertTrue(fields["file"].startswith("/"))
-        with open(os.path.join(REFERENCE, "messages",
-                               "jpdump_message_with_jpps_BROKEN.bin"),
-                  "rb") as f:
+        # The original exporter with -j wrote no newline before jpps.
+        with open(os.path.join(TESTDATA, "messages",
+                               "jpdump_message_original_j.bin"), "rb") as f:
             fields = jp_importer.parse_keyed(f.read())
         self.assertEqual(fields["jpps"], "jp.example.org:8901")
-        self.assertTrue(fields["file"].endswith(".1276000000_123456"))
+        self.assertTrue(fields["file"].endswith(".1767261600_4242"))
         fields = jp_importer.parse_keyed(
             b"jobid  https://lb/x\nfile   /a b\njpps   jp:8901\n")
         self.assertEqual(fields, {"jobid": "https://lb:9000/x",
@@ -3355,9 +3357,9 @@ class TestFaultsClear(unittest.TestCase):
 # The demonstration (python3 test_all.py --demo)
 # ---------------------------------------------------------------------------
 
-DEMO_SAMPLE = os.path.join(REFERENCE, "samples", "sample_job_waiting")
-DEMO_JOBID = "https://scientific.civ.zcu.cz:9200/1Yjk3Wlaspl07y45iX8Tng"
-DEMO_OWNER = "/O=CESNET/O=Masaryk University/CN=Ales Krenek"
+DEMO_SAMPLE = os.path.join(TESTDATA, "samples", "sample_job_waiting")
+DEMO_JOBID = "https://lb.example.org:9000/hDQ85r7YMkuGV3mHYQiaQY"
+DEMO_OWNER = "/C=XX/O=Example Grid/CN=Jane Roe"
 
 
 # ---------------------------------------------------------------------------
@@ -3640,7 +3642,8 @@ class TestKillsLoseNothing(unittest.TestCase):
 # lb_dump_exporter: splitting, messages, rejects, crashes, full disks
 # ---------------------------------------------------------------------------
 
-SAMPLES = os.path.join(REFERENCE, "samples")
+SAMPLES = os.path.join(TESTDATA, "samples")
+MAKE_SAMPLES = os.path.join(TESTDATA, "make_samples.py")
 ULM_LINE = ('DG.ARRIVED=20261122120000.%06d DATE=20261122120000.%06d '
             'HOST="lb.example.org" PROG=edg-wms LVL=SYSTEM DG.PRIORITY=0 '
             'DG.SOURCE="LogMonitor" DG.SRC_INSTANCE="" DG.EVNT="Running" '
@@ -3762,6 +3765,18 @@ class TestDumpExporter(unittest.TestCase):
                 os.path.join(x.maildir, "tmp", name)))
             self.assertEqual(stat.S_IMODE(os.stat(fields["file"]).st_mode),
                              0o640)
+
+    def test_samples_are_what_make_samples_writes(self):
+        x = ExporterRun(self)
+        out = os.path.join(x.dir, "samples")
+        proc = run([sys.executable, MAKE_SAMPLES, out])
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(sorted(os.listdir(out)), sorted(os.listdir(SAMPLES)))
+        for name in os.listdir(out):
+            with open(os.path.join(out, name), "rb") as f:
+                written = f.read()
+            with open(os.path.join(SAMPLES, name), "rb") as f:
+                self.assertEqual(f.read(), written, name)
 
     def test_template_with_placeholder_jobids_is_rejected_line_by_line(self):
         x = ExporterRun(self)

@@ -488,13 +488,13 @@ class _JPPSHandler(http.server.BaseHTTPRequestHandler):
 
 
 class JPPSFixture:
-    """A JP primary storage speaking the SOAP contract of SPEC section 5.
+    """A JP primary storage speaking the SOAP contract of the real JPPS.
 
     HTTP/1.1 keep-alive over TLS, client certificate required (RFC 3820
     proxies accepted), document/literal SOAP 1.1 checked strictly against
     the WSDL (wrapper in the elements namespace, unqualified children in
     WSDL order, required ones present, dateTime in UTC, Content-Type and
-    SOAPAction), with the server semantics of SPEC 5.6: trusted peers,
+    SOAPAction), with the server semantics of the real JPPS: trusted peers,
     EEXIST on a second RegisterJob, ENOENT for an unknown job, one file per
     class per job, destinations under `dest_base`, commitBefore = now +
     `upload_deadline`, CommitUpload by exact destination and identity.
@@ -516,7 +516,7 @@ class JPPSFixture:
     `name` of StartUpload: xsi:nil or text, or absent.  The WSDL declares
     it minOccurs=1 (our client sends xsi:nil), but the original client
     sent a NULL name that some gSOAP versions omitted, and the real server
-    reads absent and nil alike as "no name" (SPEC 5.5, 9); every other
+    reads absent and nil alike as "no name"; every other
     element is required as declared.
     """
 
@@ -1547,7 +1547,8 @@ class TestImporterRegistrations(unittest.TestCase):
         self.assertEqual(listing(h.reg, "undeliverable"), [old])
         reason = h.state(h.reg, old)["reason"]
         self.assertIn("given up after 1 attempts", reason)
-        # An equally old message that works is simply delivered (B-I15).
+        # An equally old message that works is simply delivered: a
+        # backlog older than the give-up age still gets its attempt.
         drop_message(h.reg, registration(2), age=7 * 86400)
         h.once()
         self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 1)
@@ -2100,7 +2101,7 @@ class TestImporterUploads(unittest.TestCase):
     def test_store_keeps_dumps_across_filesystems(self):
         h = upload_harness(self)
         # /dev/shm is a tmpfs: another filesystem than the temp dir, so
-        # the move is a copy, fsync and unlink (B-I13), where it exists.
+        # the move is a copy, fsync and unlink, where it exists.
         base = "/dev/shm" if os.path.isdir("/dev/shm") else h.dir
         store = tempfile.mkdtemp(prefix="jp-store-", dir=base)
         self.addCleanup(shutil.rmtree, store, True)
@@ -4327,7 +4328,7 @@ class TestUploadFiles(unittest.TestCase):
         with open(archive, "rb") as f:
             raw = f.read()
         # GNU magic in the first header, end-of-archive blocks at the end
-        # (the original wrote none, B-U1), whole 512-byte records.
+        # (the original wrote none), whole 512-byte records.
         self.assertEqual(raw[257:265], b"ustar  \0")
         self.assertEqual(len(raw) % 512, 0)
         self.assertEqual(raw[-1024:], b"\0" * 1024)

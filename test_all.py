@@ -5216,7 +5216,7 @@ class TestFTPSTransport(FTPSCase):
 def run_demo(out=sys.stdout):
     """The whole chain on 127.0.0.1 with throwaway credentials.
 
-    A registration, a real LB purge dump and a sandbox go through the
+    A registration, an LB purge dump sample and a sandbox go through the
     maildirs and jp_importer to the JPPS fixture and the FTPS fixture.
     Returns 0 when everything was delivered.
     """

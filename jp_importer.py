@@ -308,7 +308,7 @@ JOBID_RE = re.compile(r"^https://(\[[^\]\s/]+\]|[^\s/:?\[\]]+)(?::(\d+))?"
 
 
 def parse_jobid(text):
-    """Parse an LB jobid as the original (SPEC 2.5); return the normal form.
+    """Parse an LB jobid as the original did; return the normal form.
 
     https://host[:port]/unique[?info], port 9000 when absent.  Raises
     ValueError with the reason.
@@ -903,7 +903,7 @@ class JPPSClient:
             self.close()
         return resp.status, b"".join(chunks)
 
-    # -- operations (SPEC 5.2) --------------------------------------------
+    # -- operations --------------------------------------------------------
 
     def register_job(self, job, owner):
         self.call("RegisterJob", "<job>%s</job><owner>%s</owner>"
@@ -1123,7 +1123,7 @@ class Maildir:
     # -- housekeeping -------------------------------------------------------
 
     def requeue_stale_tmp(self, age=STALE_TMP_AGE, now=None):
-        """Queue again master copies left alone in tmp/ (B-M2).
+        """Queue again master copies left in tmp/ (the original never did).
 
         A file in tmp/ with no other link, older than `age`, was left by a
         writer or an importer that died between two steps.  It is linked
@@ -1432,7 +1432,7 @@ ORIGINAL_EXPORTER_JPPS_BUG = re.compile(r"^(/.*?)jpps {3}([^\s/]+:\d+)$")
 
 
 def parse_keyed(data):
-    """The keys of a dump or sandbox message (SPEC 2.4), as a dict.
+    """The keys of a dump or sandbox message, as a dict.
 
     Lines "key<blanks>value": the exporter's padded keys ("jobid  X"),
     tabs ("jobid\\tX") or single spaces; the value is the rest of the line
@@ -1460,8 +1460,8 @@ def parse_keyed(data):
             raise MalformedMessage("no %r line" % key)
     broken = ORIGINAL_EXPORTER_JPPS_BUG.match(fields["file"])
     if broken and "jpps" not in fields:
-        # The original exporter's -j forgot the newline before "jpps"
-        # (B-X1); its three-space padding makes the repair unambiguous.
+        # The original exporter's -j forgot the newline before "jpps";
+        # its three-space padding makes the repair unambiguous.
         fields["file"], fields["jpps"] = broken.groups()
     fields["jobid"] = _valid_jobid(fields["jobid"])
     if not os.path.isabs(fields["file"]):
@@ -2055,7 +2055,7 @@ def _ftp_check_size(ftp, target, sent, where):
 # -- gsiftp:// (GridFTP with GSI)
 #
 # The control channel is authenticated with GSI as the Globus server does
-# it (PEERS.md): AUTH GSSAPI, then TLS handshake records carried base64 in
+# it: AUTH GSSAPI, then TLS handshake records carried base64 in
 # ADAT commands and 335 replies, driven here through ssl.MemoryBIO; after
 # the handshake a 0x00 byte from the server (TLS 1.3) and our delegation
 # flag.  From then on every command travels as one TLS record in ENC and
@@ -2564,8 +2564,8 @@ def _gsiftp_put(host, port, target, source, credentials, timeout, dcau,
             raise
         sent = 0
         if dcau == "A":
-            # The server answers STOR only after the data channel
-            # handshake (PEERS.md): send it, shake hands, then read.
+            # The Globus server answers STOR only after the data
+            # channel handshake: send it, shake hands, then read.
             control.tls.write(("STOR %s\r\n" % target).encode("utf-8"))
             control._send_line("ENC " + base64.b64encode(
                 control.outgoing.read()).decode("ascii"))
@@ -2877,7 +2877,7 @@ class Worker:
         try:
             self.client().receive()
         except JPPSFault as fault:
-            if fault.code == errno.EEXIST:       # B-I3: that is success
+            if fault.code == errno.EEXIST:       # already there: success
                 return "already registered"
             raise
         return "registered"
@@ -3002,9 +3002,10 @@ class Worker:
     def _already_stored(self, msg, fault):
         """StartUpload EEXIST: an upload in progress, or a stored file.
 
-        An unfinished upload expires at the JPPS after its deadline (300 s,
-        SPEC 5.6).  EEXIST again after that means the file is stored: a
-        crash of ours, or a duplicate message, after a successful commit.
+        An unfinished upload expires at the JPPS after its deadline (300 s
+        from StartUpload).  EEXIST again after that means the file is
+        stored: a crash of ours, or a duplicate message, after a successful
+        commit.
         """
         now = time.time()
         first = float(msg.state.get("eexist_since") or now)
@@ -3017,9 +3018,10 @@ class Worker:
     def failsafe_register(self, client, jobid, source, start_fault):
         """Register a job the JPPS does not know (StartUpload ENOENT).
 
-        Fixes of the original: the check goes to the message's JPPS (B-I7),
-        EPERM means the job exists (it belongs to someone else), and the
-        owner is the job's owner from the dump, not the importer (B-I5).
+        Fixes of the original: the check goes to the message's JPPS, not
+        the default one, EPERM means the job exists (it belongs to someone
+        else), and the owner is the job's owner from the dump, not the
+        importer.
         Returns True when the job was registered here.
         """
         try:
@@ -3190,13 +3192,14 @@ def run_worker(kind, maildir, options, credentials, once=False,
 
 
 class Master:
-    """Forks and supervises the workers (SPEC 4.3, fixed).
+    """Forks and supervises the workers.
 
     One registration worker, `dump_slaves` dump workers and one sandbox
     worker.  A worker that dies is restarted; one that dies young is
     restarted with a doubling delay (at most a minute), so a crashing
     worker cannot fork-bomb the node.  TERM/INT: the workers finish the
-    message in hand, the master waits for them (B-I10), then returns.
+    message in hand, the master waits for them (the original did not),
+    then returns.
     """
 
     STOP_GRACE = 30.0           # beyond the call timeouts, then SIGKILL
@@ -3333,7 +3336,7 @@ class Master:
 
 
 class PidFile:
-    """A locked pid file: two starters cannot both run (B-I17).
+    """A locked pid file: two starters cannot both run.
 
     The lock is flock() on the open file, so it passes to the daemon
     through the forks and goes away with the last process holding it.

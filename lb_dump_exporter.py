@@ -112,7 +112,7 @@ def parse_jobid(text):
     """(normal form, unique) of an LB jobid, parsed as the original.
 
     https://host[:port]/unique[?info], port 9000 when absent; whitespace
-    or control characters anywhere make it invalid (SPEC 2.5).
+    or control characters anywhere make it invalid.
     """
     match = JOBID_RE.match(text)
     if not match or CONTROL_RE.search(text):
@@ -128,7 +128,8 @@ def safe_name(unique):
     """A file name for a jobid's unique part that stays in its directory.
 
     '/' and anything outside [A-Za-z0-9_.-] (and a leading '.') become
-    %XX escapes, so the name is one path component (bug B-X7); an
+    %XX escapes, so the name is one path component (the original's
+    path went into a subdirectory, and the export failed); an
     overlong one is cut and made unique again with a hash.
     """
     name = UNSAFE_NAME_RE.sub(
@@ -1180,7 +1181,7 @@ def split(exporter, read, data, tick=None):
         data = read()
         if not data:
             break
-    if carry:                  # a last line without LF (bug B-X3)
+    if carry:                  # a last line without LF
         number = exporter.lines(number, [carry])
     return number
 

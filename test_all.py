@@ -49,8 +49,8 @@ sys.path.insert(0, HERE)
 JP_IMPORTER = os.path.join(HERE, "jp_importer.py")
 LB_DUMP_EXPORTER = os.path.join(HERE, "lb_dump_exporter.py")
 JP_UPLOAD_FILES = os.path.join(HERE, "jp_upload_files.py")
-SHARED = os.path.join(os.path.dirname(HERE), "shared")
-REFERENCE = os.path.join(SHARED, "reference")
+# The project's own test data: WSDL, message examples, LB dump samples.
+TESTDATA = os.path.join(HERE, "testdata")
 
 TIMEOUT = 30.0          # upper bound for any single wait in a test
 REQUIRE_PEERS = os.environ.get("JP_TEST_REQUIRE_PEERS") == "1"
@@ -488,13 +488,13 @@ class _JPPSHandler(http.server.BaseHTTPRequestHandler):
 
 
 class JPPSFixture:
-    """A JP primary storage speaking the SOAP contract of SPEC section 5.
+    """A JP primary storage speaking the SOAP contract of the real JPPS.
 
     HTTP/1.1 keep-alive over TLS, client certificate required (RFC 3820
     proxies accepted), document/literal SOAP 1.1 checked strictly against
     the WSDL (wrapper in the elements namespace, unqualified children in
     WSDL order, required ones present, dateTime in UTC, Content-Type and
-    SOAPAction), with the server semantics of SPEC 5.6: trusted peers,
+    SOAPAction), with the server semantics of the real JPPS: trusted peers,
     EEXIST on a second RegisterJob, ENOENT for an unknown job, one file per
     class per job, destinations under `dest_base`, commitBefore = now +
     `upload_deadline`, CommitUpload by exact destination and identity.
@@ -516,7 +516,7 @@ class JPPSFixture:
     `name` of StartUpload: xsi:nil or text, or absent.  The WSDL declares
     it minOccurs=1 (our client sends xsi:nil), but the original client
     sent a NULL name that some gSOAP versions omitted, and the real server
-    reads absent and nil alike as "no name" (SPEC 5.5, 9); every other
+    reads absent and nil alike as "no name"; every other
     element is required as declared.
     """
 
@@ -1245,24 +1245,26 @@ class TestImporterMessages(unittest.TestCase):
         self.assertEqual(jp_importer.parse_registration(
             b"https://lb:9000/x\n/C=CZ/CN=John Doe"),
             ("https://lb:9000/x", "/C=CZ/CN=John Doe"))
-        with open(os.path.join(REFERENCE, "messages", "jpreg_message.bin"),
+        with open(os.path.join(TESTDATA, "messages", "jpreg_message.bin"),
                   "rb") as f:
             jobid, owner = jp_importer.parse_registration(f.read())
-        self.assertEqual(owner, "/C=CZ/O=CESNET/CN=John Doe")
+        self.assertEqual(jobid, "https://lb.example.org:9000/"
+                         "hDQ85r7YMkuGV3mHYQiaQY")
+        self.assertEqual(owner, "/C=XX/O=Example Grid/CN=Jane Roe")
 
     def test_keyed_formats_of_every_writer(self):
         for name in ("jpdump_message.bin", "jpsandbox_message.bin"):
-            with open(os.path.join(REFERENCE, "messages", name), "rb") as f:
+            with open(os.path.join(TESTDATA, "messages", name), "rb") as f:
                 fields = jp_importer.parse_keyed(f.read())
             self.assertEqual(fields["jobid"], "https://lb.example.org:9000/"
-                             "rReV1TpJ5oY0Z1_M4NBfHw")
+                             "hDQ85r7YMkuGV3mHYQiaQY")
             self.assertTrue(fields["file"].startswith("/"))
-        with open(os.path.join(REFERENCE, "messages",
-                               "jpdump_message_with_jpps_BROKEN.bin"),
-                  "rb") as f:
+        # The original exporter with -j wrote no newline before jpps.
+        with open(os.path.join(TESTDATA, "messages",
+                               "jpdump_message_original_j.bin"), "rb") as f:
             fields = jp_importer.parse_keyed(f.read())
         self.assertEqual(fields["jpps"], "jp.example.org:8901")
-        self.assertTrue(fields["file"].endswith(".1276000000_123456"))
+        self.assertTrue(fields["file"].endswith(".1767261600_4242"))
         fields = jp_importer.parse_keyed(
             b"jobid  https://lb/x\nfile   /a b\njpps   jp:8901\n")
         self.assertEqual(fields, {"jobid": "https://lb:9000/x",
@@ -1544,7 +1546,8 @@ class TestImporterRegistrations(unittest.TestCase):
         self.assertEqual(listing(h.reg, "undeliverable"), [old])
         reason = h.state(h.reg, old)["reason"]
         self.assertIn("given up after 1 attempts", reason)
-        # An equally old message that works is simply delivered (B-I15).
+        # An equally old message that works is simply delivered: a
+        # backlog older than the give-up age still gets its attempt.
         drop_message(h.reg, registration(2), age=7 * 86400)
         h.once()
         self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 1)
@@ -2107,7 +2110,7 @@ class TestImporterUploads(unittest.TestCase):
     def test_store_keeps_dumps_across_filesystems(self):
         h = upload_harness(self)
         # /dev/shm is a tmpfs: another filesystem than the temp dir, so
-        # the move is a copy, fsync and unlink (B-I13), where it exists.
+        # the move is a copy, fsync and unlink, where it exists.
         base = "/dev/shm" if os.path.isdir("/dev/shm") else h.dir
         store = tempfile.mkdtemp(prefix="jp-store-", dir=base)
         self.addCleanup(shutil.rmtree, store, True)
@@ -3617,9 +3620,9 @@ def unlink_if_there(path):
 # The demonstration (python3 test_all.py --demo)
 # ---------------------------------------------------------------------------
 
-DEMO_SAMPLE = os.path.join(REFERENCE, "samples", "sample_job_waiting")
-DEMO_JOBID = "https://scientific.civ.zcu.cz:9200/1Yjk3Wlaspl07y45iX8Tng"
-DEMO_OWNER = "/O=CESNET/O=Masaryk University/CN=Ales Krenek"
+DEMO_SAMPLE = os.path.join(TESTDATA, "samples", "sample_job_waiting")
+DEMO_JOBID = "https://lb.example.org:9000/hDQ85r7YMkuGV3mHYQiaQY"
+DEMO_OWNER = "/C=XX/O=Example Grid/CN=Jane Roe"
 
 
 # ---------------------------------------------------------------------------
@@ -3901,7 +3904,8 @@ class TestKillsLoseNothing(unittest.TestCase):
 # lb_dump_exporter: splitting, messages, rejects, crashes, full disks
 # ---------------------------------------------------------------------------
 
-SAMPLES = os.path.join(REFERENCE, "samples")
+SAMPLES = os.path.join(TESTDATA, "samples")
+MAKE_SAMPLES = os.path.join(TESTDATA, "make_samples.py")
 ULM_LINE = ('DG.ARRIVED=20261122120000.%06d DATE=20261122120000.%06d '
             'HOST="lb.example.org" PROG=edg-wms LVL=SYSTEM DG.PRIORITY=0 '
             'DG.SOURCE="LogMonitor" DG.SRC_INSTANCE="" DG.EVNT="Running" '
@@ -4023,6 +4027,18 @@ class TestDumpExporter(unittest.TestCase):
                 os.path.join(x.maildir, "tmp", name)))
             self.assertEqual(stat.S_IMODE(os.stat(fields["file"]).st_mode),
                              0o640)
+
+    def test_samples_are_what_make_samples_writes(self):
+        x = ExporterRun(self)
+        out = os.path.join(x.dir, "samples")
+        proc = run([sys.executable, MAKE_SAMPLES, out])
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(sorted(os.listdir(out)), sorted(os.listdir(SAMPLES)))
+        for name in os.listdir(out):
+            with open(os.path.join(out, name), "rb") as f:
+                written = f.read()
+            with open(os.path.join(SAMPLES, name), "rb") as f:
+                self.assertEqual(f.read(), written, name)
 
     def test_template_with_placeholder_jobids_is_rejected_line_by_line(self):
         x = ExporterRun(self)
@@ -4573,7 +4589,7 @@ class TestUploadFiles(unittest.TestCase):
         with open(archive, "rb") as f:
             raw = f.read()
         # GNU magic in the first header, end-of-archive blocks at the end
-        # (the original wrote none, B-U1), whole 512-byte records.
+        # (the original wrote none), whole 512-byte records.
         self.assertEqual(raw[257:265], b"ustar  \0")
         self.assertEqual(len(raw) % 512, 0)
         self.assertEqual(raw[-1024:], b"\0" * 1024)
@@ -5459,7 +5475,7 @@ class TestFTPSTransport(FTPSCase):
 def run_demo(out=sys.stdout):
     """The whole chain on 127.0.0.1 with throwaway credentials.
 
-    A registration, a real LB purge dump and a sandbox go through the
+    A registration, an LB purge dump sample and a sandbox go through the
     maildirs and jp_importer to the JPPS fixture and the FTPS fixture.
     Returns 0 when everything was delivered.
     """

@@ -1018,7 +1018,10 @@ class Maildir:
         """Create missing subdirectories (0700) and check them all."""
         for directory in [self.root] + [self.paths[s]
                                         for s in SUBDIRS + (STATE_DIR,)]:
-            if create and not os.path.lexists(directory):
+            # state/ is ours: a maildir only the original used has none,
+            # and --requeue must record there the fresh give-up clock.
+            if (create or directory == self.paths[STATE_DIR]) and \
+                    not os.path.lexists(directory):
                 try:
                     os.mkdir(directory, 0o700)
                 except OSError as exc:
@@ -1111,9 +1114,9 @@ class Maildir:
                   self.root, sub, name)
         return None
 
-    def next_retry(self, name, default_retry):
+    def next_retry(self, name, default_retry, state=None):
         """When a postponed message is due; None when it is gone."""
-        state = self.read_state(name)
+        state = self.read_state(name) if state is None else state
         try:
             return float(state["next_retry"])
         except (KeyError, ValueError):
@@ -1232,8 +1235,12 @@ class Maildir:
             moved.append(name)
         return moved
 
-    def status(self, now=None):
-        """A dict describing the maildir, for --status."""
+    def status(self, default_retry, now=None):
+        """A dict describing the maildir, for --status.
+
+        default_retry: the retry delay of a message the original importer
+        postponed (it has no state file), as the workers apply it.
+        """
         now = time.time() if now is None else now
         info = {"root": self.root, "counts": {}, "oldest": None,
                 "next_retry": None, "undeliverable": []}
@@ -1250,7 +1257,9 @@ class Maildir:
                     info["oldest"] = mtime
                 state = self.read_state(name)
                 if sub == "post":
-                    retry = float(state.get("next_retry", mtime))
+                    retry = self.next_retry(name, default_retry, state)
+                    if retry is None:
+                        continue
                     if info["next_retry"] is None or \
                             retry < info["next_retry"]:
                         info["next_retry"] = retry
@@ -3387,7 +3396,8 @@ def print_status(o, stream):
         if not os.path.isdir(path):
             stream.write("  does not exist\n")
             continue
-        info = Maildir(path).status(now)
+        info = Maildir(path).status(o.retry if o.retry is not None
+                                    else Worker.RETRY[kind], now)
         stream.write("  new %(new)d  work %(work)d  post %(post)d  "
                      "undeliverable %(undeliverable)d\n" % info["counts"])
         if info["oldest"] is not None:

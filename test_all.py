@@ -1568,6 +1568,67 @@ class TestImporterRegistrations(unittest.TestCase):
         self.assertEqual(listing(h.reg, "undeliverable"), [])
 
 
+class TestMigration(unittest.TestCase):
+    """Maildirs as the original C importer leaves them, and beside it."""
+
+    def original_failed(self, root, name):
+        """What the original does on a failure: the work/ link goes, the
+        master copy is linked into post/ (ctime now: its retry clock)."""
+        os.unlink(os.path.join(root, "new", name))
+        os.link(os.path.join(root, "tmp", name),
+                os.path.join(root, "post", name))
+
+    def test_requeue_what_the_original_gave_up(self):
+        h = ImporterHarness(self)
+        names = []
+        for n in range(2):
+            name = drop_message(h.reg, registration(n), age=7 * 86400)
+            self.original_failed(h.reg, name)
+            # Its give-up: post/ -> undeliverable/, the master unlinked.
+            os.rename(os.path.join(h.reg, "post", name),
+                      os.path.join(h.reg, "undeliverable", name))
+            os.unlink(os.path.join(h.reg, "tmp", name))
+            names.append(name)
+        self.assertFalse(os.path.exists(os.path.join(h.reg, "state")))
+        proc = run([sys.executable, JP_IMPORTER, "--requeue"] + h.args())
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("%s: 2 message(s) requeued" % h.reg, proc.stdout)
+        self.assertIn("%s: 0 message(s) requeued" % h.dump, proc.stdout)
+        self.assertEqual(listing(h.reg, "new"), names)
+        self.assertEqual(listing(h.reg, "tmp"), names)
+        # A week old and failing again: postponed, not given up, as the
+        # requeue restarted the give-up clock (5 days).
+        h.jpps.inject("fault", "RegisterJob", code=errno.EIO)
+        h.once()
+        self.assertEqual(len(listing(h.reg, "post")), 1)
+        self.assertEqual(listing(h.reg, "undeliverable"), [])
+        h.once()
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 2)
+        for sub in ("new", "work", "post", "undeliverable", "tmp", "state"):
+            self.assertEqual(listing(h.reg, sub), [], sub)
+
+    def test_status_shows_when_the_original_retries(self):
+        h = ImporterHarness(self)
+        due = {}
+        for root, retry in ((h.reg, 300), (h.dump, 360)):
+            name = drop_message(root, registration(1), age=1000)
+            self.original_failed(root, name)
+            due[root] = os.stat(os.path.join(root, "post",
+                                             name)).st_ctime + retry
+        status = [sys.executable, JP_IMPORTER, "--status", "-r", h.reg,
+                  "-d", h.dump, "-s", h.sandbox]
+        proc = run(status)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        for root in (h.reg, h.dump):
+            self.assertIn("next retry: %s (in " % jp_importer.format_time(
+                due[root]), proc.stdout)
+        self.assertNotIn("(due)", proc.stdout)
+        # The retry delay the workers would apply: with --retry 0, now.
+        proc = run(status + ["--retry", "0"])
+        self.assertEqual(proc.stdout.count("(due)"), 2, proc.stdout)
+        self.assertFalse(os.path.exists(os.path.join(h.reg, "state")))
+
+
 # ---------------------------------------------------------------------------
 # FTPS fixture: explicit FTP over TLS, as vsftpd behaves for our client
 # ---------------------------------------------------------------------------

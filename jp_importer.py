@@ -123,6 +123,10 @@ COMMIT_BEFORE = 1000        # seconds asked for in StartUpload (ignored by
                             # the JPPS, sent as the original did)
 RESTART_BACKOFF_MAX = 60.0  # a crashing worker is restarted at most this
                             # slowly, never in a tight fork loop
+ORIGINAL_IMPORTER = "glite-jp-importer"     # the C daemon we replace
+ORIGINAL_BUSY = 1200.0      # the original's longest message (a dump: four
+                            # calls of 120 s, an upload the JPPS drops after
+                            # 300 s, the commit) takes under 15 minutes
 
 SUBDIRS = ("tmp", "new", "work", "post", "undeliverable")
 STATE_DIR = "state"         # ours: per-message attempts, errors, reasons
@@ -963,6 +967,67 @@ class JPPSClient:
 # the worker dies, even by SIGKILL: a message in work/ whose lock can be
 # taken has no owner, and whoever takes the lock delivers it.  This works
 # for any number of workers and importer instances on one machine.
+
+#
+# The original importer takes no lock: a message it works on lies in work/
+# unlocked, like one a worker of ours left when it died.  It reads the
+# message and closes it before its calls, so no open descriptor betrays it
+# either.  What does is a running process of that name whose options (or
+# defaults) name the maildir: while there is one, an unlocked message
+# younger than ORIGINAL_BUSY in work/ is left to it.
+
+ORIGINAL_SHORTOPTS = "hgp:r:d:D:s:i:t:c:k:C:K:"
+ORIGINAL_LONGOPTS = ["help", "cert=", "key=", "CAdir=", "debug", "jpps=",
+                     "reg-mdir=", "dump-mdir=", "dump-slaves=",
+                     "sandbox-mdir=", "pidfile=", "poll=", "store=",
+                     "perf-sink="]
+ORIGINAL_MAILDIR_OPTS = {"-r": 0, "--reg-mdir": 0, "-d": 1, "--dump-mdir": 1,
+                         "-s": 2, "--sandbox-mdir": 2}
+
+
+def original_importers(root):
+    """Pids of running original importers that watch maildir `root`.
+
+    Best effort, from /proc.  One whose options or working directory we
+    cannot read counts as watching it: waiting longer is the safe error.
+    """
+    root = os.path.realpath(root)
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    pids = []
+    for pid in entries:
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                argv = [os.fsdecode(a) for a in f.read().split(b"\0")]
+        except OSError:
+            continue
+        if not os.path.basename(argv[0]).endswith(ORIGINAL_IMPORTER):
+            continue
+        maildirs = _original_maildirs(pid, argv[1:-1] if argv[-1] == ""
+                                      else argv[1:])
+        if maildirs is None or root in maildirs:
+            pids.append(int(pid))
+    return pids
+
+
+def _original_maildirs(pid, args):
+    """The maildirs an original importer with `args` watches, or None."""
+    maildirs = [DEFAULT_REG_MDIR, DEFAULT_DUMP_MDIR, DEFAULT_SANDBOX_MDIR]
+    try:
+        opts = getopt.gnu_getopt(args, ORIGINAL_SHORTOPTS,
+                                 ORIGINAL_LONGOPTS)[0]
+        cwd = os.readlink("/proc/%s/cwd" % pid)
+    except (getopt.GetoptError, OSError):
+        return None
+    for opt, arg in opts:
+        if opt in ORIGINAL_MAILDIR_OPTS:
+            maildirs[ORIGINAL_MAILDIR_OPTS[opt]] = arg
+    return set(os.path.realpath(os.path.join(cwd, d)) for d in maildirs)
+
 
 NAME_ORDER_RE = re.compile(r"^(\d+)_(\d+)\.")
 
@@ -2462,6 +2527,7 @@ class Worker:
         # due; saves re-reading every state file of a big backlog in post/
         # on every pass.  Retry times only move later, so it stays true.
         self.not_before = {}
+        self.left_alone = {}    # work/ name -> when the original is done
         self.stop_requested = False
         self.reload_requested = False
         self.file_directories = file_directories(options)
@@ -2503,6 +2569,9 @@ class Worker:
             # of new/, has them all: no open() per fresh message.
             with_state = (set(self.maildir.names(STATE_DIR))
                           if sub == "new" else None)
+            if sub == "work":
+                for gone in set(self.left_alone).difference(names):
+                    del self.left_alone[gone]
             for name in names:
                 if self.reload_requested:
                     self.reload_requested = False
@@ -2514,9 +2583,10 @@ class Worker:
                     continue
                 if sub == "post" and not self._due(name):
                     continue
-                if sub == "work" and \
-                        self.not_before.get(name, 0) > time.time():
-                    continue                # set aside by _set_aside()
+                if sub == "work" and max(self.not_before.get(name, 0),
+                                         self.left_alone.get(name, 0)) \
+                        > time.time():
+                    continue    # set aside by _set_aside() or _abandoned()
                 try:
                     msg = self.maildir.claim(
                         sub, name, with_state is None or name in with_state)
@@ -2530,7 +2600,8 @@ class Worker:
                     self.claim_error = text
                     return
                 self.claim_error = None
-                if msg is None:
+                if msg is None or (sub == "work" and
+                                   not self._abandoned(msg)):
                     continue
                 if self.tried is not None:
                     self.tried.add(name)
@@ -2539,6 +2610,29 @@ class Worker:
                                 "died; delivering it", self.maildir.root,
                                 name)
                 yield msg
+
+    def _abandoned(self, msg):
+        """An unlocked message in work/: ours to deliver now?
+
+        Yes, unless an original importer runs on this maildir and the
+        message went into work/ (its ctime) less than ORIGINAL_BUSY ago:
+        then the original may be delivering it, and it is left alone.
+        """
+        since = os.fstat(msg.fd).st_ctime
+        if time.time() - since > ORIGINAL_BUSY:
+            return True
+        pids = original_importers(self.maildir.root)
+        if not pids:
+            return True
+        msg.release()
+        if msg.name not in self.left_alone:
+            log.warning("%s: work/%s may be in the hands of the original "
+                        "importer (pid %s); left to it until %s",
+                        self.maildir.root, msg.name,
+                        " ".join(str(p) for p in pids),
+                        format_time(since + ORIGINAL_BUSY))
+        self.left_alone[msg.name] = since + ORIGINAL_BUSY
+        return False
 
     def _overlapped_registrations(self, claims):
         """Registrations, with the maildir work done while the JPPS works.
@@ -3437,6 +3531,13 @@ def run_daemon(o):
     log.info("jp_importer %s: credential %s (%s), valid until %s",
              __version__, credentials.cert_file, credentials.subject,
              format_time(credentials.not_after))
+    for maildir in maildirs.values():
+        pids = original_importers(maildir.root)
+        if pids:
+            log.warning("%s: the original importer (pid %s) runs on this "
+                        "maildir: stop it first (README, \"Migrating from "
+                        "the C tools\")", maildir.root,
+                        " ".join(str(p) for p in pids))
     try:
         return Master(o, credentials, maildirs).run()
     finally:

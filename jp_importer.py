@@ -124,9 +124,9 @@ COMMIT_BEFORE = 1000        # seconds asked for in StartUpload (ignored by
 RESTART_BACKOFF_MAX = 60.0  # a crashing worker is restarted at most this
                             # slowly, never in a tight fork loop
 ORIGINAL_IMPORTER = "glite-jp-importer"     # the C daemon we replace
-ORIGINAL_BUSY = 1200.0      # the original's longest message (a dump: four
-                            # calls of 120 s, an upload the JPPS drops after
-                            # 300 s, the commit) takes under 15 minutes
+ORIGINAL_BUSY = 1200.0      # after 15 min the original's attempt cannot
+                            # succeed any more: a dump's four calls of 120 s,
+                            # an upload the JPPS drops after 300 s, a commit
 
 SUBDIRS = ("tmp", "new", "work", "post", "undeliverable")
 STATE_DIR = "state"         # ours: per-message attempts, errors, reasons

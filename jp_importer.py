@@ -119,6 +119,10 @@ COMMIT_BEFORE = 1000        # seconds asked for in StartUpload (ignored by
                             # the JPPS, sent as the original did)
 RESTART_BACKOFF_MAX = 60.0  # a crashing worker is restarted at most this
                             # slowly, never in a tight fork loop
+ORIGINAL_IMPORTER = "glite-jp-importer"     # the C daemon we replace
+ORIGINAL_BUSY = 1200.0      # after 15 min the original's attempt cannot
+                            # succeed any more: a dump's four calls of 120 s,
+                            # an upload the JPPS drops after 300 s, a commit
 
 SUBDIRS = ("tmp", "new", "work", "post", "undeliverable")
 STATE_DIR = "state"         # ours: per-message attempts, errors, reasons
@@ -960,6 +964,67 @@ class JPPSClient:
 # taken has no owner, and whoever takes the lock delivers it.  This works
 # for any number of workers and importer instances on one machine.
 
+#
+# The original importer takes no lock: a message it works on lies in work/
+# unlocked, like one a worker of ours left when it died.  It reads the
+# message and closes it before its calls, so no open descriptor betrays it
+# either.  What does is a running process of that name whose options (or
+# defaults) name the maildir: while there is one, an unlocked message
+# younger than ORIGINAL_BUSY in work/ is left to it.
+
+ORIGINAL_SHORTOPTS = "hgp:r:d:D:s:i:t:c:k:C:K:"
+ORIGINAL_LONGOPTS = ["help", "cert=", "key=", "CAdir=", "debug", "jpps=",
+                     "reg-mdir=", "dump-mdir=", "dump-slaves=",
+                     "sandbox-mdir=", "pidfile=", "poll=", "store=",
+                     "perf-sink="]
+ORIGINAL_MAILDIR_OPTS = {"-r": 0, "--reg-mdir": 0, "-d": 1, "--dump-mdir": 1,
+                         "-s": 2, "--sandbox-mdir": 2}
+
+
+def original_importers(root):
+    """Pids of running original importers that watch maildir `root`.
+
+    Best effort, from /proc.  One whose options or working directory we
+    cannot read counts as watching it: waiting longer is the safe error.
+    """
+    root = os.path.realpath(root)
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    pids = []
+    for pid in entries:
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                argv = [os.fsdecode(a) for a in f.read().split(b"\0")]
+        except OSError:
+            continue
+        if not os.path.basename(argv[0]).endswith(ORIGINAL_IMPORTER):
+            continue
+        maildirs = _original_maildirs(pid, argv[1:-1] if argv[-1] == ""
+                                      else argv[1:])
+        if maildirs is None or root in maildirs:
+            pids.append(int(pid))
+    return pids
+
+
+def _original_maildirs(pid, args):
+    """The maildirs an original importer with `args` watches, or None."""
+    maildirs = [DEFAULT_REG_MDIR, DEFAULT_DUMP_MDIR, DEFAULT_SANDBOX_MDIR]
+    try:
+        opts = getopt.gnu_getopt(args, ORIGINAL_SHORTOPTS,
+                                 ORIGINAL_LONGOPTS)[0]
+        cwd = os.readlink("/proc/%s/cwd" % pid)
+    except (getopt.GetoptError, OSError):
+        return None
+    for opt, arg in opts:
+        if opt in ORIGINAL_MAILDIR_OPTS:
+            maildirs[ORIGINAL_MAILDIR_OPTS[opt]] = arg
+    return set(os.path.realpath(os.path.join(cwd, d)) for d in maildirs)
+
+
 NAME_ORDER_RE = re.compile(r"^(\d+)_(\d+)\.")
 
 
@@ -1014,7 +1079,10 @@ class Maildir:
         """Create missing subdirectories (0700) and check them all."""
         for directory in [self.root] + [self.paths[s]
                                         for s in SUBDIRS + (STATE_DIR,)]:
-            if create and not os.path.lexists(directory):
+            # state/ is ours: a maildir only the original used has none,
+            # and --requeue must record there the fresh give-up clock.
+            if (create or directory == self.paths[STATE_DIR]) and \
+                    not os.path.lexists(directory):
                 try:
                     os.mkdir(directory, 0o700)
                 except OSError as exc:
@@ -1107,9 +1175,9 @@ class Maildir:
                   self.root, sub, name)
         return None
 
-    def next_retry(self, name, default_retry):
+    def next_retry(self, name, default_retry, state=None):
         """When a postponed message is due; None when it is gone."""
-        state = self.read_state(name)
+        state = self.read_state(name) if state is None else state
         try:
             return float(state["next_retry"])
         except (KeyError, ValueError):
@@ -1228,8 +1296,12 @@ class Maildir:
             moved.append(name)
         return moved
 
-    def status(self, now=None):
-        """A dict describing the maildir, for --status."""
+    def status(self, default_retry, now=None):
+        """A dict describing the maildir, for --status.
+
+        default_retry: the retry delay of a message the original importer
+        postponed (it has no state file), as the workers apply it.
+        """
         now = time.time() if now is None else now
         info = {"root": self.root, "counts": {}, "oldest": None,
                 "next_retry": None, "undeliverable": []}
@@ -1246,7 +1318,9 @@ class Maildir:
                     info["oldest"] = mtime
                 state = self.read_state(name)
                 if sub == "post":
-                    retry = float(state.get("next_retry", mtime))
+                    retry = self.next_retry(name, default_retry, state)
+                    if retry is None:
+                        continue
                     if info["next_retry"] is None or \
                             retry < info["next_retry"]:
                         info["next_retry"] = retry
@@ -2660,6 +2734,7 @@ class Worker:
         # due; saves re-reading every state file of a big backlog in post/
         # on every pass.  Retry times only move later, so it stays true.
         self.not_before = {}
+        self.left_alone = {}    # work/ name -> when the original is done
         self.stop_requested = False
         self.reload_requested = False
         self.file_directories = file_directories(options)
@@ -2701,6 +2776,9 @@ class Worker:
             # of new/, has them all: no open() per fresh message.
             with_state = (set(self.maildir.names(STATE_DIR))
                           if sub == "new" else None)
+            if sub == "work":
+                for gone in set(self.left_alone).difference(names):
+                    del self.left_alone[gone]
             for name in names:
                 if self.reload_requested:
                     self.reload_requested = False
@@ -2712,9 +2790,10 @@ class Worker:
                     continue
                 if sub == "post" and not self._due(name):
                     continue
-                if sub == "work" and \
-                        self.not_before.get(name, 0) > time.time():
-                    continue                # set aside by _set_aside()
+                if sub == "work" and max(self.not_before.get(name, 0),
+                                         self.left_alone.get(name, 0)) \
+                        > time.time():
+                    continue    # set aside by _set_aside() or _abandoned()
                 try:
                     msg = self.maildir.claim(
                         sub, name, with_state is None or name in with_state)
@@ -2728,7 +2807,8 @@ class Worker:
                     self.claim_error = text
                     return
                 self.claim_error = None
-                if msg is None:
+                if msg is None or (sub == "work" and
+                                   not self._abandoned(msg)):
                     continue
                 if self.tried is not None:
                     self.tried.add(name)
@@ -2737,6 +2817,29 @@ class Worker:
                                 "died; delivering it", self.maildir.root,
                                 name)
                 yield msg
+
+    def _abandoned(self, msg):
+        """An unlocked message in work/: ours to deliver now?
+
+        Yes, unless an original importer runs on this maildir and the
+        message went into work/ (its ctime) less than ORIGINAL_BUSY ago:
+        then the original may be delivering it, and it is left alone.
+        """
+        since = os.fstat(msg.fd).st_ctime
+        if time.time() - since > ORIGINAL_BUSY:
+            return True
+        pids = original_importers(self.maildir.root)
+        if not pids:
+            return True
+        msg.release()
+        if msg.name not in self.left_alone:
+            log.warning("%s: work/%s may be in the hands of the original "
+                        "importer (pid %s); left to it until %s",
+                        self.maildir.root, msg.name,
+                        " ".join(str(p) for p in pids),
+                        format_time(since + ORIGINAL_BUSY))
+        self.left_alone[msg.name] = since + ORIGINAL_BUSY
+        return False
 
     def _overlapped_registrations(self, claims):
         """Registrations, with the maildir work done while the JPPS works.
@@ -3605,7 +3708,8 @@ def print_status(o, stream):
         if not os.path.isdir(path):
             stream.write("  does not exist\n")
             continue
-        info = Maildir(path).status(now)
+        info = Maildir(path).status(o.retry if o.retry is not None
+                                    else Worker.RETRY[kind], now)
         stream.write("  new %(new)d  work %(work)d  post %(post)d  "
                      "undeliverable %(undeliverable)d\n" % info["counts"])
         if info["oldest"] is not None:
@@ -3656,6 +3760,13 @@ def run_daemon(o):
     log.info("jp_importer %s: credential %s (%s), valid until %s",
              __version__, credentials.cert_file, credentials.subject,
              format_time(credentials.not_after))
+    for maildir in maildirs.values():
+        pids = original_importers(maildir.root)
+        if pids:
+            log.warning("%s: the original importer (pid %s) runs on this "
+                        "maildir: stop it first (README, \"Migrating from "
+                        "the C tools\")", maildir.root,
+                        " ".join(str(p) for p in pids))
     try:
         return Master(o, credentials, maildirs).run()
     finally:

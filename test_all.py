@@ -1570,6 +1570,134 @@ class TestImporterRegistrations(unittest.TestCase):
         self.assertEqual(listing(h.reg, "undeliverable"), [])
 
 
+class TestMigration(unittest.TestCase):
+    """Maildirs as the original C importer leaves them, and beside it."""
+
+    def original_failed(self, root, name):
+        """What the original does on a failure: the work/ link goes, the
+        master copy is linked into post/ (ctime now: its retry clock)."""
+        os.unlink(os.path.join(root, "new", name))
+        os.link(os.path.join(root, "tmp", name),
+                os.path.join(root, "post", name))
+
+    def start_original(self, h):
+        """A process named like the original importer, on h's maildirs
+        (the dump maildir relative to its working directory)."""
+        link = h.path(jp_importer.ORIGINAL_IMPORTER)
+        os.symlink(sys.executable, link)
+        proc = subprocess.Popen([link, "-c", "import time; time.sleep(600)",
+                                 "-r", h.reg, "--dump-mdir", "dump",
+                                 "-s", h.sandbox, "-g"], cwd=h.dir)
+
+        def cleanup():
+            proc.kill()
+            proc.wait(TIMEOUT)
+        self.addCleanup(cleanup)
+        return proc
+
+    def worker(self, h, kind, root):
+        """An in-process worker, to run passes one by one."""
+        worker = jp_importer.Worker(
+            kind, jp_importer.Maildir(root).init(),
+            jp_importer.parse_args(h.args()),
+            jp_importer.Credentials(h.cert, h.key, h.pki.ca_dir).load())
+        self.addCleanup(worker.close)
+        return worker
+
+    def test_requeue_what_the_original_gave_up(self):
+        h = ImporterHarness(self)
+        names = []
+        for n in range(2):
+            name = drop_message(h.reg, registration(n), age=7 * 86400)
+            self.original_failed(h.reg, name)
+            # Its give-up: post/ -> undeliverable/, the master unlinked.
+            os.rename(os.path.join(h.reg, "post", name),
+                      os.path.join(h.reg, "undeliverable", name))
+            os.unlink(os.path.join(h.reg, "tmp", name))
+            names.append(name)
+        self.assertFalse(os.path.exists(os.path.join(h.reg, "state")))
+        proc = run([sys.executable, JP_IMPORTER, "--requeue"] + h.args())
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("%s: 2 message(s) requeued" % h.reg, proc.stdout)
+        self.assertIn("%s: 0 message(s) requeued" % h.dump, proc.stdout)
+        self.assertEqual(listing(h.reg, "new"), names)
+        self.assertEqual(listing(h.reg, "tmp"), names)
+        # A week old and failing again: postponed, not given up, as the
+        # requeue restarted the give-up clock (5 days).
+        h.jpps.inject("fault", "RegisterJob", code=errno.EIO)
+        h.once()
+        self.assertEqual(len(listing(h.reg, "post")), 1)
+        self.assertEqual(listing(h.reg, "undeliverable"), [])
+        h.once()
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 2)
+        for sub in ("new", "work", "post", "undeliverable", "tmp", "state"):
+            self.assertEqual(listing(h.reg, sub), [], sub)
+
+    def test_status_shows_when_the_original_retries(self):
+        h = ImporterHarness(self)
+        due = {}
+        for root, retry in ((h.reg, 300), (h.dump, 360)):
+            name = drop_message(root, registration(1), age=1000)
+            self.original_failed(root, name)
+            due[root] = os.stat(os.path.join(root, "post",
+                                             name)).st_ctime + retry
+        status = [sys.executable, JP_IMPORTER, "--status", "-r", h.reg,
+                  "-d", h.dump, "-s", h.sandbox]
+        proc = run(status)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        for root in (h.reg, h.dump):
+            self.assertIn("next retry: %s (in " % jp_importer.format_time(
+                due[root]), proc.stdout)
+        self.assertNotIn("(due)", proc.stdout)
+        # The retry delay the workers would apply: with --retry 0, now.
+        proc = run(status + ["--retry", "0"])
+        self.assertEqual(proc.stdout.count("(due)"), 2, proc.stdout)
+        self.assertFalse(os.path.exists(os.path.join(h.reg, "state")))
+
+    def test_work_of_a_running_original_is_left_to_it(self):
+        h = ImporterHarness(self)
+        original = self.start_original(h)
+        wait_for(lambda: jp_importer.original_importers(h.reg) ==
+                 [original.pid], what="the original seen")
+        self.assertEqual(jp_importer.original_importers(h.dump),
+                         [original.pid])
+        self.assertEqual(jp_importer.original_importers(
+            make_maildir(h.path("elsewhere"))), [])
+        # In the original's hands: renamed from new/ to work/, no lock.
+        name = drop_message(h.reg, registration(1))
+        work = os.path.join(h.reg, "work", name)
+        os.rename(os.path.join(h.reg, "new", name), work)
+        proc = h.once()
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(listing(h.reg, "work"), [name])
+        self.assertEqual(h.jpps.calls, [])
+        self.assertIn("the original importer (pid %d) runs" % original.pid,
+                      proc.stderr)
+        self.assertIn("work/%s may be in the hands of the original"
+                      % name, proc.stderr)
+        # Older than the original's longest message, it is abandoned:
+        # delivered.  (The bound shortened: a ctime cannot be set back.)
+        self.addCleanup(setattr, jp_importer, "ORIGINAL_BUSY",
+                        jp_importer.ORIGINAL_BUSY)
+        jp_importer.ORIGINAL_BUSY = time.time() - os.stat(work).st_ctime + 3
+        worker = self.worker(h, jp_importer.KIND_REG, h.reg)
+        self.assertEqual(worker.run_pass(), 0)
+        self.assertEqual(listing(h.reg, "work"), [name])
+        wait_for(worker.run_pass, what="the message taken over")
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 1)
+        for sub in ("work", "tmp"):
+            self.assertEqual(listing(h.reg, sub), [], sub)
+        # What a killed original left in work/ is delivered at once.
+        original.kill()
+        original.wait(TIMEOUT)
+        name = drop_message(h.reg, registration(2))
+        os.rename(os.path.join(h.reg, "new", name),
+                  os.path.join(h.reg, "work", name))
+        proc = h.once()
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 2)
+        self.assertEqual(listing(h.reg, "work"), [])
+
+
 # ---------------------------------------------------------------------------
 # FTPS fixture: explicit FTP over TLS, as vsftpd behaves for our client
 # ---------------------------------------------------------------------------

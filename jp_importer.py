@@ -1580,10 +1580,10 @@ def dump_owner(source):
 # blocks), and the open file is checked: a regular file, one link, owned by
 # the writer of the message, who is us unless --allow-shared-dirs.  The
 # upload reads from that descriptor, so nothing swapped in after the check
-# is ever read.  The file must also be the message writer's own, and belong
-# to its queue (check_belongs).  The layouts of the original tools pass: the exporter's
-# store (/tmp or any private directory), the upload tool's
-# /tmp/jpimporter_<pid>_<time>.tar, our sandbox spool.
+# is ever read.  The file must also belong to its queue (check_belongs).
+# The layouts of the original tools pass: the exporter's store (/tmp or any
+# private directory), the upload tool's /tmp/jpimporter_<pid>_<time>.tar,
+# our sandbox spool.
 
 MAX_SYMLINKS = 40                       # as the kernel's path walk allows
 OPEN_FILE_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) |

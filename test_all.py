@@ -2357,6 +2357,40 @@ class TestImporterUploads(unittest.TestCase):
         self.assertFalse(os.path.exists(path))
         self.assertFalse(os.path.exists(other_dump))
 
+    def test_file_swapped_after_the_check_is_never_read(self):
+        """The file is opened once, before StartUpload: a symlink to a
+        secret or a FIFO swapped in during the call is never read."""
+        h = upload_harness(self)
+        secret = h.path("secret")
+        with open(secret, "w") as f:
+            f.write("root:secret\n")
+        for n, swap in ((1, "symlink"), (2, "fifo")):
+            jobid, path = write_dump(h, n)
+            h.jpps.register(jobid, USER_SUBJECT)
+            digest = sha256_of(path)
+            h.jpps.inject("hang", "StartUpload", answer=True)
+            drop_message(h.dump, dump_message(jobid, path))
+            importer = subprocess.Popen(
+                [sys.executable, JP_IMPORTER, "--once"] + h.args(),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                universal_newlines=True)
+            self.addCleanup(lambda p=importer: p.poll() is None and p.kill())
+            wait_for(lambda: h.jpps.ops("StartUpload"), what="StartUpload")
+            os.rename(path, path + ".aside")
+            if swap == "symlink":
+                os.symlink(secret, path)
+            else:
+                os.mkfifo(path)
+            h.jpps.released.set()
+            _, err = importer.communicate(timeout=TIMEOUT)
+            h.jpps.released.clear()
+            h.jpps.calls[:] = []
+            self.assertEqual(importer.returncode, 0, err)
+            self.assertIn(digest, h.jpps.committed.values(), err)
+            self.assertEqual(len(h.jpps.committed), n, err)
+            self.assertIn("left in place", err)
+        self.assertNotIn(sha256_of(secret), h.jpps.committed.values())
+
     def test_sandbox_start_upload_fault_is_retried(self):
         h = upload_harness(self)
         jobid = "https://lb.example.org:9000/sandbox1"

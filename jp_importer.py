@@ -1494,6 +1494,11 @@ def parse_registration(data):
         raise MalformedMessage("registration owner spans several lines")
     if not owner.strip():
         raise MalformedMessage("registration without an owner")
+    if CONTROL_RE.search(owner):
+        # No DN has one, and XML cannot carry it: the JPPS refused the
+        # request on every retry, for days.
+        raise MalformedMessage("registration owner %r has a control "
+                               "character" % owner[:200])
     return _valid_jobid(jobid.rstrip("\r")), owner
 
 

@@ -1574,6 +1574,25 @@ class TestQueueQuarantine(unittest.TestCase):
         with open(os.path.join(root, "undeliverable", name), "rb") as f:
             self.assertEqual(f.read(), b"no newline")
 
+    def test_owner_with_a_control_character_is_malformed(self):
+        for owner in ("/CN=a\x01b", "/CN=a\rb", "/CN=\x1b[31m", "/CN=\x7f"):
+            with self.assertRaises(jp_importer.MalformedMessage) as cm:
+                jp_importer.parse_registration(
+                    ("https://lb/x\n" + owner).encode())
+            self.assertIn("control character", str(cm.exception))
+        self.assertEqual(jp_importer.parse_registration(
+            b"https://lb/x\n/CN=a b\r\n")[1], "/CN=a b")
+        h = ImporterHarness(self)
+        name = drop_message(h.reg, registration(1, owner="/CN=a\x01b"))
+        proc = h.once()
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(listing(h.reg, "post"), [])
+        self.assertEqual(listing(h.reg, "undeliverable"), [name])
+        self.assertIn("malformed message: registration owner '/CN=a\\x01b'"
+                      " has a control character",
+                      h.state(h.reg, name)["reason"])
+        self.assertEqual(h.jpps.ops("RegisterJob"), [])
+
 
 # ---------------------------------------------------------------------------
 # jp_importer: the daemon, end to end

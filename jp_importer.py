@@ -246,6 +246,27 @@ def one_line(text, limit=MAX_REASON):
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+# What a log line or --status must not show raw, since a message name, a DN
+# or a server's text could carry it: C0 and C1 control characters and DEL
+# (a forged line, a terminal escape), and the lone surrogates that stand
+# for the undecodable bytes of a file name (unwritable as UTF-8).
+UNPRINTABLE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match):
+    code = ord(match.group())
+    if 0xdc80 <= code <= 0xdcff:            # surrogateescape: the byte
+        code -= 0xdc00
+    return _ESCAPES.get(chr(code)) or (
+        "\\x%02x" % code if code < 0x100 else "\\u%04x" % code)
+
+
+def printable(text):
+    """`text` with those characters as visible escapes: \\n, \\x1b, \\xff."""
+    return UNPRINTABLE_RE.sub(_escape, text)
+
+
 URL_PASSWORD_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://[^/@:]*):[^/@]*@")
 
 
@@ -3258,6 +3279,15 @@ def daemonize():
 _ROLE = {"role": "master"}
 
 
+class _Formatter(logging.Formatter):
+    """One record, one line: control characters in the message escaped
+    (a message name, a DN or a server's text cannot forge a log line)."""
+
+    def formatMessage(self, record):
+        record.message = printable(record.message)
+        return logging.Formatter.formatMessage(self, record)
+
+
 class _RoleFilter(logging.Filter):
     def filter(self, record):
         record.role = _ROLE["role"]
@@ -3289,7 +3319,7 @@ def setup_logging(logfile=None, use_syslog=False, level=logging.INFO):
         handler = logging.StreamHandler(sys.stderr)
         fmt = "%(asctime)s " + PROG + "[%(process)d] %(role)s: " \
             "%(levelname)s %(message)s"
-    handler.setFormatter(logging.Formatter(fmt))
+    handler.setFormatter(_Formatter(fmt))
     handler.addFilter(_RoleFilter())
     log.addHandler(handler)
     log.setLevel(level)
@@ -3470,8 +3500,8 @@ def print_status(o, stream):
                 "due" if info["next_retry"] <= now else
                 "in " + format_age(info["next_retry"] - now)))
         for name, jobid, reason in info["undeliverable"]:
-            stream.write("  undeliverable %s %s: %s\n"
-                         % (name, jobid, reason))
+            stream.write("  undeliverable %s\n" % printable(
+                "%s %s: %s" % (name, jobid, reason)))
 
 
 def run_daemon(o):
@@ -3558,7 +3588,7 @@ def main(argv=None):
             text = str(exc)
         if o.logfile:
             log.error("%s", text)
-        sys.stderr.write("%s: %s\n" % (PROG, text))
+        sys.stderr.write("%s: %s\n" % (PROG, printable(text)))
         return 1
     except KeyboardInterrupt:
         return 130

@@ -1593,6 +1593,31 @@ class TestQueueQuarantine(unittest.TestCase):
                       h.state(h.reg, name)["reason"])
         self.assertEqual(h.jpps.ops("RegisterJob"), [])
 
+    def test_log_and_status_show_control_characters_escaped(self):
+        h = ImporterHarness(self)
+        forged = "1_000001.x\n2030-01-01 00:00:00,000 jp_importer[1] " \
+            "FORGED\x1b[31m"
+        drop_message(h.reg, b"no newline here", name=forged)
+        drop_message(h.reg, b"no newline either", name="1_000002.\udcff")
+        drop_message(h.reg, registration(1, owner="/CN=x\x1b]0;owned\x07"))
+        h.jpps.inject("fault", "RegisterJob", code=errno.EIO,
+                      description="disk full\nFORGED line \x9b31m")
+        drop_message(h.reg, registration(2))
+        proc = h.once("--log", h.logfile, "--retry", "600", timeout=TIMEOUT)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(len(listing(h.reg, "undeliverable")), 3)
+        self.assertEqual(len(listing(h.reg, "post")), 1)
+        log_text = read_text(h.logfile)
+        self.assert_log_lines(log_text)
+        status = self.status(h)
+        for text in (log_text, status):
+            self.assertIn("1_000001.x\\n2030-01-01 00:00:00,000 jp_importer"
+                          "[1] FORGED\\x1b[31m", text)
+            self.assertIn("1_000002.\\xff", text)
+            self.assertIn("/CN=x\\x1b]0;owned\\x07", text)
+        self.assertIn("FORGED line \\x9b31m", log_text)
+        self.assertNotIn("Traceback", proc.stderr)
+
 
 # ---------------------------------------------------------------------------
 # jp_importer: the daemon, end to end

@@ -246,6 +246,27 @@ def one_line(text, limit=MAX_REASON):
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+# What a log line or --status must not show raw, since a message name, a DN
+# or a server's text could carry it: C0 and C1 control characters and DEL
+# (a forged line, a terminal escape), and the lone surrogates that stand
+# for the undecodable bytes of a file name (unwritable as UTF-8).
+UNPRINTABLE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match):
+    code = ord(match.group())
+    if 0xdc80 <= code <= 0xdcff:            # surrogateescape: the byte
+        code -= 0xdc00
+    return _ESCAPES.get(chr(code)) or (
+        "\\x%02x" % code if code < 0x100 else "\\u%04x" % code)
+
+
+def printable(text):
+    """`text` with those characters as visible escapes: \\n, \\x1b, \\xff."""
+    return UNPRINTABLE_RE.sub(_escape, text)
+
+
 URL_PASSWORD_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://[^/@:]*):[^/@]*@")
 
 
@@ -1028,6 +1049,23 @@ def _original_maildirs(pid, args):
 NAME_ORDER_RE = re.compile(r"^(\d+)_(\d+)\.")
 
 
+# An open() failing so means this entry can never be read as a message
+# (a socket, a device, a file we may not read), not a maildir in trouble.
+NOT_A_MESSAGE_ERRNOS = (errno.ELOOP, errno.ENXIO, errno.ENODEV, errno.EACCES,
+                        errno.EPERM, errno.EISDIR, errno.EOVERFLOW)
+
+
+def _file_kind(mode):
+    for test, kind in ((stat.S_ISLNK, "a symbolic link"),
+                       (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "of an unknown type"
+
+
 def _name_order(name):
     match = NAME_ORDER_RE.match(name)
     if match:
@@ -1137,16 +1175,25 @@ class Maildir:
         """
         source = self.path(sub, name)
         try:
-            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            # Never blocks on a FIFO, follows a symlink or takes a terminal.
+            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_NOCTTY)
         except OSError as exc:
-            if exc.errno in (errno.ENOENT,):
+            if exc.errno == errno.ENOENT:
                 return None
-            if exc.errno == errno.ELOOP:
-                return self._quarantine_symlink(sub, name)
+            if exc.errno in NOT_A_MESSAGE_ERRNOS:
+                return self._quarantine(sub, name, exc)
             raise
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not stat.S_ISREG(st.st_mode):        # a FIFO, a directory ...
+            os.close(fd)
+            return self._quarantine(sub, name)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if sub != "work":
                 # Everyone locks before renaming, so holding the lock while
                 # the name still exists in new/ or post/ makes it ours.
@@ -1163,16 +1210,48 @@ class Maildir:
             raise
         return Message(self, name, fd, st, sub, has_state)
 
-    def _quarantine_symlink(self, sub, name):
-        """A symlink in the spool is never followed: it goes aside."""
+    def _quarantine(self, sub, name, error=None):
+        """What is no message file goes aside, never in the queue's way.
+
+        A symlink (never followed), socket, FIFO, directory or device, or a
+        file we may not read (`error`): renamed as it is to undeliverable/
+        (under a new name if that one is taken there), the reason in
+        state/.  Returns None: nothing to deliver.
+        """
+        source = self.path(sub, name)
         try:
-            os.rename(self.path(sub, name), self.path("undeliverable", name))
+            st = os.lstat(source)
         except FileNotFoundError:
             return None
-        self.write_state(name, {"reason": "message file is a symbolic link; "
-                                "not followed", "gave_up": str(time.time())})
-        log.error("%s: %s/%s is a symbolic link; moved to undeliverable/",
-                  self.root, sub, name)
+        if stat.S_ISLNK(st.st_mode):
+            reason = "message file is a symbolic link; not followed"
+        elif not stat.S_ISREG(st.st_mode):
+            reason = ("message file is %s, not a regular file"
+                      % _file_kind(st.st_mode))
+        elif error is not None:
+            reason = "message file cannot be read: %s" % error.strerror
+        else:
+            return None         # replaced by a file since: claimed next pass
+        target = name
+        if os.path.lexists(self.path("undeliverable", name)):
+            target = "%s.%d.%d" % (name, time.time() * 1e6, os.getpid())
+        self.write_state(target, {"reason": reason,
+                                  "gave_up": str(time.time())})
+        try:
+            os.rename(source, self.path("undeliverable", target))
+        except FileNotFoundError:       # another worker put it aside first
+            if target != name:
+                self.remove_state(target)
+            return None
+        try:                            # a link left in tmp/ by --requeue
+            left = os.lstat(self.path("tmp", name))
+            if (left.st_dev, left.st_ino) == (st.st_dev, st.st_ino):
+                unlink_quietly(self.path("tmp", name))
+        except FileNotFoundError:
+            pass
+        log.error("%s: %s/%s: %s; moved to undeliverable/%s",
+                  self.root, sub, name, reason,
+                  "" if target == name else target)
         return None
 
     def next_retry(self, name, default_retry, state=None):
@@ -1334,11 +1413,19 @@ class Maildir:
 
     @staticmethod
     def _peek_jobid(path):
-        try:
-            with open(path, "rb") as f:
-                data = f.read(4096).decode("utf-8", "replace")
+        try:                    # what is put aside may be a FIFO or a link
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_NOCTTY)
         except OSError:
             return "?"
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return "?"
+            data = os.read(fd, 4096).decode("utf-8", "replace")
+        except OSError:
+            return "?"
+        finally:
+            os.close(fd)
         for line in data.split("\n"):
             words = line.split(None, 1)
             if len(words) == 2 and words[0] == "jobid":
@@ -1499,6 +1586,11 @@ def parse_registration(data):
         raise MalformedMessage("registration owner spans several lines")
     if not owner.strip():
         raise MalformedMessage("registration without an owner")
+    if CONTROL_RE.search(owner):
+        # No DN has one, and XML cannot carry it: the JPPS refused the
+        # request on every retry, for days.
+        raise MalformedMessage("registration owner %r has a control "
+                               "character" % owner[:200])
     return _valid_jobid(jobid.rstrip("\r")), owner
 
 
@@ -3507,6 +3599,15 @@ def daemonize(keep_stderr=False):
 _ROLE = {"role": "master"}
 
 
+class _Formatter(logging.Formatter):
+    """One record, one line: control characters in the message escaped
+    (a message name, a DN or a server's text cannot forge a log line)."""
+
+    def formatMessage(self, record):
+        record.message = printable(record.message)
+        return logging.Formatter.formatMessage(self, record)
+
+
 class _RoleFilter(logging.Filter):
     def filter(self, record):
         record.role = _ROLE["role"]
@@ -3538,7 +3639,7 @@ def setup_logging(logfile=None, use_syslog=False, level=logging.INFO):
         handler = logging.StreamHandler(sys.stderr)
         fmt = "%(asctime)s " + PROG + "[%(process)d] %(role)s: " \
             "%(levelname)s %(message)s"
-    handler.setFormatter(logging.Formatter(fmt))
+    handler.setFormatter(_Formatter(fmt))
     handler.addFilter(_RoleFilter())
     log.addHandler(handler)
     log.setLevel(level)
@@ -3721,8 +3822,8 @@ def print_status(o, stream):
                 "due" if info["next_retry"] <= now else
                 "in " + format_age(info["next_retry"] - now)))
         for name, jobid, reason in info["undeliverable"]:
-            stream.write("  undeliverable %s %s: %s\n"
-                         % (name, jobid, reason))
+            stream.write("  undeliverable %s\n" % printable(
+                "%s %s: %s" % (name, jobid, reason)))
 
 
 def run_daemon(o):
@@ -3827,7 +3928,7 @@ def main(argv=None):
             text = str(exc)
         if o.logfile:
             log.error("%s", text)
-        sys.stderr.write("%s: %s\n" % (PROG, text))
+        sys.stderr.write("%s: %s\n" % (PROG, printable(text)))
         return 1
     except KeyboardInterrupt:
         return 130

@@ -1460,6 +1460,166 @@ class TestImporterMaildir(unittest.TestCase):
             "fresh-orphan.tar", "quarantined.tar", "queued.tar"])
 
 
+class TestQueueQuarantine(unittest.TestCase):
+    """What is not a message, or not a sane one, goes aside and the queue
+    goes on; no name, DN or server text reaches a log line or --status raw
+    (it could forge lines or drive the terminal)."""
+
+    RAW_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+    def status(self, h):
+        proc = run([sys.executable, JP_IMPORTER, "--status"] + h.args(),
+                   timeout=TIMEOUT)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
+        self.assertIsNone(self.RAW_CONTROL.search(proc.stdout),
+                          ascii(proc.stdout))
+        return proc.stdout
+
+    def assert_log_lines(self, text):
+        """No raw control character but the line ends, and every line is
+        one the importer began (none forged by a name or a DN)."""
+        self.assertNotIn("Traceback", text)
+        self.assertIsNone(self.RAW_CONTROL.search(text), ascii(text))
+        for line in text.splitlines():
+            self.assertRegex(line, r"^\d{4}-\d\d-\d\d [\d:,]+ jp_importer\[")
+
+    def test_what_is_not_a_regular_file_goes_aside(self):
+        h = ImporterHarness(self)
+        new = os.path.join(h.reg, "new")
+        bad = {"1_000001.socket": "a socket", "1_000002.fifo": "a FIFO",
+               "1_000003.dir": "a directory",
+               "1_000004.link": "a symbolic link",
+               "1_000005.fifo": "a FIFO", "1_000006.dir": "a directory"}
+        listener = socket.socket(socket.AF_UNIX)
+        self.addCleanup(listener.close)
+        listener.bind(os.path.join(new, "1_000001.socket"))
+        os.mkfifo(os.path.join(new, "1_000002.fifo"), 0o600)
+        os.mkdir(os.path.join(new, "1_000003.dir"), 0o700)
+        os.symlink("/etc/passwd", os.path.join(new, "1_000004.link"))
+        # Left in post/ and work/ too (by a writer, or before a crash).
+        os.mkfifo(os.path.join(h.reg, "post", "1_000005.fifo"), 0o600)
+        os.mkdir(os.path.join(h.reg, "work", "1_000006.dir"), 0o700)
+        good = [drop_message(h.reg, registration(n)) for n in range(5)]
+        proc = h.once("--log", h.logfile, timeout=TIMEOUT)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), len(good))
+        for sub in ("new", "work", "post"):
+            self.assertEqual(listing(h.reg, sub), [], sub)
+        self.assertEqual(listing(h.reg, "undeliverable"), sorted(bad))
+        log_text = read_text(h.logfile)
+        self.assert_log_lines(log_text)
+        status = self.status(h)
+        for name, kind in bad.items():
+            reason = h.state(h.reg, name)["reason"]
+            self.assertIn("is %s" % kind, reason)
+            self.assertIn("undeliverable %s ?: %s" % (name, reason), status)
+            self.assertIn("%s; moved to undeliverable/" % reason, log_text)
+        # Sent back by --requeue (which links them into tmp/), they go
+        # aside again, the links with them.
+        run([sys.executable, JP_IMPORTER, "--requeue"] + h.args())
+        self.assertEqual(len(listing(h.reg, "new")), len(bad))
+        self.assertEqual(h.once(timeout=TIMEOUT).returncode, 0)
+        self.assertEqual(listing(h.reg, "undeliverable"), sorted(bad))
+        self.assertEqual(listing(h.reg, "tmp"), [])
+
+    def test_unreadable_file_goes_aside(self):
+        root = make_maildir(tempfile.mkdtemp(prefix="jp-quarantine-test-"))
+        self.addCleanup(shutil.rmtree, root, True)
+        jp_importer.Maildir(root).init()
+        unreadable = drop_message(root, registration(1))
+        os.chmod(os.path.join(root, "new", unreadable), 0)
+        good = drop_message(root, registration(2))
+        nobody = 65534
+        if os.geteuid() == 0:       # root reads anything: claim as nobody
+            for where, dirs, files in os.walk(root):
+                for entry in [where] + [os.path.join(where, f)
+                                        for f in files]:
+                    os.chown(entry, nobody, nobody)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                if os.geteuid() == 0:
+                    os.setgroups([])
+                    os.setgid(nobody)
+                    os.setuid(nobody)
+                md = jp_importer.Maildir(root)
+                claimed = [md.claim("new", name) for name in md.names("new")]
+                code = 0 if [m.name for m in claimed if m] == [good] else 2
+            finally:
+                os._exit(code)
+        self.assertEqual(os.waitpid(pid, 0)[1], 0)
+        self.assertEqual(listing(root, "undeliverable"), [unreadable])
+        self.assertEqual(listing(root, "work"), [good])
+        self.assertIn("cannot be read: Permission denied",
+                      jp_importer.Maildir(root).read_state(unreadable)
+                      ["reason"])
+
+    def test_a_name_taken_in_undeliverable_is_not_overwritten(self):
+        root = make_maildir(tempfile.mkdtemp(prefix="jp-quarantine-test-"))
+        self.addCleanup(shutil.rmtree, root, True)
+        md = jp_importer.Maildir(root).init()
+        name = drop_message(root, b"no newline")
+        md.claim("new", name).give_up("malformed message: first")
+        os.mkfifo(os.path.join(root, "new", name), 0o600)
+        self.assertIsNone(md.claim("new", name))
+        self.assertEqual(listing(root, "new"), [])
+        aside = [n for n in listing(root, "undeliverable") if n != name]
+        self.assertEqual(len(aside), 1)
+        self.assertTrue(aside[0].startswith(name + "."), aside)
+        self.assertIn("is a FIFO", md.read_state(aside[0])["reason"])
+        self.assertEqual(md.read_state(name)["reason"],
+                         "malformed message: first")
+        with open(os.path.join(root, "undeliverable", name), "rb") as f:
+            self.assertEqual(f.read(), b"no newline")
+
+    def test_owner_with_a_control_character_is_malformed(self):
+        for owner in ("/CN=a\x01b", "/CN=a\rb", "/CN=\x1b[31m", "/CN=\x7f"):
+            with self.assertRaises(jp_importer.MalformedMessage) as cm:
+                jp_importer.parse_registration(
+                    ("https://lb/x\n" + owner).encode())
+            self.assertIn("control character", str(cm.exception))
+        self.assertEqual(jp_importer.parse_registration(
+            b"https://lb/x\n/CN=a b\r\n")[1], "/CN=a b")
+        h = ImporterHarness(self)
+        name = drop_message(h.reg, registration(1, owner="/CN=a\x01b"))
+        proc = h.once()
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(listing(h.reg, "post"), [])
+        self.assertEqual(listing(h.reg, "undeliverable"), [name])
+        self.assertIn("malformed message: registration owner '/CN=a\\x01b'"
+                      " has a control character",
+                      h.state(h.reg, name)["reason"])
+        self.assertEqual(h.jpps.ops("RegisterJob"), [])
+
+    def test_log_and_status_show_control_characters_escaped(self):
+        h = ImporterHarness(self)
+        forged = "1_000001.x\n2030-01-01 00:00:00,000 jp_importer[1] " \
+            "FORGED\x1b[31m"
+        drop_message(h.reg, b"no newline here", name=forged)
+        drop_message(h.reg, b"no newline either", name="1_000002.\udcff")
+        drop_message(h.reg, registration(1, owner="/CN=x\x1b]0;owned\x07"))
+        h.jpps.inject("fault", "RegisterJob", code=errno.EIO,
+                      description="disk full\nFORGED line \x9b31m")
+        drop_message(h.reg, registration(2))
+        proc = h.once("--log", h.logfile, "--retry", "600", timeout=TIMEOUT)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(len(listing(h.reg, "undeliverable")), 3)
+        self.assertEqual(len(listing(h.reg, "post")), 1)
+        log_text = read_text(h.logfile)
+        self.assert_log_lines(log_text)
+        status = self.status(h)
+        for text in (log_text, status):
+            self.assertIn("1_000001.x\\n2030-01-01 00:00:00,000 jp_importer"
+                          "[1] FORGED\\x1b[31m", text)
+            self.assertIn("1_000002.\\xff", text)
+            self.assertIn("/CN=x\\x1b]0;owned\\x07", text)
+        self.assertIn("FORGED line \\x9b31m", log_text)
+        self.assertNotIn("Traceback", proc.stderr)
+
+
 # ---------------------------------------------------------------------------
 # jp_importer: the daemon, end to end
 # ---------------------------------------------------------------------------

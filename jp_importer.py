@@ -1878,6 +1878,13 @@ class _SourceFile:
             self.opened.close()
 
 
+def _rewind(source):
+    """Every attempt sends from byte 0 (a pipe, for --upload, cannot be
+    rewound: it is sent as it comes)."""
+    if source.seekable():
+        source.seek(0)
+
+
 class _Deadline:
     """The overall time limit of one upload attempt.
 
@@ -2179,7 +2186,7 @@ def _ftp_overrun(where, limit, size):
 def _ftp_store(ftp, target, source):
     """STOR `source` as `target` from its first byte; the bytes sent."""
     sent = 0
-    source.seek(0)
+    _rewind(source)
     conn = ftp.transfercmd("STOR " + target)
     try:
         while True:
@@ -2704,7 +2711,7 @@ class _NeedsDCAU(Exception):
 def _gsiftp_put(host, port, target, source, credentials, timeout, dcau,
                 prot, where):
     """One GridFTP upload attempt with a fixed DCAU mode, from byte 0."""
-    source.seek(0)
+    _rewind(source)
     control = data = None
     try:
         control = _GSIControl(host, port, credentials.client_context(),

@@ -5857,7 +5857,7 @@ def run_demo(out=sys.stdout):
         args = [sys.executable, JP_IMPORTER, "--once", "-c", p.host_cert,
                 "-k", p.host_key, "-C", p.ca_dir, "-p", jpps.url,
                 "-r", reg, "-d", dump, "-s", sandbox, "--retry", "0",
-                "--timeout", "10", "-t", "0.1", "--files-in", store]
+                "--timeout", "10", "-t", "0.1"]
         for attempt in (1, 2, 3):
             proc = run(args)
             for line in proc.stderr.splitlines():

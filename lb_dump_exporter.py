@@ -1081,11 +1081,12 @@ def export(o, stderr=sys.stderr):
         except BaseException:
             exporter.abandon()
             raise
+        done = position()         # asks the file: before it is closed
     finally:
         stream.close()
     counts = exporter.counts
     if progress:
-        progress.update(position(), counts["jobs"], final=True)
+        progress.update(done, counts["jobs"], final=True)
     if not o.quiet:
         stderr.write(
             "%s: %d job(s) exported from %s in %.1fs: %d lines, %d exported, "

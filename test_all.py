@@ -18,6 +18,7 @@ import atexit
 import base64
 import contextlib
 import errno
+import fcntl
 import ftplib
 import gzip
 import hashlib
@@ -25,9 +26,11 @@ import http.server
 import io
 import logging
 import os
+import pty
 import queue
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -38,6 +41,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import termios
 import threading
 import time
 import unittest
@@ -4253,6 +4257,191 @@ class TestDumpExporter(unittest.TestCase):
         proc = run(x.args("-q", "-x", "-d", dump))
         self.assertEqual(proc.returncode, 0, proc.stderr)
         x.assert_exported(table)
+
+
+def run_on_terminal(cmd, stdin=None, timeout=TIMEOUT, **kwargs):
+    """Run `cmd` as from an admin's shell: a pseudo-terminal is its
+    controlling terminal and its stdin (unless `stdin` is given), stdout
+    and stderr.  (exit status, all it wrote, as text)."""
+    master, slave = pty.openpty()
+
+    def take_terminal():
+        fcntl.ioctl(0 if stdin is None else 1, termios.TIOCSCTTY, 0)
+    try:
+        proc = subprocess.Popen(
+            cmd, stdin=slave if stdin is None else stdin, stdout=slave,
+            stderr=slave, start_new_session=True, preexec_fn=take_terminal,
+            **kwargs)
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("%s: no end after %.0fs; it wrote %r"
+                                     % (cmd, timeout, b"".join(chunks)))
+            if not select.select([master], [], [], left)[0]:
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError as exc:
+                # Linux: EIO once no descriptor of the terminal is open.
+                if exc.errno != errno.EIO:
+                    raise
+                break
+            if not data:
+                break
+            chunks.append(data)
+        status = proc.wait(max(deadline - time.monotonic(), 1))
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return status, b"".join(chunks).decode("utf-8", "replace")
+
+
+def run_from_cron(cmd, **kwargs):
+    """Run `cmd` as cron does: no terminal, stdin /dev/null, output into
+    pipes; the CompletedProcess with bytes (a "\\r" stays one)."""
+    return run(cmd, stdin=subprocess.DEVNULL, universal_newlines=False,
+               **kwargs)
+
+
+# The exporter's progress line, on a terminal only, and its summary line.
+PROGRESS_RE = r"\r\d+ MB( of \d+ MB \(\d+%%\))?, %d jobs, \d+ MB/s "
+SUMMARY = "%d job(s) exported from %s in "
+
+
+class TestOnATerminal(unittest.TestCase):
+    """Each tool as an admin runs it on a terminal (its progress display
+    and all), and as cron runs it (no terminal): no traceback either way."""
+
+    def assert_clean(self, status, output, expected=0):
+        self.assertEqual(status, expected, output)
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("Exception ignored", output)
+
+    def test_exporter_on_a_terminal(self):
+        table, data = generated_dump(2000, per_job=3)
+        for compress, from_stdin in ((False, False), (True, False),
+                                     (False, True)):
+            x = ExporterRun(self)
+            dump = x.dump_file(gzip.compress(data) if compress else data)
+            if from_stdin:
+                with open(dump, "rb") as f:
+                    status, output = run_on_terminal(x.args(), stdin=f)
+                source = "<stdin>"
+            else:
+                status, output = run_on_terminal(x.args("-d", dump))
+                source = dump
+            self.assert_clean(status, output)
+            self.assertRegex(output, PROGRESS_RE % len(table))
+            if not from_stdin:
+                self.assertRegex(output, r" of \d+ MB \(100%\), ")
+            self.assertIn(SUMMARY % (len(table), source), output)
+            x.assert_exported(table)
+
+    def test_exporter_from_cron(self):
+        table, data = generated_dump(2000, per_job=3)
+        x = ExporterRun(self)
+        dump = x.dump_file(data)
+        proc = run_from_cron(x.args("-d", dump))
+        self.assert_clean(proc.returncode, proc.stderr.decode())
+        self.assertEqual(proc.stdout, b"")
+        self.assertNotIn(b"\r", proc.stderr)            # no progress line
+        self.assertIn((SUMMARY % (len(table), dump)).encode(), proc.stderr)
+        x.assert_exported(table)
+        # -q on a terminal: neither progress nor summary.
+        x = ExporterRun(self)
+        status, output = run_on_terminal(x.args("-q", "-d", dump))
+        self.assertEqual((status, output), (0, ""))
+        x.assert_exported(table)
+
+    def test_upload_files_on_a_terminal_and_from_cron(self):
+        work = tempfile.mkdtemp(prefix="jp-upload-files-test-")
+        self.addCleanup(shutil.rmtree, work, True)
+        payload, proxy = (os.path.join(work, name) for name in
+                          ("stdout.txt", "x509up_u500"))
+        for path in (payload, proxy):
+            with open(path, "wb") as f:
+                f.write(b"Hello, grid\n")
+        for number, how in enumerate(("terminal", "cron")):
+            maildir = os.path.join(work, "jpsandbox%d" % number)
+            cmd = [sys.executable, JP_UPLOAD_FILES, "-j",
+                   "https://lb.example.org/job%d" % number, "-m", maildir,
+                   "-p", proxy, payload]
+            if how == "terminal":
+                status, output = run_on_terminal(cmd)
+            else:
+                proc = run_from_cron(cmd)
+                status, output = proc.returncode, (proc.stdout +
+                                                   proc.stderr).decode()
+            self.assertEqual((status, output), (0, ""), how)    # silent
+            self.assertEqual(len(listing(maildir, "new")), 1, how)
+            status, output = run_on_terminal(
+                [sys.executable, JP_UPLOAD_FILES, "--help"])
+            self.assert_clean(status, output)
+            self.assertIn("Usage: jp_upload_files", output)
+
+    def test_importer_on_a_terminal_and_from_cron(self):
+        h = ImporterHarness(self)
+        maildirs = ["-r", h.reg, "-d", h.dump, "-s", h.sandbox]
+        for number, how in enumerate(("terminal", "cron")):
+            drop_message(h.reg, registration(number))
+            for args, text in ((["--help"], "Usage:"),
+                               (["--version"], "jp_importer "),
+                               (["--status"] + maildirs,
+                                "registration maildir %s\n  new 1 " % h.reg),
+                               (["--once"] + h.args(),
+                                "lb.example.org:9000/job%05d" % number)):
+                cmd = [sys.executable, JP_IMPORTER] + args
+                if how == "terminal":
+                    status, output = run_on_terminal(cmd)
+                    output = output.replace("\r\n", "\n")
+                else:
+                    proc = run_from_cron(cmd)
+                    status, output = proc.returncode, (
+                        proc.stdout + proc.stderr).decode()
+                self.assert_clean(status, output)
+                self.assertIn(text, output, (how, args))
+            self.assertEqual(listing(h.reg, "new"), [])
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 2)
+
+    def test_importer_output_into_a_pipe_closed_early(self):
+        # `jp_importer.py --status | head -1` with more to say than a pipe
+        # holds: the reader is gone before the end.  No "Broken pipe", no
+        # traceback; 141, as the shell says of a command killed by SIGPIPE.
+        h = ImporterHarness(self)
+        for n in range(3000):
+            with open(os.path.join(h.reg, "undeliverable", "u%05d" % n),
+                      "wb") as f:
+                f.write(registration(n))
+        proc = subprocess.Popen(
+            [sys.executable, JP_IMPORTER, "--status", "-r", h.reg, "-d",
+             h.dump, "-s", h.sandbox], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual(proc.stdout.readline().decode(),
+                         "registration maildir %s\n" % h.reg)
+        proc.stdout.close()
+        errors = proc.stderr.read().decode()
+        proc.stderr.close()
+        self.assertEqual((proc.wait(TIMEOUT), errors), (141, ""))
+        # And a reader gone before the first byte (the output is written
+        # when the run ends).
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            proc = run([sys.executable, JP_IMPORTER, "--version"],
+                       stdout=write_end, stdin=subprocess.DEVNULL)
+        finally:
+            os.close(write_end)
+        self.assertEqual((proc.returncode, proc.stderr), (141, ""))
 
 
 # ---------------------------------------------------------------------------

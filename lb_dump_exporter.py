@@ -86,9 +86,13 @@ JOBID_FIELD = b'DG.JOBID="'
 JOBID_RE = re.compile(r"^https://(\[[^\]\s/]+\]|[^\s/:?\[\]]+)(?::(\d+))?"
                       r"/([^\s?]+)(\?\S*)?$")
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-# A whole ULM line: KEY=VALUE fields, values bare or quoted with \-escapes.
-ULM_LINE_RE = re.compile(rb'(?:[A-Za-z_][A-Za-z0-9_.]*='
-                         rb'(?:"(?:[^"\\]|\\.)*"|[^\s"]*)[ \t]*)*\r?')
+# Balanced quotes: a quoted value ends at the first '"' not escaped by a
+# backslash; outside one a backslash is just a byte (so, without
+# backslashes, an even number of quotes: the fast check).  Each byte can
+# match one way only, so a failing match backtracks in linear time (a
+# pattern for whole KEY=VALUE fields, where a bare value could swallow
+# the next field, took exponential time on a line like a=a=a=...b\").
+BALANCED_RE = re.compile(rb'[^"]*(?:"[^"\\]*(?:\\.[^"\\]*)*"[^"]*)*')
 UNSAFE_NAME_RE = re.compile(r"[^A-Za-z0-9_.-]|^\.")
 
 # ---------------------------------------------------------------------------
@@ -611,7 +615,7 @@ class Exporter:
     def _quotes_ok(line):
         if b"\\" not in line:
             return line.count(b'"') % 2 == 0
-        return ULM_LINE_RE.fullmatch(line) is not None
+        return BALANCED_RE.fullmatch(line) is not None
 
     def _job_of(self, line):
         if b"\0" in line:
@@ -805,7 +809,8 @@ class Exporter:
 
         The rejects file holds, for each bad line, "# line N: reason"
         and then the line itself, byte for byte (`more`: further pieces
-        of an overlong line), so nothing of the input is lost.
+        of an overlong line, written as they come), so nothing of the
+        input is lost.
         """
         self.counts["rejected"] += 1
         try:
@@ -1157,17 +1162,25 @@ def split(exporter, read, data, tick=None):
         number = exporter.lines(number, lines, len(data),
                                 b"\0" not in data and b"\\" not in data)
         if len(carry) > MAX_LINE:
-            # No end in sight: keep it all in the rejects file.
+            # No end in sight: all of it into the rejects file, a block at
+            # a time as it is read (a line of a gigabyte, or a small gzip
+            # of one, costs no gigabyte of memory).
             number += 1
-            pieces, data = [], read()
-            while data and b"\n" not in data:
-                pieces.append(data)
-                data = read()
-            end = data.find(b"\n") if data else 0
-            pieces.append(data[:end])
+            rest = []
+
+            def pieces():
+                piece = read()
+                while piece and b"\n" not in piece:
+                    yield piece
+                    if tick:
+                        tick()
+                    piece = read()
+                end = piece.find(b"\n") if piece else 0
+                yield piece[:end]
+                rest.append(piece[end + 1:])
             exporter.reject(number, carry, "line longer than %d bytes"
-                            % MAX_LINE, pieces)
-            carry, data = b"", data[end + 1:]
+                            % MAX_LINE, pieces())
+            carry, data = b"", rest[0]
             if not data:
                 data = read()
                 if not data:

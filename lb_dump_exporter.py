@@ -229,7 +229,7 @@ def sync_filesystems(paths):
             os.sync()
             return
         call, get_errno = SYNCFS
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             if call(fd) != 0:
                 err = get_errno()
@@ -252,7 +252,7 @@ def sync_paths(paths):
         sync_filesystems(paths)
         return
     for path in paths:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             os.fsync(fd)
         finally:
@@ -286,6 +286,15 @@ def find_syncfs():
     call.argtypes = [ctypes.c_int]
     call.restype = ctypes.c_int
     return call, ctypes.get_errno
+
+
+def made_here(st):
+    """Could the lstat() `st` be of a file the exporter made?  A regular
+    file of ours with one link: not a symbolic link or a hard link to
+    elsewhere, nor another user's file, planted in a shared store to have
+    us write through it or publish it."""
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and \
+        st.st_nlink == 1
 
 
 def unlink_quietly(path):
@@ -435,8 +444,13 @@ class Exporter:
             except OSError as exc:
                 raise Error("cannot recover the cut run of %s: %s"
                             % (journal, exc.strerror))
-        self.journal_fd = os.open(journal, os.O_WRONLY | os.O_APPEND |
-                                  os.O_CREAT, 0o600)
+        # Never through a symbolic link: in the store, files are ours.
+        try:
+            self.journal_fd = os.open(journal, os.O_WRONLY | os.O_APPEND |
+                                      os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise Error("cannot open the journal %s: %s"
+                        % (journal, exc.strerror))
         self.rejects_path = os.path.join(
             self.store, "%s.%s.rejects" % (PROG, self.dump_id))
         unlink_quietly(self.rejects_path)
@@ -452,8 +466,8 @@ class Exporter:
         (seconds, microseconds) of the last batch begun or None, the set
         of voided messages)."""
         entries, complete, batch, voided = {}, False, None, set()
-        with open(self.journal_path(), "r", encoding="utf-8",
-                  errors="replace") as f:
+        fd = os.open(self.journal_path(), os.O_RDONLY | os.O_NOFOLLOW)
+        with open(fd, "r", encoding="utf-8", errors="replace") as f:
             for line in f:
                 if not line.endswith("\n"):
                     continue                  # cut in the middle
@@ -516,7 +530,8 @@ class Exporter:
         """Journal `messages` as never published, and sync that."""
         if not messages:
             return
-        fd = os.open(self.journal_path(), os.O_WRONLY | os.O_APPEND)
+        fd = os.open(self.journal_path(), os.O_WRONLY | os.O_APPEND |
+                     os.O_NOFOLLOW)
         try:
             write_all(fd, "".join("void %s\n" % message
                                   for message in messages).encode("utf-8"))
@@ -669,7 +684,8 @@ class Exporter:
             job.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
                              0o640)
         except FileExistsError:
-            # Seen before in this run: not grouped after all.
+            # Seen before in this run: not grouped after all.  Or planted.
+            self._refuse_planted(path)
             job = self._reopen(jobid, name, path)
         except OSError as exc:
             raise Error("cannot create %s: %s" % (path, exc.strerror))
@@ -678,6 +694,18 @@ class Exporter:
         self.open[name] = job
         self._track(job)
         return job
+
+    @staticmethod
+    def _refuse_planted(path):
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return                # the reopen says what is wrong
+        if stat.S_ISLNK(st.st_mode):
+            raise BadLine("%s is a symbolic link: not followed" % path)
+        if not made_here(st):
+            raise BadLine("%s is not a file the exporter made: left alone"
+                          % path)
 
     def _reopen(self, jobid, name, path):
         if self.mixed:                # a parked job is back
@@ -740,7 +768,7 @@ class Exporter:
 
     def _open_append(self, path):
         try:
-            return os.open(path, os.O_WRONLY | os.O_APPEND)
+            return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
         except OSError as exc:
             raise Error("cannot reopen %s: %s" % (path, exc.strerror))
 
@@ -774,10 +802,12 @@ class Exporter:
         job.fields = []
 
     def _finish_parked(self, finished):
-        """-x, end of input: queue every parked job, found in the store."""
+        """-x, end of input: queue every parked job, found in the store
+        (a file planted there at a job's name is not one)."""
         with os.scandir(self.store) as entries:
             parked = [entry.name[:-len(self.suffix)] for entry in entries
-                      if entry.name.endswith(self.suffix)]
+                      if entry.name.endswith(self.suffix) and
+                      made_here(entry.stat(follow_symlinks=False))]
         for name in parked:
             if name in finished or name in self.announced:
                 continue
@@ -815,8 +845,9 @@ class Exporter:
         self.counts["rejected"] += 1
         try:
             if self.rejects_fd is None:
+                # begin() removed any: one there now was planted.
                 self.rejects_fd = os.open(self.rejects_path, os.O_WRONLY |
-                                          os.O_CREAT | os.O_APPEND, 0o600)
+                                          os.O_CREAT | os.O_EXCL, 0o600)
             write_all(self.rejects_fd, b"# line %d: %s\n%s" % (
                 number, reason.encode("utf-8", "replace"), line))
             for piece in more:

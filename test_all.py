@@ -45,6 +45,7 @@ import termios
 import threading
 import time
 import unittest
+import zlib
 import xml.etree.ElementTree as ET
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -4442,6 +4443,183 @@ class TestOnATerminal(unittest.TestCase):
         finally:
             os.close(write_end)
         self.assertEqual((proc.returncode, proc.stderr), (141, ""))
+
+
+# Prints the largest resident size (KiB) of the command it runs, its only
+# child, when that ends; exits with its status.
+MAXRSS_PROBE = ("import resource, subprocess, sys\n"
+                "status = subprocess.call(sys.argv[1:])\n"
+                "sys.stdout.write('%d' % resource.getrusage("
+                "resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+                "sys.exit(status)\n")
+
+
+class TestExporterHostileInput(unittest.TestCase):
+    """Lines made to hurt the exporter (backtracking, size) and links
+    planted in a shared store: a clear reason, never a hang, a blow-up
+    or a write through the link."""
+
+    def test_hostile_lines_are_rejected_in_linear_time(self):
+        x = ExporterRun(self)
+        table, data = generated_dump(20, per_job=3)
+        lines = data.splitlines(True)
+        own = table[5][0].encode()
+        head = b'DG.JOBID="https://lb.example.org:9000/hostile" '
+        limit = lb_dump_exporter.MAX_LINE
+        hostile = [
+            (head + b"a=" * 60 + b'b\\"', "unbalanced quotes"),
+            # Of the job being written: checked on its fast path first.
+            (b'DG.JOBID="' + own + b'" ' + b"a=" * 60 + b'b\\"',
+             "unbalanced quotes"),
+            (head + b"a=" * 100000 + b'b\\"', "unbalanced quotes"),
+            (head + b"a=b" * 100000 + b'\\"', "unbalanced quotes"),
+            (head + b'a="\\"' * 50000, "unbalanced quotes"),
+            (head + b"a=\\" * 100000 + b'"', "unbalanced quotes"),
+            (head + b'a="x"' * 100000 + b'\\"', "unbalanced quotes"),
+            # As long as a line may be, and one well over it.
+            (head + b"a=" * ((limit - len(head)) // 2 - 2) + b'b\\"',
+             "unbalanced quotes"),
+            (head + b"a=" * (5 * 1024 * 1024) + b'b\\"',
+             "line longer than %d bytes" % limit)]
+        expected = []
+        for i, (line, reason) in enumerate(hostile):
+            at = 6 * i + 2 + (i == 1) * 15         # line 1 inside job 5
+            lines.insert(at, line + b"\n")
+        for line, reason in hostile:
+            expected.append((lines.index(line + b"\n") + 1, reason))
+        dump = x.dump_file(b"".join(lines))
+        try:
+            # A normal run of this takes well under a second.
+            proc = x.run("-d", dump, timeout=60)
+        except subprocess.TimeoutExpired:
+            self.fail("no end after 60s on hostile lines")
+        self.assertEqual(proc.returncode, 1, proc.stderr[-2000:])
+        self.assertEqual(proc.stderr.splitlines()[:-1],
+                         ["%s:%d: %s" % (dump, number, reason)
+                          for number, reason in sorted(expected)])
+        rejects = x.rejects()
+        for (line, _), (number, reason) in zip(hostile, expected):
+            self.assertIn(b"# line %d: %s\n%s\n" % (number, reason.encode(),
+                                                     line), rejects)
+        x.assert_exported(table)
+        # What the line check takes as balanced: escapes only inside
+        # quotes, where they may hide a quote.
+        quotes_ok = lb_dump_exporter.Exporter._quotes_ok
+        for line, ok in ((b'A="x\\"y" B="\\\\"', True),
+                         (b'A=x\\y B="\\"" C=\\', True),
+                         (b'A="x\\" B=1', False), (b'A="\\\\\\"', False),
+                         (b'A=x\\"y B="z"', False), (b'A="x\\', False)):
+            self.assertEqual(quotes_ok(line), ok, line)
+
+    def test_a_huge_line_costs_no_huge_memory(self):
+        # A line of 128 MiB in a 1 MB gzip: rejected whole (the rejects
+        # file keeps it byte for byte), in about the memory of a normal
+        # run, not in 128 MiB more.
+        size = 128 * 1024 * 1024
+        table, data = generated_dump(20, per_job=3)
+        middle = data.index(b"\n", len(data) // 2) + 1
+        head = b'DG.JOBID="https://lb.example.org:9000/huge" X="'
+        huge = head + b"v" * size + b'"'
+        compressor = zlib.compressobj(1, zlib.DEFLATED, 31)
+        packed = [compressor.compress(data[:middle]), compressor.compress(
+            head)]
+        block = b"v" * (1024 * 1024)
+        for _ in range(size // len(block)):
+            packed.append(compressor.compress(block))
+        packed += [compressor.compress(b'"\n' + data[middle:]),
+                   compressor.flush()]
+        peaks = []
+        for dump in (data, b"".join(packed)):
+            x = ExporterRun(self)
+            path = x.dump_file(dump)
+            proc = run([sys.executable, "-c", MAXRSS_PROBE] +
+                       x.args("-d", path))
+            peaks.append(int(proc.stdout) // 1024)
+            x.assert_exported(table)
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        number = data[:middle].count(b"\n") + 1
+        reason = "line longer than %d bytes" % lb_dump_exporter.MAX_LINE
+        self.assertIn("%s:%d: %s\n" % (path, number, reason), proc.stderr)
+        rejects = os.path.join(x.store, [n for n in os.listdir(x.store)
+                                         if n.endswith(".rejects")][0])
+        self.assertEqual(sha256_of(rejects), hashlib.sha256(
+            b"# line %d: %s\n%s\n" % (number, reason.encode(), huge)
+        ).hexdigest())
+        self.assertLess(peaks[1], peaks[0] + 48, "MiB at most: %s" % peaks)
+
+    def plant(self, x, dump, name, target):
+        """A symbolic link at STORE/name, '%s' the dump id of `dump`."""
+        with open(dump, "rb") as f:
+            dump_id = hashlib.sha256(f.read(
+                lb_dump_exporter.FINGERPRINT_BYTES)).hexdigest()[:12]
+        os.makedirs(x.store, 0o750, exist_ok=True)
+        link = os.path.join(x.store, name % dump_id)
+        os.symlink(target, link)
+        return link
+
+    def test_symlinks_planted_in_the_store_are_not_followed(self):
+        victim_data = b"the file the link points at\n"
+        table, data = generated_dump(30, per_job=3, interleave=3)
+        planted = table[4][0].rsplit("/", 1)[1] + ".%s"
+        for options in ((), ("-x",)):
+            x = ExporterRun(self)
+            victim = x.dump_file(victim_data, "victim")
+            dump = x.dump_file(data)
+            links = [self.plant(x, dump, planted, victim),
+                     self.plant(x, dump, "intruder.%s", victim)]
+            proc = x.run("-d", dump, *options)
+            self.assertEqual(proc.returncode, 1, proc.stderr)
+            with open(victim, "rb") as f:
+                self.assertEqual(f.read(), victim_data, options)
+            # The job at the planted name is rejected, line by line; the
+            # link at no job's name is not published (-x publishes the
+            # store's files of the dump).
+            reason = "%s is a symbolic link: not followed" % links[0]
+            self.assertEqual(proc.stderr.count(reason), 3, proc.stderr)
+            self.assertNotIn("Traceback", proc.stderr)
+            for link in links:
+                self.assertTrue(os.path.islink(link))
+                os.unlink(link)
+            x.assert_exported(table[:4] + table[5:])
+        # The journal: the run stops at once, a clear line.
+        x = ExporterRun(self)
+        victim = x.dump_file(victim_data, "victim")
+        dump = x.dump_file(data)
+        for target in (victim, victim + ".new"):
+            link = self.plant(x, dump, ".lb_dump_exporter.%s.journal",
+                              target)
+            proc = x.run("-d", dump)
+            self.assertEqual(proc.returncode, 1)
+            self.assertRegex(proc.stderr, r"^lb_dump_exporter: cannot "
+                             r"(recover the cut run of|open the journal) "
+                             r"%s: .*symbolic links\n$" % re.escape(link))
+            self.assertEqual(x.messages(), {})
+            os.unlink(link)
+        self.assertEqual(read_text(victim).encode(), victim_data)
+        self.assertFalse(os.path.exists(victim + ".new"))
+
+    def test_rejects_file_planted_during_the_run_is_not_followed(self):
+        # The run removes a rejects file left at its name when it begins;
+        # one planted after that is refused, not written through.
+        x = ExporterRun(self)
+        victim = x.dump_file(b"precious\n", "victim")
+        dump = x.dump_file(b"no jobid here\n" + generated_dump(2)[1])
+        exporter_class = lb_dump_exporter.Exporter
+        real_begin = exporter_class.begin
+
+        def begin(exporter, head):
+            fresh = real_begin(exporter, head)
+            os.symlink(victim, exporter.rejects_path)
+            return fresh
+        self.addCleanup(setattr, exporter_class, "begin", real_begin)
+        exporter_class.begin = begin
+        options = lb_dump_exporter.parse_args(
+            ["-q", "-d", dump, "-s", x.store, "-m", x.maildir])
+        with self.assertRaises(lb_dump_exporter.Error) as caught:
+            lb_dump_exporter.export(options, io.StringIO())
+        self.assertRegex(str(caught.exception),
+                         r"^cannot write .*\.rejects: File exists$")
+        self.assertEqual(read_text(victim), "precious\n")
 
 
 # ---------------------------------------------------------------------------

@@ -4481,12 +4481,12 @@ class TestExporterHostileInput(unittest.TestCase):
              "unbalanced quotes"),
             (head + b"a=" * (5 * 1024 * 1024) + b'b\\"',
              "line longer than %d bytes" % limit)]
-        expected = []
-        for i, (line, reason) in enumerate(hostile):
-            at = 6 * i + 2 + (i == 1) * 15         # line 1 inside job 5
+        for i, (line, _) in enumerate(hostile):
+            # Each between good lines; the second inside job 5's.
+            at = lines.index(table[5][1][1]) if i == 1 else 6 * i + 2
             lines.insert(at, line + b"\n")
-        for line, reason in hostile:
-            expected.append((lines.index(line + b"\n") + 1, reason))
+        expected = [(lines.index(line + b"\n") + 1, reason)
+                    for line, reason in hostile]
         dump = x.dump_file(b"".join(lines))
         try:
             # A normal run of this takes well under a second.

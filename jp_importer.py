@@ -55,7 +55,8 @@ and as root /etc/grid-security/hostcert.pem and hostkey.pem.
 Signals: TERM/INT finish the messages in hand and exit 0; HUP reloads the
 credentials and reopens the log file.
 
-Exit status: 0 success, 1 runtime error, 2 usage error.
+Exit status: 0 success, 1 runtime error, 2 usage error, 141 standard
+output closed before all was written (as by `| head -1`).
 Requires only the Python 3.6+ standard library.
 """
 
@@ -3882,6 +3883,23 @@ def run_daemon(o):
             pidfile.remove()
 
 
+def to_stdout(write):
+    """write(sys.stdout), flushed; the exit status: 0, or 141 when the
+    reader has gone (`--status | head -1`), the status the shell gives a
+    command killed by SIGPIPE, with no traceback and no message."""
+    try:
+        write(sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # What is still buffered goes nowhere: the flush at exit would
+        # fail again, and loudly.
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+        return 141
+    return 0
+
+
 def pidfile_owner(pidfile):
     try:
         os.lseek(pidfile.fd, 0, os.SEEK_SET)
@@ -3899,22 +3917,20 @@ def main(argv=None):
         sys.stderr.write("%s: %s\nTry '%s --help'.\n" % (PROG, exc, PROG))
         return 2
     if o.help:
-        usage(sys.stdout)
-        return 0
+        return to_stdout(usage)
     if o.version:
-        sys.stdout.write("%s %s\n" % (PROG, __version__))
-        return 0
+        return to_stdout(lambda out: out.write("%s %s\n"
+                                               % (PROG, __version__)))
     setup_logging(o.logfile)
     try:
         if o.status:
-            print_status(o, sys.stdout)
-            return 0
+            return to_stdout(lambda out: print_status(o, out))
         if o.requeue:
-            for kind, maildir in open_maildirs(o, create=False).items():
-                moved = maildir.requeue_undeliverable()
-                sys.stdout.write("%s: %d message(s) requeued\n"
-                                 % (maildir.root, len(moved)))
-            return 0
+            # All requeued first: a reader gone early stops no requeue.
+            moved = [(maildir.root, len(maildir.requeue_undeliverable()))
+                     for maildir in open_maildirs(o, create=False).values()]
+            return to_stdout(lambda out: out.write("".join(
+                "%s: %d message(s) requeued\n" % m for m in moved)))
         if o.upload:
             path, url = o.args
             credentials = Credentials.from_options(o.cert, o.key,
@@ -3922,10 +3938,10 @@ def main(argv=None):
             started = time.monotonic()
             size = upload(url, path, credentials, o.timeout, dcau=o.dcau,
                           allow_plain=o.allow_plain_ftp)
-            sys.stdout.write("uploaded %d bytes to %s in %.2fs\n"
-                             % (size, public_url(url),
-                                time.monotonic() - started))
-            return 0
+            elapsed = time.monotonic() - started
+            return to_stdout(lambda out: out.write(
+                "uploaded %d bytes to %s in %.2fs\n"
+                % (size, public_url(url), elapsed)))
         return run_daemon(o)
     except (Error, OSError) as exc:
         if isinstance(exc, OSError) and not isinstance(exc, Error):

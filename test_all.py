@@ -18,6 +18,7 @@ import atexit
 import base64
 import contextlib
 import errno
+import fcntl
 import ftplib
 import gzip
 import hashlib
@@ -25,9 +26,11 @@ import http.server
 import io
 import logging
 import os
+import pty
 import queue
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -38,9 +41,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import termios
 import threading
 import time
 import unittest
+import zlib
 import xml.etree.ElementTree as ET
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -4852,6 +4857,368 @@ class TestDumpExporter(unittest.TestCase):
         proc = run(x.args("-q", "-x", "-d", dump))
         self.assertEqual(proc.returncode, 0, proc.stderr)
         x.assert_exported(table)
+
+
+def run_on_terminal(cmd, stdin=None, timeout=TIMEOUT, **kwargs):
+    """Run `cmd` as from an admin's shell: a pseudo-terminal is its
+    controlling terminal and its stdin (unless `stdin` is given), stdout
+    and stderr.  (exit status, all it wrote, as text)."""
+    master, slave = pty.openpty()
+
+    def take_terminal():
+        fcntl.ioctl(0 if stdin is None else 1, termios.TIOCSCTTY, 0)
+    try:
+        proc = subprocess.Popen(
+            cmd, stdin=slave if stdin is None else stdin, stdout=slave,
+            stderr=slave, start_new_session=True, preexec_fn=take_terminal,
+            **kwargs)
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("%s: no end after %.0fs; it wrote %r"
+                                     % (cmd, timeout, b"".join(chunks)))
+            if not select.select([master], [], [], left)[0]:
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError as exc:
+                # Linux: EIO once no descriptor of the terminal is open.
+                if exc.errno != errno.EIO:
+                    raise
+                break
+            if not data:
+                break
+            chunks.append(data)
+        status = proc.wait(max(deadline - time.monotonic(), 1))
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return status, b"".join(chunks).decode("utf-8", "replace")
+
+
+def run_from_cron(cmd, **kwargs):
+    """Run `cmd` as cron does: no terminal, stdin /dev/null, output into
+    pipes; the CompletedProcess with bytes (a "\\r" stays one)."""
+    return run(cmd, stdin=subprocess.DEVNULL, universal_newlines=False,
+               **kwargs)
+
+
+# The exporter's progress line, on a terminal only, and its summary line.
+PROGRESS_RE = r"\r\d+ MB( of \d+ MB \(\d+%%\))?, %d jobs, \d+ MB/s "
+SUMMARY = "%d job(s) exported from %s in "
+
+
+class TestOnATerminal(unittest.TestCase):
+    """Each tool as an admin runs it on a terminal (its progress display
+    and all), and as cron runs it (no terminal): no traceback either way."""
+
+    def assert_clean(self, status, output, expected=0):
+        self.assertEqual(status, expected, output)
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("Exception ignored", output)
+
+    def test_exporter_on_a_terminal(self):
+        table, data = generated_dump(2000, per_job=3)
+        for compress, from_stdin in ((False, False), (True, False),
+                                     (False, True)):
+            x = ExporterRun(self)
+            dump = x.dump_file(gzip.compress(data) if compress else data)
+            if from_stdin:
+                with open(dump, "rb") as f:
+                    status, output = run_on_terminal(x.args(), stdin=f)
+                source = "<stdin>"
+            else:
+                status, output = run_on_terminal(x.args("-d", dump))
+                source = dump
+            self.assert_clean(status, output)
+            self.assertRegex(output, PROGRESS_RE % len(table))
+            if not from_stdin:
+                self.assertRegex(output, r" of \d+ MB \(100%\), ")
+            self.assertIn(SUMMARY % (len(table), source), output)
+            x.assert_exported(table)
+
+    def test_exporter_from_cron(self):
+        table, data = generated_dump(2000, per_job=3)
+        x = ExporterRun(self)
+        dump = x.dump_file(data)
+        proc = run_from_cron(x.args("-d", dump))
+        self.assert_clean(proc.returncode, proc.stderr.decode())
+        self.assertEqual(proc.stdout, b"")
+        self.assertNotIn(b"\r", proc.stderr)            # no progress line
+        self.assertIn((SUMMARY % (len(table), dump)).encode(), proc.stderr)
+        x.assert_exported(table)
+        # -q on a terminal: neither progress nor summary.
+        x = ExporterRun(self)
+        status, output = run_on_terminal(x.args("-q", "-d", dump))
+        self.assertEqual((status, output), (0, ""))
+        x.assert_exported(table)
+
+    def test_upload_files_on_a_terminal_and_from_cron(self):
+        work = tempfile.mkdtemp(prefix="jp-upload-files-test-")
+        self.addCleanup(shutil.rmtree, work, True)
+        payload, proxy = (os.path.join(work, name) for name in
+                          ("stdout.txt", "x509up_u500"))
+        for path in (payload, proxy):
+            with open(path, "wb") as f:
+                f.write(b"Hello, grid\n")
+        for number, how in enumerate(("terminal", "cron")):
+            maildir = os.path.join(work, "jpsandbox%d" % number)
+            cmd = [sys.executable, JP_UPLOAD_FILES, "-j",
+                   "https://lb.example.org/job%d" % number, "-m", maildir,
+                   "-p", proxy, payload]
+            if how == "terminal":
+                status, output = run_on_terminal(cmd)
+            else:
+                proc = run_from_cron(cmd)
+                status, output = proc.returncode, (proc.stdout +
+                                                   proc.stderr).decode()
+            self.assertEqual((status, output), (0, ""), how)    # silent
+            self.assertEqual(len(listing(maildir, "new")), 1, how)
+            status, output = run_on_terminal(
+                [sys.executable, JP_UPLOAD_FILES, "--help"])
+            self.assert_clean(status, output)
+            self.assertIn("Usage: jp_upload_files", output)
+
+    def test_importer_on_a_terminal_and_from_cron(self):
+        h = ImporterHarness(self)
+        maildirs = ["-r", h.reg, "-d", h.dump, "-s", h.sandbox]
+        for number, how in enumerate(("terminal", "cron")):
+            drop_message(h.reg, registration(number))
+            for args, text in ((["--help"], "Usage:"),
+                               (["--version"], "jp_importer "),
+                               (["--status"] + maildirs,
+                                "registration maildir %s\n  new 1 " % h.reg),
+                               (["--once"] + h.args(),
+                                "lb.example.org:9000/job%05d" % number)):
+                cmd = [sys.executable, JP_IMPORTER] + args
+                if how == "terminal":
+                    status, output = run_on_terminal(cmd)
+                    output = output.replace("\r\n", "\n")
+                else:
+                    proc = run_from_cron(cmd)
+                    status, output = proc.returncode, (
+                        proc.stdout + proc.stderr).decode()
+                self.assert_clean(status, output)
+                self.assertIn(text, output, (how, args))
+            self.assertEqual(listing(h.reg, "new"), [])
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 2)
+
+    def test_importer_output_into_a_pipe_closed_early(self):
+        # `jp_importer.py --status | head -1` with more to say than a pipe
+        # holds: the reader is gone before the end.  No "Broken pipe", no
+        # traceback; 141, as the shell says of a command killed by SIGPIPE.
+        h = ImporterHarness(self)
+        for n in range(3000):
+            with open(os.path.join(h.reg, "undeliverable", "u%05d" % n),
+                      "wb") as f:
+                f.write(registration(n))
+        proc = subprocess.Popen(
+            [sys.executable, JP_IMPORTER, "--status", "-r", h.reg, "-d",
+             h.dump, "-s", h.sandbox], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual(proc.stdout.readline().decode(),
+                         "registration maildir %s\n" % h.reg)
+        proc.stdout.close()
+        errors = proc.stderr.read().decode()
+        proc.stderr.close()
+        self.assertEqual((proc.wait(TIMEOUT), errors), (141, ""))
+        # And a reader gone before the first byte (the output is written
+        # when the run ends).
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            proc = run([sys.executable, JP_IMPORTER, "--version"],
+                       stdout=write_end, stdin=subprocess.DEVNULL)
+        finally:
+            os.close(write_end)
+        self.assertEqual((proc.returncode, proc.stderr), (141, ""))
+
+
+# Prints the largest resident size (KiB) of the command it runs, its only
+# child, when that ends; exits with its status.
+MAXRSS_PROBE = ("import resource, subprocess, sys\n"
+                "status = subprocess.call(sys.argv[1:])\n"
+                "sys.stdout.write('%d' % resource.getrusage("
+                "resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+                "sys.exit(status)\n")
+
+
+class TestExporterHostileInput(unittest.TestCase):
+    """Lines made to hurt the exporter (backtracking, size) and links
+    planted in a shared store: a clear reason, never a hang, a blow-up
+    or a write through the link."""
+
+    def test_hostile_lines_are_rejected_in_linear_time(self):
+        x = ExporterRun(self)
+        table, data = generated_dump(20, per_job=3)
+        lines = data.splitlines(True)
+        own = table[5][0].encode()
+        head = b'DG.JOBID="https://lb.example.org:9000/hostile" '
+        limit = lb_dump_exporter.MAX_LINE
+        hostile = [
+            (head + b"a=" * 60 + b'b\\"', "unbalanced quotes"),
+            # Of the job being written: checked on its fast path first.
+            (b'DG.JOBID="' + own + b'" ' + b"a=" * 60 + b'b\\"',
+             "unbalanced quotes"),
+            (head + b"a=" * 100000 + b'b\\"', "unbalanced quotes"),
+            (head + b"a=b" * 100000 + b'\\"', "unbalanced quotes"),
+            (head + b'a="\\"' * 50000, "unbalanced quotes"),
+            (head + b"a=\\" * 100000 + b'"', "unbalanced quotes"),
+            (head + b'a="x"' * 100000 + b'\\"', "unbalanced quotes"),
+            # As long as a line may be, and one well over it.
+            (head + b"a=" * ((limit - len(head)) // 2 - 2) + b'b\\"',
+             "unbalanced quotes"),
+            (head + b"a=" * (5 * 1024 * 1024) + b'b\\"',
+             "line longer than %d bytes" % limit)]
+        for i, (line, _) in enumerate(hostile):
+            # Each between good lines; the second inside job 5's.
+            at = lines.index(table[5][1][1]) if i == 1 else 6 * i + 2
+            lines.insert(at, line + b"\n")
+        expected = [(lines.index(line + b"\n") + 1, reason)
+                    for line, reason in hostile]
+        dump = x.dump_file(b"".join(lines))
+        try:
+            # A normal run of this takes well under a second.
+            proc = x.run("-d", dump, timeout=60)
+        except subprocess.TimeoutExpired:
+            self.fail("no end after 60s on hostile lines")
+        self.assertEqual(proc.returncode, 1, proc.stderr[-2000:])
+        self.assertEqual(proc.stderr.splitlines()[:-1],
+                         ["%s:%d: %s" % (dump, number, reason)
+                          for number, reason in sorted(expected)])
+        rejects = x.rejects()
+        for (line, _), (number, reason) in zip(hostile, expected):
+            self.assertIn(b"# line %d: %s\n%s\n" % (number, reason.encode(),
+                                                     line), rejects)
+        x.assert_exported(table)
+        # What the line check takes as balanced: escapes only inside
+        # quotes, where they may hide a quote.
+        quotes_ok = lb_dump_exporter.Exporter._quotes_ok
+        for line, ok in ((b'A="x\\"y" B="\\\\"', True),
+                         (b'A=x\\y B="\\"" C=\\', True),
+                         (b'A="x\\" B=1', False), (b'A="\\\\\\"', False),
+                         (b'A=x\\"y B="z"', False), (b'A="x\\', False)):
+            self.assertEqual(quotes_ok(line), ok, line)
+
+    def test_a_huge_line_costs_no_huge_memory(self):
+        # A line of 128 MiB in a 1 MB gzip: rejected whole (the rejects
+        # file keeps it byte for byte), in about the memory of a normal
+        # run, not in 128 MiB more.
+        size = 128 * 1024 * 1024
+        table, data = generated_dump(20, per_job=3)
+        middle = data.index(b"\n", len(data) // 2) + 1
+        head = b'DG.JOBID="https://lb.example.org:9000/huge" X="'
+        huge = head + b"v" * size + b'"'
+        compressor = zlib.compressobj(1, zlib.DEFLATED, 31)
+        packed = [compressor.compress(data[:middle]), compressor.compress(
+            head)]
+        block = b"v" * (1024 * 1024)
+        for _ in range(size // len(block)):
+            packed.append(compressor.compress(block))
+        packed += [compressor.compress(b'"\n' + data[middle:]),
+                   compressor.flush()]
+        peaks = []
+        for dump in (data, b"".join(packed)):
+            x = ExporterRun(self)
+            path = x.dump_file(dump)
+            proc = run([sys.executable, "-c", MAXRSS_PROBE] +
+                       x.args("-d", path))
+            peaks.append(int(proc.stdout) // 1024)
+            x.assert_exported(table)
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        number = data[:middle].count(b"\n") + 1
+        reason = "line longer than %d bytes" % lb_dump_exporter.MAX_LINE
+        self.assertIn("%s:%d: %s\n" % (path, number, reason), proc.stderr)
+        rejects = os.path.join(x.store, [n for n in os.listdir(x.store)
+                                         if n.endswith(".rejects")][0])
+        self.assertEqual(sha256_of(rejects), hashlib.sha256(
+            b"# line %d: %s\n%s\n" % (number, reason.encode(), huge)
+        ).hexdigest())
+        self.assertLess(peaks[1], peaks[0] + 48, "MiB at most: %s" % peaks)
+
+    def plant(self, x, dump, name, target):
+        """A symbolic link at STORE/name, '%s' the dump id of `dump`."""
+        with open(dump, "rb") as f:
+            dump_id = hashlib.sha256(f.read(
+                lb_dump_exporter.FINGERPRINT_BYTES)).hexdigest()[:12]
+        os.makedirs(x.store, 0o750, exist_ok=True)
+        link = os.path.join(x.store, name % dump_id)
+        os.symlink(target, link)
+        return link
+
+    def test_symlinks_planted_in_the_store_are_not_followed(self):
+        victim_data = b"the file the link points at\n"
+        table, data = generated_dump(30, per_job=3, interleave=3)
+        planted = table[4][0].rsplit("/", 1)[1] + ".%s"
+        for options in ((), ("-x",)):
+            x = ExporterRun(self)
+            victim = x.dump_file(victim_data, "victim")
+            dump = x.dump_file(data)
+            links = [self.plant(x, dump, planted, victim),
+                     self.plant(x, dump, "intruder.%s", victim)]
+            proc = x.run("-d", dump, *options)
+            self.assertEqual(proc.returncode, 1, proc.stderr)
+            with open(victim, "rb") as f:
+                self.assertEqual(f.read(), victim_data, options)
+            # The job at the planted name is rejected, line by line; the
+            # link at no job's name is not published (-x publishes the
+            # store's files of the dump).
+            reason = "%s is a symbolic link: not followed" % links[0]
+            self.assertEqual(proc.stderr.count(reason), 3, proc.stderr)
+            self.assertNotIn("Traceback", proc.stderr)
+            for link in links:
+                self.assertTrue(os.path.islink(link))
+                os.unlink(link)
+            x.assert_exported(table[:4] + table[5:])
+        # The journal: the run stops at once, a clear line.
+        x = ExporterRun(self)
+        victim = x.dump_file(victim_data, "victim")
+        dump = x.dump_file(data)
+        for target in (victim, victim + ".new"):
+            link = self.plant(x, dump, ".lb_dump_exporter.%s.journal",
+                              target)
+            proc = x.run("-d", dump)
+            self.assertEqual(proc.returncode, 1)
+            self.assertRegex(proc.stderr, r"^lb_dump_exporter: cannot "
+                             r"(recover the cut run of|open the journal) "
+                             r"%s: .*symbolic links\n$" % re.escape(link))
+            self.assertEqual(x.messages(), {})
+            os.unlink(link)
+        self.assertEqual(read_text(victim).encode(), victim_data)
+        self.assertFalse(os.path.exists(victim + ".new"))
+
+    def test_rejects_file_planted_during_the_run_is_not_followed(self):
+        # The run removes a rejects file left at its name when it begins;
+        # one planted after that is refused, not written through.
+        x = ExporterRun(self)
+        victim = x.dump_file(b"precious\n", "victim")
+        dump = x.dump_file(b"no jobid here\n" + generated_dump(2)[1])
+        exporter_class = lb_dump_exporter.Exporter
+        real_begin = exporter_class.begin
+
+        def begin(exporter, head):
+            fresh = real_begin(exporter, head)
+            os.symlink(victim, exporter.rejects_path)
+            return fresh
+        self.addCleanup(setattr, exporter_class, "begin", real_begin)
+        exporter_class.begin = begin
+        options = lb_dump_exporter.parse_args(
+            ["-q", "-d", dump, "-s", x.store, "-m", x.maildir])
+        with self.assertRaises(lb_dump_exporter.Error) as caught:
+            lb_dump_exporter.export(options, io.StringIO())
+        self.assertRegex(str(caught.exception),
+                         r"^cannot write .*\.rejects: File exists$")
+        self.assertEqual(read_text(victim), "precious\n")
 
 
 # ---------------------------------------------------------------------------

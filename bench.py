@@ -244,7 +244,7 @@ def bench_registrations(table, quick, runs):
 # 2. Dump splitting
 # ---------------------------------------------------------------------------
 
-DUMP_TEMPLATE = os.path.join(test_all.REFERENCE, "samples", "job_template")
+DUMP_TEMPLATE = os.path.join(test_all.TESTDATA, "samples", "job_template")
 AWK_SPLIT = r'''
 match($0, /DG\.JOBID="[^"]*"/) {
     f = substr($0, RSTART + 10, RLENGTH - 11); gsub(/[^A-Za-z0-9_-]/, "_", f)

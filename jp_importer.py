@@ -62,7 +62,8 @@ as root $X509_USER_PROXY, $X509_USER_CERT/$X509_USER_KEY,
 Signals: TERM/INT finish the messages in hand and exit 0; HUP reloads the
 credentials and reopens the log file.
 
-Exit status: 0 success, 1 runtime error, 2 usage error.
+Exit status: 0 success, 1 runtime error, 2 usage error, 141 standard
+output closed before all was written (as by `| head -1`).
 Requires only the Python 3.6+ standard library.
 """
 
@@ -130,6 +131,10 @@ COMMIT_BEFORE = 1000        # seconds asked for in StartUpload (ignored by
                             # the JPPS, sent as the original did)
 RESTART_BACKOFF_MAX = 60.0  # a crashing worker is restarted at most this
                             # slowly, never in a tight fork loop
+ORIGINAL_IMPORTER = "glite-jp-importer"     # the C daemon we replace
+ORIGINAL_BUSY = 1200.0      # after 15 min the original's attempt cannot
+                            # succeed any more: a dump's four calls of 120 s,
+                            # an upload the JPPS drops after 300 s, a commit
 
 SUBDIRS = ("tmp", "new", "work", "post", "undeliverable")
 STATE_DIR = "state"         # ours: per-message attempts, errors, reasons
@@ -253,6 +258,27 @@ def one_line(text, limit=MAX_REASON):
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+# What a log line or --status must not show raw, since a message name, a DN
+# or a server's text could carry it: C0 and C1 control characters and DEL
+# (a forged line, a terminal escape), and the lone surrogates that stand
+# for the undecodable bytes of a file name (unwritable as UTF-8).
+UNPRINTABLE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match):
+    code = ord(match.group())
+    if 0xdc80 <= code <= 0xdcff:            # surrogateescape: the byte
+        code -= 0xdc00
+    return _ESCAPES.get(chr(code)) or (
+        "\\x%02x" % code if code < 0x100 else "\\u%04x" % code)
+
+
+def printable(text):
+    """`text` with those characters as visible escapes: \\n, \\x1b, \\xff."""
+    return UNPRINTABLE_RE.sub(_escape, text)
+
+
 URL_PASSWORD_RE = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://[^/@:]*):[^/@]*@")
 
 
@@ -319,7 +345,7 @@ JOBID_RE = re.compile(r"^https://(\[[^\]\s/]+\]|[^\s/:?\[\]]+)(?::(\d+))?"
 
 
 def parse_jobid(text):
-    """Parse an LB jobid as the original (SPEC 2.5); return the normal form.
+    """Parse an LB jobid as the original did; return the normal form.
 
     https://host[:port]/unique[?info], port 9000 when absent.  Raises
     ValueError with the reason.
@@ -1005,7 +1031,7 @@ class JPPSClient:
             self.close()
         return resp.status, b"".join(chunks)
 
-    # -- operations (SPEC 5.2) --------------------------------------------
+    # -- operations --------------------------------------------------------
 
     def register_job(self, job, owner):
         self.call("RegisterJob", "<job>%s</job><owner>%s</owner>"
@@ -1062,7 +1088,85 @@ class JPPSClient:
 # taken has no owner, and whoever takes the lock delivers it.  This works
 # for any number of workers and importer instances on one machine.
 
+#
+# The original importer takes no lock: a message it works on lies in work/
+# unlocked, like one a worker of ours left when it died.  It reads the
+# message and closes it before its calls, so no open descriptor betrays it
+# either.  What does is a running process of that name whose options (or
+# defaults) name the maildir: while there is one, an unlocked message
+# younger than ORIGINAL_BUSY in work/ is left to it.
+
+ORIGINAL_SHORTOPTS = "hgp:r:d:D:s:i:t:c:k:C:K:"
+ORIGINAL_LONGOPTS = ["help", "cert=", "key=", "CAdir=", "debug", "jpps=",
+                     "reg-mdir=", "dump-mdir=", "dump-slaves=",
+                     "sandbox-mdir=", "pidfile=", "poll=", "store=",
+                     "perf-sink="]
+ORIGINAL_MAILDIR_OPTS = {"-r": 0, "--reg-mdir": 0, "-d": 1, "--dump-mdir": 1,
+                         "-s": 2, "--sandbox-mdir": 2}
+
+
+def original_importers(root):
+    """Pids of running original importers that watch maildir `root`.
+
+    Best effort, from /proc.  One whose options or working directory we
+    cannot read counts as watching it: waiting longer is the safe error.
+    """
+    root = os.path.realpath(root)
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    pids = []
+    for pid in entries:
+        if not pid.isdigit():
+            continue
+        try:
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                argv = [os.fsdecode(a) for a in f.read().split(b"\0")]
+        except OSError:
+            continue
+        if not os.path.basename(argv[0]).endswith(ORIGINAL_IMPORTER):
+            continue
+        maildirs = _original_maildirs(pid, argv[1:-1] if argv[-1] == ""
+                                      else argv[1:])
+        if maildirs is None or root in maildirs:
+            pids.append(int(pid))
+    return pids
+
+
+def _original_maildirs(pid, args):
+    """The maildirs an original importer with `args` watches, or None."""
+    maildirs = [DEFAULT_REG_MDIR, DEFAULT_DUMP_MDIR, DEFAULT_SANDBOX_MDIR]
+    try:
+        opts = getopt.gnu_getopt(args, ORIGINAL_SHORTOPTS,
+                                 ORIGINAL_LONGOPTS)[0]
+        cwd = os.readlink("/proc/%s/cwd" % pid)
+    except (getopt.GetoptError, OSError):
+        return None
+    for opt, arg in opts:
+        if opt in ORIGINAL_MAILDIR_OPTS:
+            maildirs[ORIGINAL_MAILDIR_OPTS[opt]] = arg
+    return set(os.path.realpath(os.path.join(cwd, d)) for d in maildirs)
+
+
 NAME_ORDER_RE = re.compile(r"^(\d+)_(\d+)\.")
+
+
+# An open() failing so means this entry can never be read as a message
+# (a socket, a device, a file we may not read), not a maildir in trouble.
+NOT_A_MESSAGE_ERRNOS = (errno.ELOOP, errno.ENXIO, errno.ENODEV, errno.EACCES,
+                        errno.EPERM, errno.EISDIR, errno.EOVERFLOW)
+
+
+def _file_kind(mode):
+    for test, kind in ((stat.S_ISLNK, "a symbolic link"),
+                       (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "of an unknown type"
 
 
 def _name_order(name):
@@ -1116,7 +1220,10 @@ class Maildir:
         """Create missing subdirectories (0700) and check them all."""
         for directory in [self.root] + [self.paths[s]
                                         for s in SUBDIRS + (STATE_DIR,)]:
-            if create and not os.path.lexists(directory):
+            # state/ is ours: a maildir only the original used has none,
+            # and --requeue must record there the fresh give-up clock.
+            if (create or directory == self.paths[STATE_DIR]) and \
+                    not os.path.lexists(directory):
                 try:
                     os.mkdir(directory, 0o700)
                 except OSError as exc:
@@ -1171,16 +1278,25 @@ class Maildir:
         """
         source = self.path(sub, name)
         try:
-            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            # Never blocks on a FIFO, follows a symlink or takes a terminal.
+            fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_NOCTTY)
         except OSError as exc:
-            if exc.errno in (errno.ENOENT,):
+            if exc.errno == errno.ENOENT:
                 return None
-            if exc.errno == errno.ELOOP:
-                return self._quarantine_symlink(sub, name)
+            if exc.errno in NOT_A_MESSAGE_ERRNOS:
+                return self._quarantine(sub, name, exc)
             raise
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not stat.S_ISREG(st.st_mode):        # a FIFO, a directory ...
+            os.close(fd)
+            return self._quarantine(sub, name)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if sub != "work":
                 # Everyone locks before renaming, so holding the lock while
                 # the name still exists in new/ or post/ makes it ours.
@@ -1197,21 +1313,53 @@ class Maildir:
             raise
         return Message(self, name, fd, st, sub, has_state)
 
-    def _quarantine_symlink(self, sub, name):
-        """A symlink in the spool is never followed: it goes aside."""
+    def _quarantine(self, sub, name, error=None):
+        """What is no message file goes aside, never in the queue's way.
+
+        A symlink (never followed), socket, FIFO, directory or device, or a
+        file we may not read (`error`): renamed as it is to undeliverable/
+        (under a new name if that one is taken there), the reason in
+        state/.  Returns None: nothing to deliver.
+        """
+        source = self.path(sub, name)
         try:
-            os.rename(self.path(sub, name), self.path("undeliverable", name))
+            st = os.lstat(source)
         except FileNotFoundError:
             return None
-        self.write_state(name, {"reason": "message file is a symbolic link; "
-                                "not followed", "gave_up": str(time.time())})
-        log.error("%s: %s/%s is a symbolic link; moved to undeliverable/",
-                  self.root, sub, name)
+        if stat.S_ISLNK(st.st_mode):
+            reason = "message file is a symbolic link; not followed"
+        elif not stat.S_ISREG(st.st_mode):
+            reason = ("message file is %s, not a regular file"
+                      % _file_kind(st.st_mode))
+        elif error is not None:
+            reason = "message file cannot be read: %s" % error.strerror
+        else:
+            return None         # replaced by a file since: claimed next pass
+        target = name
+        if os.path.lexists(self.path("undeliverable", name)):
+            target = "%s.%d.%d" % (name, time.time() * 1e6, os.getpid())
+        self.write_state(target, {"reason": reason,
+                                  "gave_up": str(time.time())})
+        try:
+            os.rename(source, self.path("undeliverable", target))
+        except FileNotFoundError:       # another worker put it aside first
+            if target != name:
+                self.remove_state(target)
+            return None
+        try:                            # a link left in tmp/ by --requeue
+            left = os.lstat(self.path("tmp", name))
+            if (left.st_dev, left.st_ino) == (st.st_dev, st.st_ino):
+                unlink_quietly(self.path("tmp", name))
+        except FileNotFoundError:
+            pass
+        log.error("%s: %s/%s: %s; moved to undeliverable/%s",
+                  self.root, sub, name, reason,
+                  "" if target == name else target)
         return None
 
-    def next_retry(self, name, default_retry):
+    def next_retry(self, name, default_retry, state=None):
         """When a postponed message is due; None when it is gone."""
-        state = self.read_state(name)
+        state = self.read_state(name) if state is None else state
         try:
             return float(state["next_retry"])
         except (KeyError, ValueError):
@@ -1225,7 +1373,7 @@ class Maildir:
     # -- housekeeping -------------------------------------------------------
 
     def requeue_stale_tmp(self, age=STALE_TMP_AGE, now=None):
-        """Queue again master copies left alone in tmp/ (B-M2).
+        """Queue again master copies left in tmp/ (the original never did).
 
         A file in tmp/ with no other link, older than `age`, was left by a
         writer or an importer that died between two steps.  It is linked
@@ -1330,8 +1478,12 @@ class Maildir:
             moved.append(name)
         return moved
 
-    def status(self, now=None):
-        """A dict describing the maildir, for --status."""
+    def status(self, default_retry, now=None):
+        """A dict describing the maildir, for --status.
+
+        default_retry: the retry delay of a message the original importer
+        postponed (it has no state file), as the workers apply it.
+        """
         now = time.time() if now is None else now
         info = {"root": self.root, "counts": {}, "oldest": None,
                 "next_retry": None, "undeliverable": []}
@@ -1348,7 +1500,9 @@ class Maildir:
                     info["oldest"] = mtime
                 state = self.read_state(name)
                 if sub == "post":
-                    retry = float(state.get("next_retry", mtime))
+                    retry = self.next_retry(name, default_retry, state)
+                    if retry is None:
+                        continue
                     if info["next_retry"] is None or \
                             retry < info["next_retry"]:
                         info["next_retry"] = retry
@@ -1362,11 +1516,19 @@ class Maildir:
 
     @staticmethod
     def _peek_jobid(path):
-        try:
-            with open(path, "rb") as f:
-                data = f.read(4096).decode("utf-8", "replace")
+        try:                    # what is put aside may be a FIFO or a link
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_NOCTTY)
         except OSError:
             return "?"
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return "?"
+            data = os.read(fd, 4096).decode("utf-8", "replace")
+        except OSError:
+            return "?"
+        finally:
+            os.close(fd)
         for line in data.split("\n"):
             words = line.split(None, 1)
             if len(words) == 2 and words[0] == "jobid":
@@ -1527,6 +1689,11 @@ def parse_registration(data):
         raise MalformedMessage("registration owner spans several lines")
     if not owner.strip():
         raise MalformedMessage("registration without an owner")
+    if CONTROL_RE.search(owner):
+        # No DN has one, and XML cannot carry it: the JPPS refused the
+        # request on every retry, for days.
+        raise MalformedMessage("registration owner %r has a control "
+                               "character" % owner[:200])
     return _valid_jobid(jobid.rstrip("\r")), owner
 
 
@@ -1534,7 +1701,7 @@ ORIGINAL_EXPORTER_JPPS_BUG = re.compile(r"^(/.*?)jpps {3}([^\s/]+:\d+)$")
 
 
 def parse_keyed(data):
-    """The keys of a dump or sandbox message (SPEC 2.4), as a dict.
+    """The keys of a dump or sandbox message, as a dict.
 
     Lines "key<blanks>value": the exporter's padded keys ("jobid  X"),
     tabs ("jobid\\tX") or single spaces; the value is the rest of the line
@@ -1562,8 +1729,8 @@ def parse_keyed(data):
             raise MalformedMessage("no %r line" % key)
     broken = ORIGINAL_EXPORTER_JPPS_BUG.match(fields["file"])
     if broken and "jpps" not in fields:
-        # The original exporter's -j forgot the newline before "jpps"
-        # (B-X1); its three-space padding makes the repair unambiguous.
+        # The original exporter's -j forgot the newline before "jpps";
+        # its three-space padding makes the repair unambiguous.
         fields["file"], fields["jpps"] = broken.groups()
     fields["jobid"] = _valid_jobid(fields["jobid"])
     if not os.path.isabs(fields["file"]):
@@ -1608,10 +1775,10 @@ def dump_owner(source):
 # blocks), and the open file is checked: a regular file, one link, owned by
 # the writer of the message, who is us unless --allow-shared-dirs.  The
 # upload reads from that descriptor, so nothing swapped in after the check
-# is ever read.  The file must also be the message writer's own, and belong
-# to its queue (check_belongs).  The layouts of the original tools pass: the exporter's
-# store (/tmp or any private directory), the upload tool's
-# /tmp/jpimporter_<pid>_<time>.tar, our sandbox spool.
+# is ever read.  The file must also belong to its queue (check_belongs).
+# The layouts of the original tools pass: the exporter's store (/tmp or any
+# private directory), the upload tool's /tmp/jpimporter_<pid>_<time>.tar,
+# our sandbox spool.
 
 MAX_SYMLINKS = 40                       # as the kernel's path walk allows
 OPEN_FILE_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) |
@@ -1812,6 +1979,13 @@ class _SourceFile:
     def __exit__(self, *exc_info):
         if self.opened is not None:
             self.opened.close()
+
+
+def _rewind(source):
+    """Every attempt sends from byte 0 (a pipe, for --upload, cannot be
+    rewound: it is sent as it comes)."""
+    if source.seekable():
+        source.seek(0)
 
 
 class _Deadline:
@@ -2115,7 +2289,7 @@ def _ftp_overrun(where, limit, size):
 def _ftp_store(ftp, target, source):
     """STOR `source` as `target` from its first byte; the bytes sent."""
     sent = 0
-    source.seek(0)
+    _rewind(source)
     conn = ftp.transfercmd("STOR " + target)
     try:
         while True:
@@ -2157,7 +2331,7 @@ def _ftp_check_size(ftp, target, sent, where):
 # -- gsiftp:// (GridFTP with GSI)
 #
 # The control channel is authenticated with GSI as the Globus server does
-# it (PEERS.md): AUTH GSSAPI, then TLS handshake records carried base64 in
+# it: AUTH GSSAPI, then TLS handshake records carried base64 in
 # ADAT commands and 335 replies, driven here through ssl.MemoryBIO; after
 # the handshake a 0x00 byte from the server (TLS 1.3) and our delegation
 # flag.  From then on every command travels as one TLS record in ENC and
@@ -2678,7 +2852,7 @@ def _gsiftp_put(host, port, target, source, credentials, timeout, dcau,
                 prot, where, lifetime):
     """One GridFTP upload attempt with a fixed DCAU mode, from byte 0;
     with A, a proxy valid `lifetime` seconds is delegated."""
-    source.seek(0)
+    _rewind(source)
     control = data = None
     try:
         control = _GSIControl(host, port, credentials.client_context(),
@@ -2705,8 +2879,8 @@ def _gsiftp_put(host, port, target, source, credentials, timeout, dcau,
             raise
         sent = 0
         if dcau == "A":
-            # The server answers STOR only after the data channel
-            # handshake (PEERS.md): send it, shake hands, then read.
+            # The Globus server answers STOR only after the data
+            # channel handshake: send it, shake hands, then read.
             control.tls.write(("STOR %s\r\n" % target).encode("utf-8"))
             control._send_line("ENC " + base64.b64encode(
                 control.outgoing.read()).decode("ascii"))
@@ -2804,6 +2978,7 @@ class Worker:
         # due; saves re-reading every state file of a big backlog in post/
         # on every pass.  Retry times only move later, so it stays true.
         self.not_before = {}
+        self.left_alone = {}    # work/ name -> when the original is done
         self.stop_requested = False
         self.reload_requested = False
         self.file_directories = file_directories(options)
@@ -2859,6 +3034,9 @@ class Worker:
             # of new/, has them all: no open() per fresh message.
             with_state = (set(self.maildir.names(STATE_DIR))
                           if sub == "new" else None)
+            if sub == "work":
+                for gone in set(self.left_alone).difference(names):
+                    del self.left_alone[gone]
             for name in names:
                 if self.reload_requested:
                     self.reload_requested = False
@@ -2870,9 +3048,10 @@ class Worker:
                     continue
                 if sub == "post" and not self._due(name):
                     continue
-                if sub == "work" and \
-                        self.not_before.get(name, 0) > time.time():
-                    continue                # set aside by _set_aside()
+                if sub == "work" and max(self.not_before.get(name, 0),
+                                         self.left_alone.get(name, 0)) \
+                        > time.time():
+                    continue    # set aside by _set_aside() or _abandoned()
                 try:
                     msg = self.maildir.claim(
                         sub, name, with_state is None or name in with_state)
@@ -2886,7 +3065,8 @@ class Worker:
                     self.claim_error = text
                     return
                 self.claim_error = None
-                if msg is None:
+                if msg is None or (sub == "work" and
+                                   not self._abandoned(msg)):
                     continue
                 if self.tried is not None:
                     self.tried.add(name)
@@ -2895,6 +3075,29 @@ class Worker:
                                 "died; delivering it", self.maildir.root,
                                 name)
                 yield msg
+
+    def _abandoned(self, msg):
+        """An unlocked message in work/: ours to deliver now?
+
+        Yes, unless an original importer runs on this maildir and the
+        message went into work/ (its ctime) less than ORIGINAL_BUSY ago:
+        then the original may be delivering it, and it is left alone.
+        """
+        since = os.fstat(msg.fd).st_ctime
+        if time.time() - since > ORIGINAL_BUSY:
+            return True
+        pids = original_importers(self.maildir.root)
+        if not pids:
+            return True
+        msg.release()
+        if msg.name not in self.left_alone:
+            log.warning("%s: work/%s may be in the hands of the original "
+                        "importer (pid %s); left to it until %s",
+                        self.maildir.root, msg.name,
+                        " ".join(str(p) for p in pids),
+                        format_time(since + ORIGINAL_BUSY))
+        self.left_alone[msg.name] = since + ORIGINAL_BUSY
+        return False
 
     def _overlapped_registrations(self, claims):
         """Registrations, with the maildir work done while the JPPS works.
@@ -3035,7 +3238,7 @@ class Worker:
         try:
             self.client().receive()
         except JPPSFault as fault:
-            if fault.code == errno.EEXIST:       # B-I3: that is success
+            if fault.code == errno.EEXIST:       # already there: success
                 return "already registered"
             raise
         return "registered"
@@ -3164,9 +3367,10 @@ class Worker:
     def _already_stored(self, msg, fault):
         """StartUpload EEXIST: an upload in progress, or a stored file.
 
-        An unfinished upload expires at the JPPS after its deadline (300 s,
-        SPEC 5.6).  EEXIST again after that means the file is stored: a
-        crash of ours, or a duplicate message, after a successful commit.
+        An unfinished upload expires at the JPPS after its deadline (300 s
+        from StartUpload).  EEXIST again after that means the file is
+        stored: a crash of ours, or a duplicate message, after a successful
+        commit.
         """
         now = time.time()
         first = float(msg.state.get("eexist_since") or now)
@@ -3179,9 +3383,10 @@ class Worker:
     def failsafe_register(self, client, jobid, source, start_fault):
         """Register a job the JPPS does not know (StartUpload ENOENT).
 
-        Fixes of the original: the check goes to the message's JPPS (B-I7),
-        EPERM means the job exists (it belongs to someone else), and the
-        owner is the job's owner from the dump, not the importer (B-I5).
+        Fixes of the original: the check goes to the message's JPPS, not
+        the default one, EPERM means the job exists (it belongs to someone
+        else), and the owner is the job's owner from the dump, not the
+        importer.
         Returns True when the job was registered here.
         """
         try:
@@ -3352,13 +3557,14 @@ def run_worker(kind, maildir, options, credentials, once=False,
 
 
 class Master:
-    """Forks and supervises the workers (SPEC 4.3, fixed).
+    """Forks and supervises the workers.
 
     One registration worker, `dump_slaves` dump workers and one sandbox
     worker.  A worker that dies is restarted; one that dies young is
     restarted with a doubling delay (at most a minute), so a crashing
     worker cannot fork-bomb the node.  TERM/INT: the workers finish the
-    message in hand, the master waits for them (B-I10), then returns.
+    message in hand, the master waits for them (the original did not),
+    then returns.
     """
 
     STOP_GRACE = 30.0           # beyond the call timeouts, then SIGKILL
@@ -3495,7 +3701,7 @@ class Master:
 
 
 class PidFile:
-    """A locked pid file: two starters cannot both run (B-I17).
+    """A locked pid file: two starters cannot both run.
 
     The lock is flock() on the open file, so it passes to the daemon
     through the forks and goes away with the last process holding it.
@@ -3563,6 +3769,15 @@ def daemonize(keep_stderr=False):
 _ROLE = {"role": "master"}
 
 
+class _Formatter(logging.Formatter):
+    """One record, one line: control characters in the message escaped
+    (a message name, a DN or a server's text cannot forge a log line)."""
+
+    def formatMessage(self, record):
+        record.message = printable(record.message)
+        return logging.Formatter.formatMessage(self, record)
+
+
 class _RoleFilter(logging.Filter):
     def filter(self, record):
         record.role = _ROLE["role"]
@@ -3594,7 +3809,7 @@ def setup_logging(logfile=None, use_syslog=False, level=logging.INFO):
         handler = logging.StreamHandler(sys.stderr)
         fmt = "%(asctime)s " + PROG + "[%(process)d] %(role)s: " \
             "%(levelname)s %(message)s"
-    handler.setFormatter(logging.Formatter(fmt))
+    handler.setFormatter(_Formatter(fmt))
     handler.addFilter(_RoleFilter())
     log.addHandler(handler)
     log.setLevel(level)
@@ -3784,7 +3999,8 @@ def print_status(o, stream):
         if not os.path.isdir(path):
             stream.write("  does not exist\n")
             continue
-        info = Maildir(path).status(now)
+        info = Maildir(path).status(o.retry if o.retry is not None
+                                    else Worker.RETRY[kind], now)
         stream.write("  new %(new)d  work %(work)d  post %(post)d  "
                      "undeliverable %(undeliverable)d\n" % info["counts"])
         if info["oldest"] is not None:
@@ -3796,8 +4012,8 @@ def print_status(o, stream):
                 "due" if info["next_retry"] <= now else
                 "in " + format_age(info["next_retry"] - now)))
         for name, jobid, reason in info["undeliverable"]:
-            stream.write("  undeliverable %s %s: %s\n"
-                         % (name, jobid, reason))
+            stream.write("  undeliverable %s\n" % printable(
+                "%s %s: %s" % (name, jobid, reason)))
 
 
 def run_daemon(o):
@@ -3835,11 +4051,35 @@ def run_daemon(o):
     log.info("jp_importer %s: credential %s (%s), valid until %s",
              __version__, credentials.cert_file, credentials.subject,
              format_time(credentials.not_after))
+    for maildir in maildirs.values():
+        pids = original_importers(maildir.root)
+        if pids:
+            log.warning("%s: the original importer (pid %s) runs on this "
+                        "maildir: stop it first (README, \"Migrating from "
+                        "the C tools\")", maildir.root,
+                        " ".join(str(p) for p in pids))
     try:
         return Master(o, credentials, maildirs).run()
     finally:
         if pidfile and os.getpid() == pidfile_owner(pidfile):
             pidfile.remove()
+
+
+def to_stdout(write):
+    """write(sys.stdout), flushed; the exit status: 0, or 141 when the
+    reader has gone (`--status | head -1`), the status the shell gives a
+    command killed by SIGPIPE, with no traceback and no message."""
+    try:
+        write(sys.stdout)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # What is still buffered goes nowhere: the flush at exit would
+        # fail again, and loudly.
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+        return 141
+    return 0
 
 
 def pidfile_owner(pidfile):
@@ -3859,22 +4099,20 @@ def main(argv=None):
         sys.stderr.write("%s: %s\nTry '%s --help'.\n" % (PROG, exc, PROG))
         return 2
     if o.help:
-        usage(sys.stdout)
-        return 0
+        return to_stdout(usage)
     if o.version:
-        sys.stdout.write("%s %s\n" % (PROG, __version__))
-        return 0
+        return to_stdout(lambda out: out.write("%s %s\n"
+                                               % (PROG, __version__)))
     setup_logging(o.logfile)
     try:
         if o.status:
-            print_status(o, sys.stdout)
-            return 0
+            return to_stdout(lambda out: print_status(o, out))
         if o.requeue:
-            for kind, maildir in open_maildirs(o, create=False).items():
-                moved = maildir.requeue_undeliverable()
-                sys.stdout.write("%s: %d message(s) requeued\n"
-                                 % (maildir.root, len(moved)))
-            return 0
+            # All requeued first: a reader gone early stops no requeue.
+            moved = [(maildir.root, len(maildir.requeue_undeliverable()))
+                     for maildir in open_maildirs(o, create=False).values()]
+            return to_stdout(lambda out: out.write("".join(
+                "%s: %d message(s) requeued\n" % m for m in moved)))
         if o.upload:
             path, url = o.args
             credentials = Credentials.from_options(o.cert, o.key,
@@ -3882,10 +4120,10 @@ def main(argv=None):
             started = time.monotonic()
             size = upload(url, path, credentials, o.timeout, dcau=o.dcau,
                           allow_plain=o.allow_plain_ftp)
-            sys.stdout.write("uploaded %d bytes to %s in %.2fs\n"
-                             % (size, public_url(url),
-                                time.monotonic() - started))
-            return 0
+            elapsed = time.monotonic() - started
+            return to_stdout(lambda out: out.write(
+                "uploaded %d bytes to %s in %.2fs\n"
+                % (size, public_url(url), elapsed)))
         return run_daemon(o)
     except (Error, OSError) as exc:
         if isinstance(exc, OSError) and not isinstance(exc, Error):
@@ -3895,7 +4133,7 @@ def main(argv=None):
             text = str(exc)
         if o.logfile:
             log.error("%s", text)
-        sys.stderr.write("%s: %s\n" % (PROG, text))
+        sys.stderr.write("%s: %s\n" % (PROG, printable(text)))
         return 1
     except KeyboardInterrupt:
         return 130

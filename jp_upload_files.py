@@ -55,7 +55,7 @@ import urllib.parse
 PROG = "jp_upload_files"
 
 # jp_importer's default sandbox maildir.  The original library fell back to
-# /tmp/lb_maildir, which no importer watches (bug B-U3).
+# /tmp/lb_maildir, which no importer watches.
 DEFAULT_MAILDIR = "/var/glite/jpsandbox"
 SUBDIRS = ("tmp", "new", "work", "post", "undeliverable")
 SPOOL = "spool"
@@ -189,7 +189,7 @@ def unique_name(directory, suffix):
 
     The time-based prefix keeps the maildir's order; O_EXCL plus a bumped
     microsecond on collision makes the name ours alone (the original's
-    predictable /tmp name could be taken by anybody, B-U2).
+    predictable /tmp name could be taken by anybody).
     """
     now = time.time()
     sec, usec = int(now), int((now % 1) * 1e6)
@@ -253,7 +253,7 @@ def write_archive(fd, inputs):
     """Write a complete GNU tar of `inputs` to `fd`, fsync it.
 
     Complete means with the end-of-archive blocks, which the original
-    never wrote (bug B-U1).  Files are streamed, never read whole.
+    never wrote.  Files are streamed, never read whole.
     """
     with os.fdopen(fd, "wb", buffering=COPY_BLOCK) as out:
         with tarfile.open(fileobj=out, mode="w", format=TAR_FORMAT) as tar:

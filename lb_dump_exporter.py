@@ -86,9 +86,13 @@ JOBID_FIELD = b'DG.JOBID="'
 JOBID_RE = re.compile(r"^https://(\[[^\]\s/]+\]|[^\s/:?\[\]]+)(?::(\d+))?"
                       r"/([^\s?]+)(\?\S*)?$")
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-# A whole ULM line: KEY=VALUE fields, values bare or quoted with \-escapes.
-ULM_LINE_RE = re.compile(rb'(?:[A-Za-z_][A-Za-z0-9_.]*='
-                         rb'(?:"(?:[^"\\]|\\.)*"|[^\s"]*)[ \t]*)*\r?')
+# Balanced quotes: a quoted value ends at the first '"' not escaped by a
+# backslash; outside one a backslash is just a byte (so, without
+# backslashes, an even number of quotes: the fast check).  Each byte can
+# match one way only, so a failing match backtracks in linear time (a
+# pattern for whole KEY=VALUE fields, where a bare value could swallow
+# the next field, took exponential time on a line like a=a=a=...b\").
+BALANCED_RE = re.compile(rb'[^"]*(?:"[^"\\]*(?:\\.[^"\\]*)*"[^"]*)*')
 UNSAFE_NAME_RE = re.compile(r"[^A-Za-z0-9_.-]|^\.")
 
 # ---------------------------------------------------------------------------
@@ -112,7 +116,7 @@ def parse_jobid(text):
     """(normal form, unique) of an LB jobid, parsed as the original.
 
     https://host[:port]/unique[?info], port 9000 when absent; whitespace
-    or control characters anywhere make it invalid (SPEC 2.5).
+    or control characters anywhere make it invalid.
     """
     match = JOBID_RE.match(text)
     if not match or CONTROL_RE.search(text):
@@ -128,7 +132,8 @@ def safe_name(unique):
     """A file name for a jobid's unique part that stays in its directory.
 
     '/' and anything outside [A-Za-z0-9_.-] (and a leading '.') become
-    %XX escapes, so the name is one path component (bug B-X7); an
+    %XX escapes, so the name is one path component (the original's
+    path went into a subdirectory, and the export failed); an
     overlong one is cut and made unique again with a hash.
     """
     name = UNSAFE_NAME_RE.sub(
@@ -225,7 +230,7 @@ def sync_filesystems(paths):
             os.sync()
             return
         call, get_errno = SYNCFS
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             if call(fd) != 0:
                 err = get_errno()
@@ -248,7 +253,7 @@ def sync_paths(paths):
         sync_filesystems(paths)
         return
     for path in paths:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
             os.fsync(fd)
         finally:
@@ -282,6 +287,15 @@ def find_syncfs():
     call.argtypes = [ctypes.c_int]
     call.restype = ctypes.c_int
     return call, ctypes.get_errno
+
+
+def made_here(st):
+    """Could the lstat() `st` be of a file the exporter made?  A regular
+    file of ours with one link: not a symbolic link or a hard link to
+    elsewhere, nor another user's file, planted in a shared store to have
+    us write through it or publish it."""
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and \
+        st.st_nlink == 1
 
 
 def unlink_quietly(path):
@@ -431,8 +445,13 @@ class Exporter:
             except OSError as exc:
                 raise Error("cannot recover the cut run of %s: %s"
                             % (journal, exc.strerror))
-        self.journal_fd = os.open(journal, os.O_WRONLY | os.O_APPEND |
-                                  os.O_CREAT, 0o600)
+        # Never through a symbolic link: in the store, files are ours.
+        try:
+            self.journal_fd = os.open(journal, os.O_WRONLY | os.O_APPEND |
+                                      os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise Error("cannot open the journal %s: %s"
+                        % (journal, exc.strerror))
         self.rejects_path = os.path.join(
             self.store, "%s.%s.rejects" % (PROG, self.dump_id))
         unlink_quietly(self.rejects_path)
@@ -448,8 +467,8 @@ class Exporter:
         (seconds, microseconds) of the last batch begun or None, the set
         of voided messages)."""
         entries, complete, batch, voided = {}, False, None, set()
-        with open(self.journal_path(), "r", encoding="utf-8",
-                  errors="replace") as f:
+        fd = os.open(self.journal_path(), os.O_RDONLY | os.O_NOFOLLOW)
+        with open(fd, "r", encoding="utf-8", errors="replace") as f:
             for line in f:
                 if not line.endswith("\n"):
                     continue                  # cut in the middle
@@ -512,7 +531,8 @@ class Exporter:
         """Journal `messages` as never published, and sync that."""
         if not messages:
             return
-        fd = os.open(self.journal_path(), os.O_WRONLY | os.O_APPEND)
+        fd = os.open(self.journal_path(), os.O_WRONLY | os.O_APPEND |
+                     os.O_NOFOLLOW)
         try:
             write_all(fd, "".join("void %s\n" % message
                                   for message in messages).encode("utf-8"))
@@ -611,7 +631,7 @@ class Exporter:
     def _quotes_ok(line):
         if b"\\" not in line:
             return line.count(b'"') % 2 == 0
-        return ULM_LINE_RE.fullmatch(line) is not None
+        return BALANCED_RE.fullmatch(line) is not None
 
     def _job_of(self, line):
         if b"\0" in line:
@@ -665,7 +685,8 @@ class Exporter:
             job.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
                              0o640)
         except FileExistsError:
-            # Seen before in this run: not grouped after all.
+            # Seen before in this run: not grouped after all.  Or planted.
+            self._refuse_planted(path)
             job = self._reopen(jobid, name, path)
         except OSError as exc:
             raise Error("cannot create %s: %s" % (path, exc.strerror))
@@ -674,6 +695,18 @@ class Exporter:
         self.open[name] = job
         self._track(job)
         return job
+
+    @staticmethod
+    def _refuse_planted(path):
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return                # the reopen says what is wrong
+        if stat.S_ISLNK(st.st_mode):
+            raise BadLine("%s is a symbolic link: not followed" % path)
+        if not made_here(st):
+            raise BadLine("%s is not a file the exporter made: left alone"
+                          % path)
 
     def _reopen(self, jobid, name, path):
         if self.mixed:                # a parked job is back
@@ -736,7 +769,7 @@ class Exporter:
 
     def _open_append(self, path):
         try:
-            return os.open(path, os.O_WRONLY | os.O_APPEND)
+            return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
         except OSError as exc:
             raise Error("cannot reopen %s: %s" % (path, exc.strerror))
 
@@ -770,10 +803,12 @@ class Exporter:
         job.fields = []
 
     def _finish_parked(self, finished):
-        """-x, end of input: queue every parked job, found in the store."""
+        """-x, end of input: queue every parked job, found in the store
+        (a file planted there at a job's name is not one)."""
         with os.scandir(self.store) as entries:
             parked = [entry.name[:-len(self.suffix)] for entry in entries
-                      if entry.name.endswith(self.suffix)]
+                      if entry.name.endswith(self.suffix) and
+                      made_here(entry.stat(follow_symlinks=False))]
         for name in parked:
             if name in finished or name in self.announced:
                 continue
@@ -805,13 +840,15 @@ class Exporter:
 
         The rejects file holds, for each bad line, "# line N: reason"
         and then the line itself, byte for byte (`more`: further pieces
-        of an overlong line), so nothing of the input is lost.
+        of an overlong line, written as they come), so nothing of the
+        input is lost.
         """
         self.counts["rejected"] += 1
         try:
             if self.rejects_fd is None:
+                # begin() removed any: one there now was planted.
                 self.rejects_fd = os.open(self.rejects_path, os.O_WRONLY |
-                                          os.O_CREAT | os.O_APPEND, 0o600)
+                                          os.O_CREAT | os.O_EXCL, 0o600)
             write_all(self.rejects_fd, b"# line %d: %s\n%s" % (
                 number, reason.encode("utf-8", "replace"), line))
             for piece in more:
@@ -1084,11 +1121,12 @@ def export(o, stderr=sys.stderr):
         except BaseException:
             exporter.abandon()
             raise
+        done = position()         # asks the file: before it is closed
     finally:
         stream.close()
     counts = exporter.counts
     if progress:
-        progress.update(position(), counts["jobs"], final=True)
+        progress.update(done, counts["jobs"], final=True)
     if not o.quiet:
         stderr.write(
             "%s: %d job(s) exported from %s in %.1fs: %d lines, %d exported, "
@@ -1159,17 +1197,25 @@ def split(exporter, read, data, tick=None):
         number = exporter.lines(number, lines, len(data),
                                 b"\0" not in data and b"\\" not in data)
         if len(carry) > MAX_LINE:
-            # No end in sight: keep it all in the rejects file.
+            # No end in sight: all of it into the rejects file, a block at
+            # a time as it is read (a line of a gigabyte, or a small gzip
+            # of one, costs no gigabyte of memory).
             number += 1
-            pieces, data = [], read()
-            while data and b"\n" not in data:
-                pieces.append(data)
-                data = read()
-            end = data.find(b"\n") if data else 0
-            pieces.append(data[:end])
+            rest = []
+
+            def pieces():
+                piece = read()
+                while piece and b"\n" not in piece:
+                    yield piece
+                    if tick:
+                        tick()
+                    piece = read()
+                end = piece.find(b"\n") if piece else 0
+                yield piece[:end]
+                rest.append(piece[end + 1:])
             exporter.reject(number, carry, "line longer than %d bytes"
-                            % MAX_LINE, pieces)
-            carry, data = b"", data[end + 1:]
+                            % MAX_LINE, pieces())
+            carry, data = b"", rest[0]
             if not data:
                 data = read()
                 if not data:
@@ -1180,7 +1226,7 @@ def split(exporter, read, data, tick=None):
         data = read()
         if not data:
             break
-    if carry:                  # a last line without LF (bug B-X3)
+    if carry:                  # a last line without LF
         number = exporter.lines(number, [carry])
     return number
 

@@ -18,6 +18,7 @@ import atexit
 import base64
 import contextlib
 import errno
+import fcntl
 import ftplib
 import gzip
 import hashlib
@@ -25,9 +26,11 @@ import http.server
 import io
 import logging
 import os
+import pty
 import queue
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -38,9 +41,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import termios
 import threading
 import time
 import unittest
+import zlib
 import xml.etree.ElementTree as ET
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,8 +54,8 @@ sys.path.insert(0, HERE)
 JP_IMPORTER = os.path.join(HERE, "jp_importer.py")
 LB_DUMP_EXPORTER = os.path.join(HERE, "lb_dump_exporter.py")
 JP_UPLOAD_FILES = os.path.join(HERE, "jp_upload_files.py")
-SHARED = os.path.join(os.path.dirname(HERE), "shared")
-REFERENCE = os.path.join(SHARED, "reference")
+# The project's own test data: WSDL, message examples, LB dump samples.
+TESTDATA = os.path.join(HERE, "testdata")
 
 TIMEOUT = 30.0          # upper bound for any single wait in a test
 REQUIRE_PEERS = os.environ.get("JP_TEST_REQUIRE_PEERS") == "1"
@@ -488,13 +493,13 @@ class _JPPSHandler(http.server.BaseHTTPRequestHandler):
 
 
 class JPPSFixture:
-    """A JP primary storage speaking the SOAP contract of SPEC section 5.
+    """A JP primary storage speaking the SOAP contract of the real JPPS.
 
     HTTP/1.1 keep-alive over TLS, client certificate required (RFC 3820
     proxies accepted), document/literal SOAP 1.1 checked strictly against
     the WSDL (wrapper in the elements namespace, unqualified children in
     WSDL order, required ones present, dateTime in UTC, Content-Type and
-    SOAPAction), with the server semantics of SPEC 5.6: trusted peers,
+    SOAPAction), with the server semantics of the real JPPS: trusted peers,
     EEXIST on a second RegisterJob, ENOENT for an unknown job, one file per
     class per job, destinations under `dest_base`, commitBefore = now +
     `upload_deadline`, CommitUpload by exact destination and identity.
@@ -516,7 +521,7 @@ class JPPSFixture:
     `name` of StartUpload: xsi:nil or text, or absent.  The WSDL declares
     it minOccurs=1 (our client sends xsi:nil), but the original client
     sent a NULL name that some gSOAP versions omitted, and the real server
-    reads absent and nil alike as "no name" (SPEC 5.5, 9); every other
+    reads absent and nil alike as "no name"; every other
     element is required as declared.
     """
 
@@ -1245,24 +1250,26 @@ class TestImporterMessages(unittest.TestCase):
         self.assertEqual(jp_importer.parse_registration(
             b"https://lb:9000/x\n/C=CZ/CN=John Doe"),
             ("https://lb:9000/x", "/C=CZ/CN=John Doe"))
-        with open(os.path.join(REFERENCE, "messages", "jpreg_message.bin"),
+        with open(os.path.join(TESTDATA, "messages", "jpreg_message.bin"),
                   "rb") as f:
             jobid, owner = jp_importer.parse_registration(f.read())
-        self.assertEqual(owner, "/C=CZ/O=CESNET/CN=John Doe")
+        self.assertEqual(jobid, "https://lb.example.org:9000/"
+                         "hDQ85r7YMkuGV3mHYQiaQY")
+        self.assertEqual(owner, "/C=XX/O=Example Grid/CN=Jane Roe")
 
     def test_keyed_formats_of_every_writer(self):
         for name in ("jpdump_message.bin", "jpsandbox_message.bin"):
-            with open(os.path.join(REFERENCE, "messages", name), "rb") as f:
+            with open(os.path.join(TESTDATA, "messages", name), "rb") as f:
                 fields = jp_importer.parse_keyed(f.read())
             self.assertEqual(fields["jobid"], "https://lb.example.org:9000/"
-                             "rReV1TpJ5oY0Z1_M4NBfHw")
+                             "hDQ85r7YMkuGV3mHYQiaQY")
             self.assertTrue(fields["file"].startswith("/"))
-        with open(os.path.join(REFERENCE, "messages",
-                               "jpdump_message_with_jpps_BROKEN.bin"),
-                  "rb") as f:
+        # The original exporter with -j wrote no newline before jpps.
+        with open(os.path.join(TESTDATA, "messages",
+                               "jpdump_message_original_j.bin"), "rb") as f:
             fields = jp_importer.parse_keyed(f.read())
         self.assertEqual(fields["jpps"], "jp.example.org:8901")
-        self.assertTrue(fields["file"].endswith(".1276000000_123456"))
+        self.assertTrue(fields["file"].endswith(".1767261600_4242"))
         fields = jp_importer.parse_keyed(
             b"jobid  https://lb/x\nfile   /a b\njpps   jp:8901\n")
         self.assertEqual(fields, {"jobid": "https://lb:9000/x",
@@ -1458,6 +1465,166 @@ class TestImporterMaildir(unittest.TestCase):
             "fresh-orphan.tar", "quarantined.tar", "queued.tar"])
 
 
+class TestQueueQuarantine(unittest.TestCase):
+    """What is not a message, or not a sane one, goes aside and the queue
+    goes on; no name, DN or server text reaches a log line or --status raw
+    (it could forge lines or drive the terminal)."""
+
+    RAW_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+    def status(self, h):
+        proc = run([sys.executable, JP_IMPORTER, "--status"] + h.args(),
+                   timeout=TIMEOUT)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
+        self.assertIsNone(self.RAW_CONTROL.search(proc.stdout),
+                          ascii(proc.stdout))
+        return proc.stdout
+
+    def assert_log_lines(self, text):
+        """No raw control character but the line ends, and every line is
+        one the importer began (none forged by a name or a DN)."""
+        self.assertNotIn("Traceback", text)
+        self.assertIsNone(self.RAW_CONTROL.search(text), ascii(text))
+        for line in text.splitlines():
+            self.assertRegex(line, r"^\d{4}-\d\d-\d\d [\d:,]+ jp_importer\[")
+
+    def test_what_is_not_a_regular_file_goes_aside(self):
+        h = ImporterHarness(self)
+        new = os.path.join(h.reg, "new")
+        bad = {"1_000001.socket": "a socket", "1_000002.fifo": "a FIFO",
+               "1_000003.dir": "a directory",
+               "1_000004.link": "a symbolic link",
+               "1_000005.fifo": "a FIFO", "1_000006.dir": "a directory"}
+        listener = socket.socket(socket.AF_UNIX)
+        self.addCleanup(listener.close)
+        listener.bind(os.path.join(new, "1_000001.socket"))
+        os.mkfifo(os.path.join(new, "1_000002.fifo"), 0o600)
+        os.mkdir(os.path.join(new, "1_000003.dir"), 0o700)
+        os.symlink("/etc/passwd", os.path.join(new, "1_000004.link"))
+        # Left in post/ and work/ too (by a writer, or before a crash).
+        os.mkfifo(os.path.join(h.reg, "post", "1_000005.fifo"), 0o600)
+        os.mkdir(os.path.join(h.reg, "work", "1_000006.dir"), 0o700)
+        good = [drop_message(h.reg, registration(n)) for n in range(5)]
+        proc = h.once("--log", h.logfile, timeout=TIMEOUT)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertNotIn("Traceback", proc.stderr)
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), len(good))
+        for sub in ("new", "work", "post"):
+            self.assertEqual(listing(h.reg, sub), [], sub)
+        self.assertEqual(listing(h.reg, "undeliverable"), sorted(bad))
+        log_text = read_text(h.logfile)
+        self.assert_log_lines(log_text)
+        status = self.status(h)
+        for name, kind in bad.items():
+            reason = h.state(h.reg, name)["reason"]
+            self.assertIn("is %s" % kind, reason)
+            self.assertIn("undeliverable %s ?: %s" % (name, reason), status)
+            self.assertIn("%s; moved to undeliverable/" % reason, log_text)
+        # Sent back by --requeue (which links them into tmp/), they go
+        # aside again, the links with them.
+        run([sys.executable, JP_IMPORTER, "--requeue"] + h.args())
+        self.assertEqual(len(listing(h.reg, "new")), len(bad))
+        self.assertEqual(h.once(timeout=TIMEOUT).returncode, 0)
+        self.assertEqual(listing(h.reg, "undeliverable"), sorted(bad))
+        self.assertEqual(listing(h.reg, "tmp"), [])
+
+    def test_unreadable_file_goes_aside(self):
+        root = make_maildir(tempfile.mkdtemp(prefix="jp-quarantine-test-"))
+        self.addCleanup(shutil.rmtree, root, True)
+        jp_importer.Maildir(root).init()
+        unreadable = drop_message(root, registration(1))
+        os.chmod(os.path.join(root, "new", unreadable), 0)
+        good = drop_message(root, registration(2))
+        nobody = 65534
+        if os.geteuid() == 0:       # root reads anything: claim as nobody
+            for where, dirs, files in os.walk(root):
+                for entry in [where] + [os.path.join(where, f)
+                                        for f in files]:
+                    os.chown(entry, nobody, nobody)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                if os.geteuid() == 0:
+                    os.setgroups([])
+                    os.setgid(nobody)
+                    os.setuid(nobody)
+                md = jp_importer.Maildir(root)
+                claimed = [md.claim("new", name) for name in md.names("new")]
+                code = 0 if [m.name for m in claimed if m] == [good] else 2
+            finally:
+                os._exit(code)
+        self.assertEqual(os.waitpid(pid, 0)[1], 0)
+        self.assertEqual(listing(root, "undeliverable"), [unreadable])
+        self.assertEqual(listing(root, "work"), [good])
+        self.assertIn("cannot be read: Permission denied",
+                      jp_importer.Maildir(root).read_state(unreadable)
+                      ["reason"])
+
+    def test_a_name_taken_in_undeliverable_is_not_overwritten(self):
+        root = make_maildir(tempfile.mkdtemp(prefix="jp-quarantine-test-"))
+        self.addCleanup(shutil.rmtree, root, True)
+        md = jp_importer.Maildir(root).init()
+        name = drop_message(root, b"no newline")
+        md.claim("new", name).give_up("malformed message: first")
+        os.mkfifo(os.path.join(root, "new", name), 0o600)
+        self.assertIsNone(md.claim("new", name))
+        self.assertEqual(listing(root, "new"), [])
+        aside = [n for n in listing(root, "undeliverable") if n != name]
+        self.assertEqual(len(aside), 1)
+        self.assertTrue(aside[0].startswith(name + "."), aside)
+        self.assertIn("is a FIFO", md.read_state(aside[0])["reason"])
+        self.assertEqual(md.read_state(name)["reason"],
+                         "malformed message: first")
+        with open(os.path.join(root, "undeliverable", name), "rb") as f:
+            self.assertEqual(f.read(), b"no newline")
+
+    def test_owner_with_a_control_character_is_malformed(self):
+        for owner in ("/CN=a\x01b", "/CN=a\rb", "/CN=\x1b[31m", "/CN=\x7f"):
+            with self.assertRaises(jp_importer.MalformedMessage) as cm:
+                jp_importer.parse_registration(
+                    ("https://lb/x\n" + owner).encode())
+            self.assertIn("control character", str(cm.exception))
+        self.assertEqual(jp_importer.parse_registration(
+            b"https://lb/x\n/CN=a b\r\n")[1], "/CN=a b")
+        h = ImporterHarness(self)
+        name = drop_message(h.reg, registration(1, owner="/CN=a\x01b"))
+        proc = h.once()
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(listing(h.reg, "post"), [])
+        self.assertEqual(listing(h.reg, "undeliverable"), [name])
+        self.assertIn("malformed message: registration owner '/CN=a\\x01b'"
+                      " has a control character",
+                      h.state(h.reg, name)["reason"])
+        self.assertEqual(h.jpps.ops("RegisterJob"), [])
+
+    def test_log_and_status_show_control_characters_escaped(self):
+        h = ImporterHarness(self)
+        forged = "1_000001.x\n2030-01-01 00:00:00,000 jp_importer[1] " \
+            "FORGED\x1b[31m"
+        drop_message(h.reg, b"no newline here", name=forged)
+        drop_message(h.reg, b"no newline either", name="1_000002.\udcff")
+        drop_message(h.reg, registration(1, owner="/CN=x\x1b]0;owned\x07"))
+        h.jpps.inject("fault", "RegisterJob", code=errno.EIO,
+                      description="disk full\nFORGED line \x9b31m")
+        drop_message(h.reg, registration(2))
+        proc = h.once("--log", h.logfile, "--retry", "600", timeout=TIMEOUT)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(len(listing(h.reg, "undeliverable")), 3)
+        self.assertEqual(len(listing(h.reg, "post")), 1)
+        log_text = read_text(h.logfile)
+        self.assert_log_lines(log_text)
+        status = self.status(h)
+        for text in (log_text, status):
+            self.assertIn("1_000001.x\\n2030-01-01 00:00:00,000 jp_importer"
+                          "[1] FORGED\\x1b[31m", text)
+            self.assertIn("1_000002.\\xff", text)
+            self.assertIn("/CN=x\\x1b]0;owned\\x07", text)
+        self.assertIn("FORGED line \\x9b31m", log_text)
+        self.assertNotIn("Traceback", proc.stderr)
+
+
 # ---------------------------------------------------------------------------
 # jp_importer: the daemon, end to end
 # ---------------------------------------------------------------------------
@@ -1544,7 +1711,8 @@ class TestImporterRegistrations(unittest.TestCase):
         self.assertEqual(listing(h.reg, "undeliverable"), [old])
         reason = h.state(h.reg, old)["reason"]
         self.assertIn("given up after 1 attempts", reason)
-        # An equally old message that works is simply delivered (B-I15).
+        # An equally old message that works is simply delivered: a
+        # backlog older than the give-up age still gets its attempt.
         drop_message(h.reg, registration(2), age=7 * 86400)
         h.once()
         self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 1)
@@ -1565,6 +1733,134 @@ class TestImporterRegistrations(unittest.TestCase):
         self.assertIn("1 message(s) requeued", proc.stdout)
         self.assertEqual(len(listing(h.reg, "new")), 1)
         self.assertEqual(listing(h.reg, "undeliverable"), [])
+
+
+class TestMigration(unittest.TestCase):
+    """Maildirs as the original C importer leaves them, and beside it."""
+
+    def original_failed(self, root, name):
+        """What the original does on a failure: the work/ link goes, the
+        master copy is linked into post/ (ctime now: its retry clock)."""
+        os.unlink(os.path.join(root, "new", name))
+        os.link(os.path.join(root, "tmp", name),
+                os.path.join(root, "post", name))
+
+    def start_original(self, h):
+        """A process named like the original importer, on h's maildirs
+        (the dump maildir relative to its working directory)."""
+        link = h.path(jp_importer.ORIGINAL_IMPORTER)
+        os.symlink(sys.executable, link)
+        proc = subprocess.Popen([link, "-c", "import time; time.sleep(600)",
+                                 "-r", h.reg, "--dump-mdir", "dump",
+                                 "-s", h.sandbox, "-g"], cwd=h.dir)
+
+        def cleanup():
+            proc.kill()
+            proc.wait(TIMEOUT)
+        self.addCleanup(cleanup)
+        return proc
+
+    def worker(self, h, kind, root):
+        """An in-process worker, to run passes one by one."""
+        worker = jp_importer.Worker(
+            kind, jp_importer.Maildir(root).init(),
+            jp_importer.parse_args(h.args()),
+            jp_importer.Credentials(h.cert, h.key, h.pki.ca_dir).load())
+        self.addCleanup(worker.close)
+        return worker
+
+    def test_requeue_what_the_original_gave_up(self):
+        h = ImporterHarness(self)
+        names = []
+        for n in range(2):
+            name = drop_message(h.reg, registration(n), age=7 * 86400)
+            self.original_failed(h.reg, name)
+            # Its give-up: post/ -> undeliverable/, the master unlinked.
+            os.rename(os.path.join(h.reg, "post", name),
+                      os.path.join(h.reg, "undeliverable", name))
+            os.unlink(os.path.join(h.reg, "tmp", name))
+            names.append(name)
+        self.assertFalse(os.path.exists(os.path.join(h.reg, "state")))
+        proc = run([sys.executable, JP_IMPORTER, "--requeue"] + h.args())
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("%s: 2 message(s) requeued" % h.reg, proc.stdout)
+        self.assertIn("%s: 0 message(s) requeued" % h.dump, proc.stdout)
+        self.assertEqual(listing(h.reg, "new"), names)
+        self.assertEqual(listing(h.reg, "tmp"), names)
+        # A week old and failing again: postponed, not given up, as the
+        # requeue restarted the give-up clock (5 days).
+        h.jpps.inject("fault", "RegisterJob", code=errno.EIO)
+        h.once()
+        self.assertEqual(len(listing(h.reg, "post")), 1)
+        self.assertEqual(listing(h.reg, "undeliverable"), [])
+        h.once()
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 2)
+        for sub in ("new", "work", "post", "undeliverable", "tmp", "state"):
+            self.assertEqual(listing(h.reg, sub), [], sub)
+
+    def test_status_shows_when_the_original_retries(self):
+        h = ImporterHarness(self)
+        due = {}
+        for root, retry in ((h.reg, 300), (h.dump, 360)):
+            name = drop_message(root, registration(1), age=1000)
+            self.original_failed(root, name)
+            due[root] = os.stat(os.path.join(root, "post",
+                                             name)).st_ctime + retry
+        status = [sys.executable, JP_IMPORTER, "--status", "-r", h.reg,
+                  "-d", h.dump, "-s", h.sandbox]
+        proc = run(status)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        for root in (h.reg, h.dump):
+            self.assertIn("next retry: %s (in " % jp_importer.format_time(
+                due[root]), proc.stdout)
+        self.assertNotIn("(due)", proc.stdout)
+        # The retry delay the workers would apply: with --retry 0, now.
+        proc = run(status + ["--retry", "0"])
+        self.assertEqual(proc.stdout.count("(due)"), 2, proc.stdout)
+        self.assertFalse(os.path.exists(os.path.join(h.reg, "state")))
+
+    def test_work_of_a_running_original_is_left_to_it(self):
+        h = ImporterHarness(self)
+        original = self.start_original(h)
+        wait_for(lambda: jp_importer.original_importers(h.reg) ==
+                 [original.pid], what="the original seen")
+        self.assertEqual(jp_importer.original_importers(h.dump),
+                         [original.pid])
+        self.assertEqual(jp_importer.original_importers(
+            make_maildir(h.path("elsewhere"))), [])
+        # In the original's hands: renamed from new/ to work/, no lock.
+        name = drop_message(h.reg, registration(1))
+        work = os.path.join(h.reg, "work", name)
+        os.rename(os.path.join(h.reg, "new", name), work)
+        proc = h.once()
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(listing(h.reg, "work"), [name])
+        self.assertEqual(h.jpps.calls, [])
+        self.assertIn("the original importer (pid %d) runs" % original.pid,
+                      proc.stderr)
+        self.assertIn("work/%s may be in the hands of the original"
+                      % name, proc.stderr)
+        # Older than the original's longest message, it is abandoned:
+        # delivered.  (The bound shortened: a ctime cannot be set back.)
+        self.addCleanup(setattr, jp_importer, "ORIGINAL_BUSY",
+                        jp_importer.ORIGINAL_BUSY)
+        jp_importer.ORIGINAL_BUSY = time.time() - os.stat(work).st_ctime + 3
+        worker = self.worker(h, jp_importer.KIND_REG, h.reg)
+        self.assertEqual(worker.run_pass(), 0)
+        self.assertEqual(listing(h.reg, "work"), [name])
+        wait_for(worker.run_pass, what="the message taken over")
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 1)
+        for sub in ("work", "tmp"):
+            self.assertEqual(listing(h.reg, sub), [], sub)
+        # What a killed original left in work/ is delivered at once.
+        original.kill()
+        original.wait(TIMEOUT)
+        name = drop_message(h.reg, registration(2))
+        os.rename(os.path.join(h.reg, "new", name),
+                  os.path.join(h.reg, "work", name))
+        proc = h.once()
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 2)
+        self.assertEqual(listing(h.reg, "work"), [])
 
 
 # ---------------------------------------------------------------------------
@@ -2107,7 +2403,7 @@ class TestImporterUploads(unittest.TestCase):
     def test_store_keeps_dumps_across_filesystems(self):
         h = upload_harness(self)
         # /dev/shm is a tmpfs: another filesystem than the temp dir, so
-        # the move is a copy, fsync and unlink (B-I13), where it exists.
+        # the move is a copy, fsync and unlink, where it exists.
         base = "/dev/shm" if os.path.isdir("/dev/shm") else h.dir
         store = tempfile.mkdtemp(prefix="jp-store-", dir=base)
         self.addCleanup(shutil.rmtree, store, True)
@@ -2225,6 +2521,40 @@ class TestImporterUploads(unittest.TestCase):
         self.assertEqual(len(h.jpps.committed), 2, proc.stderr)
         self.assertFalse(os.path.exists(path))
         self.assertFalse(os.path.exists(other_dump))
+
+    def test_file_swapped_after_the_check_is_never_read(self):
+        """The file is opened once, before StartUpload: a symlink to a
+        secret or a FIFO swapped in during the call is never read."""
+        h = upload_harness(self)
+        secret = h.path("secret")
+        with open(secret, "w") as f:
+            f.write("root:secret\n")
+        for n, swap in ((1, "symlink"), (2, "fifo")):
+            jobid, path = write_dump(h, n)
+            h.jpps.register(jobid, USER_SUBJECT)
+            digest = sha256_of(path)
+            h.jpps.inject("hang", "StartUpload", answer=True)
+            drop_message(h.dump, dump_message(jobid, path))
+            importer = subprocess.Popen(
+                [sys.executable, JP_IMPORTER, "--once"] + h.args(),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                universal_newlines=True)
+            self.addCleanup(lambda p=importer: p.poll() is None and p.kill())
+            wait_for(lambda: h.jpps.ops("StartUpload"), what="StartUpload")
+            os.rename(path, path + ".aside")
+            if swap == "symlink":
+                os.symlink(secret, path)
+            else:
+                os.mkfifo(path)
+            h.jpps.released.set()
+            _, err = importer.communicate(timeout=TIMEOUT)
+            h.jpps.released.clear()
+            h.jpps.calls[:] = []
+            self.assertEqual(importer.returncode, 0, err)
+            self.assertIn(digest, h.jpps.committed.values(), err)
+            self.assertEqual(len(h.jpps.committed), n, err)
+            self.assertIn("left in place", err)
+        self.assertNotIn(sha256_of(secret), h.jpps.committed.values())
 
     def test_sandbox_start_upload_fault_is_retried(self):
         h = upload_harness(self)
@@ -3617,9 +3947,9 @@ def unlink_if_there(path):
 # The demonstration (python3 test_all.py --demo)
 # ---------------------------------------------------------------------------
 
-DEMO_SAMPLE = os.path.join(REFERENCE, "samples", "sample_job_waiting")
-DEMO_JOBID = "https://scientific.civ.zcu.cz:9200/1Yjk3Wlaspl07y45iX8Tng"
-DEMO_OWNER = "/O=CESNET/O=Masaryk University/CN=Ales Krenek"
+DEMO_SAMPLE = os.path.join(TESTDATA, "samples", "sample_job_waiting")
+DEMO_JOBID = "https://lb.example.org:9000/hDQ85r7YMkuGV3mHYQiaQY"
+DEMO_OWNER = "/C=XX/O=Example Grid/CN=Jane Roe"
 
 
 # ---------------------------------------------------------------------------
@@ -3901,7 +4231,8 @@ class TestKillsLoseNothing(unittest.TestCase):
 # lb_dump_exporter: splitting, messages, rejects, crashes, full disks
 # ---------------------------------------------------------------------------
 
-SAMPLES = os.path.join(REFERENCE, "samples")
+SAMPLES = os.path.join(TESTDATA, "samples")
+MAKE_SAMPLES = os.path.join(TESTDATA, "make_samples.py")
 ULM_LINE = ('DG.ARRIVED=20261122120000.%06d DATE=20261122120000.%06d '
             'HOST="lb.example.org" PROG=edg-wms LVL=SYSTEM DG.PRIORITY=0 '
             'DG.SOURCE="LogMonitor" DG.SRC_INSTANCE="" DG.EVNT="Running" '
@@ -4023,6 +4354,18 @@ class TestDumpExporter(unittest.TestCase):
                 os.path.join(x.maildir, "tmp", name)))
             self.assertEqual(stat.S_IMODE(os.stat(fields["file"]).st_mode),
                              0o640)
+
+    def test_samples_are_what_make_samples_writes(self):
+        x = ExporterRun(self)
+        out = os.path.join(x.dir, "samples")
+        proc = run([sys.executable, MAKE_SAMPLES, out])
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(sorted(os.listdir(out)), sorted(os.listdir(SAMPLES)))
+        for name in os.listdir(out):
+            with open(os.path.join(out, name), "rb") as f:
+                written = f.read()
+            with open(os.path.join(SAMPLES, name), "rb") as f:
+                self.assertEqual(f.read(), written, name)
 
     def test_template_with_placeholder_jobids_is_rejected_line_by_line(self):
         x = ExporterRun(self)
@@ -4516,6 +4859,368 @@ class TestDumpExporter(unittest.TestCase):
         x.assert_exported(table)
 
 
+def run_on_terminal(cmd, stdin=None, timeout=TIMEOUT, **kwargs):
+    """Run `cmd` as from an admin's shell: a pseudo-terminal is its
+    controlling terminal and its stdin (unless `stdin` is given), stdout
+    and stderr.  (exit status, all it wrote, as text)."""
+    master, slave = pty.openpty()
+
+    def take_terminal():
+        fcntl.ioctl(0 if stdin is None else 1, termios.TIOCSCTTY, 0)
+    try:
+        proc = subprocess.Popen(
+            cmd, stdin=slave if stdin is None else stdin, stdout=slave,
+            stderr=slave, start_new_session=True, preexec_fn=take_terminal,
+            **kwargs)
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError("%s: no end after %.0fs; it wrote %r"
+                                     % (cmd, timeout, b"".join(chunks)))
+            if not select.select([master], [], [], left)[0]:
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError as exc:
+                # Linux: EIO once no descriptor of the terminal is open.
+                if exc.errno != errno.EIO:
+                    raise
+                break
+            if not data:
+                break
+            chunks.append(data)
+        status = proc.wait(max(deadline - time.monotonic(), 1))
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return status, b"".join(chunks).decode("utf-8", "replace")
+
+
+def run_from_cron(cmd, **kwargs):
+    """Run `cmd` as cron does: no terminal, stdin /dev/null, output into
+    pipes; the CompletedProcess with bytes (a "\\r" stays one)."""
+    return run(cmd, stdin=subprocess.DEVNULL, universal_newlines=False,
+               **kwargs)
+
+
+# The exporter's progress line, on a terminal only, and its summary line.
+PROGRESS_RE = r"\r\d+ MB( of \d+ MB \(\d+%%\))?, %d jobs, \d+ MB/s "
+SUMMARY = "%d job(s) exported from %s in "
+
+
+class TestOnATerminal(unittest.TestCase):
+    """Each tool as an admin runs it on a terminal (its progress display
+    and all), and as cron runs it (no terminal): no traceback either way."""
+
+    def assert_clean(self, status, output, expected=0):
+        self.assertEqual(status, expected, output)
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("Exception ignored", output)
+
+    def test_exporter_on_a_terminal(self):
+        table, data = generated_dump(2000, per_job=3)
+        for compress, from_stdin in ((False, False), (True, False),
+                                     (False, True)):
+            x = ExporterRun(self)
+            dump = x.dump_file(gzip.compress(data) if compress else data)
+            if from_stdin:
+                with open(dump, "rb") as f:
+                    status, output = run_on_terminal(x.args(), stdin=f)
+                source = "<stdin>"
+            else:
+                status, output = run_on_terminal(x.args("-d", dump))
+                source = dump
+            self.assert_clean(status, output)
+            self.assertRegex(output, PROGRESS_RE % len(table))
+            if not from_stdin:
+                self.assertRegex(output, r" of \d+ MB \(100%\), ")
+            self.assertIn(SUMMARY % (len(table), source), output)
+            x.assert_exported(table)
+
+    def test_exporter_from_cron(self):
+        table, data = generated_dump(2000, per_job=3)
+        x = ExporterRun(self)
+        dump = x.dump_file(data)
+        proc = run_from_cron(x.args("-d", dump))
+        self.assert_clean(proc.returncode, proc.stderr.decode())
+        self.assertEqual(proc.stdout, b"")
+        self.assertNotIn(b"\r", proc.stderr)            # no progress line
+        self.assertIn((SUMMARY % (len(table), dump)).encode(), proc.stderr)
+        x.assert_exported(table)
+        # -q on a terminal: neither progress nor summary.
+        x = ExporterRun(self)
+        status, output = run_on_terminal(x.args("-q", "-d", dump))
+        self.assertEqual((status, output), (0, ""))
+        x.assert_exported(table)
+
+    def test_upload_files_on_a_terminal_and_from_cron(self):
+        work = tempfile.mkdtemp(prefix="jp-upload-files-test-")
+        self.addCleanup(shutil.rmtree, work, True)
+        payload, proxy = (os.path.join(work, name) for name in
+                          ("stdout.txt", "x509up_u500"))
+        for path in (payload, proxy):
+            with open(path, "wb") as f:
+                f.write(b"Hello, grid\n")
+        for number, how in enumerate(("terminal", "cron")):
+            maildir = os.path.join(work, "jpsandbox%d" % number)
+            cmd = [sys.executable, JP_UPLOAD_FILES, "-j",
+                   "https://lb.example.org/job%d" % number, "-m", maildir,
+                   "-p", proxy, payload]
+            if how == "terminal":
+                status, output = run_on_terminal(cmd)
+            else:
+                proc = run_from_cron(cmd)
+                status, output = proc.returncode, (proc.stdout +
+                                                   proc.stderr).decode()
+            self.assertEqual((status, output), (0, ""), how)    # silent
+            self.assertEqual(len(listing(maildir, "new")), 1, how)
+            status, output = run_on_terminal(
+                [sys.executable, JP_UPLOAD_FILES, "--help"])
+            self.assert_clean(status, output)
+            self.assertIn("Usage: jp_upload_files", output)
+
+    def test_importer_on_a_terminal_and_from_cron(self):
+        h = ImporterHarness(self)
+        maildirs = ["-r", h.reg, "-d", h.dump, "-s", h.sandbox]
+        for number, how in enumerate(("terminal", "cron")):
+            drop_message(h.reg, registration(number))
+            for args, text in ((["--help"], "Usage:"),
+                               (["--version"], "jp_importer "),
+                               (["--status"] + maildirs,
+                                "registration maildir %s\n  new 1 " % h.reg),
+                               (["--once"] + h.args(),
+                                "lb.example.org:9000/job%05d" % number)):
+                cmd = [sys.executable, JP_IMPORTER] + args
+                if how == "terminal":
+                    status, output = run_on_terminal(cmd)
+                    output = output.replace("\r\n", "\n")
+                else:
+                    proc = run_from_cron(cmd)
+                    status, output = proc.returncode, (
+                        proc.stdout + proc.stderr).decode()
+                self.assert_clean(status, output)
+                self.assertIn(text, output, (how, args))
+            self.assertEqual(listing(h.reg, "new"), [])
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 2)
+
+    def test_importer_output_into_a_pipe_closed_early(self):
+        # `jp_importer.py --status | head -1` with more to say than a pipe
+        # holds: the reader is gone before the end.  No "Broken pipe", no
+        # traceback; 141, as the shell says of a command killed by SIGPIPE.
+        h = ImporterHarness(self)
+        for n in range(3000):
+            with open(os.path.join(h.reg, "undeliverable", "u%05d" % n),
+                      "wb") as f:
+                f.write(registration(n))
+        proc = subprocess.Popen(
+            [sys.executable, JP_IMPORTER, "--status", "-r", h.reg, "-d",
+             h.dump, "-s", h.sandbox], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.assertEqual(proc.stdout.readline().decode(),
+                         "registration maildir %s\n" % h.reg)
+        proc.stdout.close()
+        errors = proc.stderr.read().decode()
+        proc.stderr.close()
+        self.assertEqual((proc.wait(TIMEOUT), errors), (141, ""))
+        # And a reader gone before the first byte (the output is written
+        # when the run ends).
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            proc = run([sys.executable, JP_IMPORTER, "--version"],
+                       stdout=write_end, stdin=subprocess.DEVNULL)
+        finally:
+            os.close(write_end)
+        self.assertEqual((proc.returncode, proc.stderr), (141, ""))
+
+
+# Prints the largest resident size (KiB) of the command it runs, its only
+# child, when that ends; exits with its status.
+MAXRSS_PROBE = ("import resource, subprocess, sys\n"
+                "status = subprocess.call(sys.argv[1:])\n"
+                "sys.stdout.write('%d' % resource.getrusage("
+                "resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+                "sys.exit(status)\n")
+
+
+class TestExporterHostileInput(unittest.TestCase):
+    """Lines made to hurt the exporter (backtracking, size) and links
+    planted in a shared store: a clear reason, never a hang, a blow-up
+    or a write through the link."""
+
+    def test_hostile_lines_are_rejected_in_linear_time(self):
+        x = ExporterRun(self)
+        table, data = generated_dump(20, per_job=3)
+        lines = data.splitlines(True)
+        own = table[5][0].encode()
+        head = b'DG.JOBID="https://lb.example.org:9000/hostile" '
+        limit = lb_dump_exporter.MAX_LINE
+        hostile = [
+            (head + b"a=" * 60 + b'b\\"', "unbalanced quotes"),
+            # Of the job being written: checked on its fast path first.
+            (b'DG.JOBID="' + own + b'" ' + b"a=" * 60 + b'b\\"',
+             "unbalanced quotes"),
+            (head + b"a=" * 100000 + b'b\\"', "unbalanced quotes"),
+            (head + b"a=b" * 100000 + b'\\"', "unbalanced quotes"),
+            (head + b'a="\\"' * 50000, "unbalanced quotes"),
+            (head + b"a=\\" * 100000 + b'"', "unbalanced quotes"),
+            (head + b'a="x"' * 100000 + b'\\"', "unbalanced quotes"),
+            # As long as a line may be, and one well over it.
+            (head + b"a=" * ((limit - len(head)) // 2 - 2) + b'b\\"',
+             "unbalanced quotes"),
+            (head + b"a=" * (5 * 1024 * 1024) + b'b\\"',
+             "line longer than %d bytes" % limit)]
+        for i, (line, _) in enumerate(hostile):
+            # Each between good lines; the second inside job 5's.
+            at = lines.index(table[5][1][1]) if i == 1 else 6 * i + 2
+            lines.insert(at, line + b"\n")
+        expected = [(lines.index(line + b"\n") + 1, reason)
+                    for line, reason in hostile]
+        dump = x.dump_file(b"".join(lines))
+        try:
+            # A normal run of this takes well under a second.
+            proc = x.run("-d", dump, timeout=60)
+        except subprocess.TimeoutExpired:
+            self.fail("no end after 60s on hostile lines")
+        self.assertEqual(proc.returncode, 1, proc.stderr[-2000:])
+        self.assertEqual(proc.stderr.splitlines()[:-1],
+                         ["%s:%d: %s" % (dump, number, reason)
+                          for number, reason in sorted(expected)])
+        rejects = x.rejects()
+        for (line, _), (number, reason) in zip(hostile, expected):
+            self.assertIn(b"# line %d: %s\n%s\n" % (number, reason.encode(),
+                                                     line), rejects)
+        x.assert_exported(table)
+        # What the line check takes as balanced: escapes only inside
+        # quotes, where they may hide a quote.
+        quotes_ok = lb_dump_exporter.Exporter._quotes_ok
+        for line, ok in ((b'A="x\\"y" B="\\\\"', True),
+                         (b'A=x\\y B="\\"" C=\\', True),
+                         (b'A="x\\" B=1', False), (b'A="\\\\\\"', False),
+                         (b'A=x\\"y B="z"', False), (b'A="x\\', False)):
+            self.assertEqual(quotes_ok(line), ok, line)
+
+    def test_a_huge_line_costs_no_huge_memory(self):
+        # A line of 128 MiB in a 1 MB gzip: rejected whole (the rejects
+        # file keeps it byte for byte), in about the memory of a normal
+        # run, not in 128 MiB more.
+        size = 128 * 1024 * 1024
+        table, data = generated_dump(20, per_job=3)
+        middle = data.index(b"\n", len(data) // 2) + 1
+        head = b'DG.JOBID="https://lb.example.org:9000/huge" X="'
+        huge = head + b"v" * size + b'"'
+        compressor = zlib.compressobj(1, zlib.DEFLATED, 31)
+        packed = [compressor.compress(data[:middle]), compressor.compress(
+            head)]
+        block = b"v" * (1024 * 1024)
+        for _ in range(size // len(block)):
+            packed.append(compressor.compress(block))
+        packed += [compressor.compress(b'"\n' + data[middle:]),
+                   compressor.flush()]
+        peaks = []
+        for dump in (data, b"".join(packed)):
+            x = ExporterRun(self)
+            path = x.dump_file(dump)
+            proc = run([sys.executable, "-c", MAXRSS_PROBE] +
+                       x.args("-d", path))
+            peaks.append(int(proc.stdout) // 1024)
+            x.assert_exported(table)
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        number = data[:middle].count(b"\n") + 1
+        reason = "line longer than %d bytes" % lb_dump_exporter.MAX_LINE
+        self.assertIn("%s:%d: %s\n" % (path, number, reason), proc.stderr)
+        rejects = os.path.join(x.store, [n for n in os.listdir(x.store)
+                                         if n.endswith(".rejects")][0])
+        self.assertEqual(sha256_of(rejects), hashlib.sha256(
+            b"# line %d: %s\n%s\n" % (number, reason.encode(), huge)
+        ).hexdigest())
+        self.assertLess(peaks[1], peaks[0] + 48, "MiB at most: %s" % peaks)
+
+    def plant(self, x, dump, name, target):
+        """A symbolic link at STORE/name, '%s' the dump id of `dump`."""
+        with open(dump, "rb") as f:
+            dump_id = hashlib.sha256(f.read(
+                lb_dump_exporter.FINGERPRINT_BYTES)).hexdigest()[:12]
+        os.makedirs(x.store, 0o750, exist_ok=True)
+        link = os.path.join(x.store, name % dump_id)
+        os.symlink(target, link)
+        return link
+
+    def test_symlinks_planted_in_the_store_are_not_followed(self):
+        victim_data = b"the file the link points at\n"
+        table, data = generated_dump(30, per_job=3, interleave=3)
+        planted = table[4][0].rsplit("/", 1)[1] + ".%s"
+        for options in ((), ("-x",)):
+            x = ExporterRun(self)
+            victim = x.dump_file(victim_data, "victim")
+            dump = x.dump_file(data)
+            links = [self.plant(x, dump, planted, victim),
+                     self.plant(x, dump, "intruder.%s", victim)]
+            proc = x.run("-d", dump, *options)
+            self.assertEqual(proc.returncode, 1, proc.stderr)
+            with open(victim, "rb") as f:
+                self.assertEqual(f.read(), victim_data, options)
+            # The job at the planted name is rejected, line by line; the
+            # link at no job's name is not published (-x publishes the
+            # store's files of the dump).
+            reason = "%s is a symbolic link: not followed" % links[0]
+            self.assertEqual(proc.stderr.count(reason), 3, proc.stderr)
+            self.assertNotIn("Traceback", proc.stderr)
+            for link in links:
+                self.assertTrue(os.path.islink(link))
+                os.unlink(link)
+            x.assert_exported(table[:4] + table[5:])
+        # The journal: the run stops at once, a clear line.
+        x = ExporterRun(self)
+        victim = x.dump_file(victim_data, "victim")
+        dump = x.dump_file(data)
+        for target in (victim, victim + ".new"):
+            link = self.plant(x, dump, ".lb_dump_exporter.%s.journal",
+                              target)
+            proc = x.run("-d", dump)
+            self.assertEqual(proc.returncode, 1)
+            self.assertRegex(proc.stderr, r"^lb_dump_exporter: cannot "
+                             r"(recover the cut run of|open the journal) "
+                             r"%s: .*symbolic links\n$" % re.escape(link))
+            self.assertEqual(x.messages(), {})
+            os.unlink(link)
+        self.assertEqual(read_text(victim).encode(), victim_data)
+        self.assertFalse(os.path.exists(victim + ".new"))
+
+    def test_rejects_file_planted_during_the_run_is_not_followed(self):
+        # The run removes a rejects file left at its name when it begins;
+        # one planted after that is refused, not written through.
+        x = ExporterRun(self)
+        victim = x.dump_file(b"precious\n", "victim")
+        dump = x.dump_file(b"no jobid here\n" + generated_dump(2)[1])
+        exporter_class = lb_dump_exporter.Exporter
+        real_begin = exporter_class.begin
+
+        def begin(exporter, head):
+            fresh = real_begin(exporter, head)
+            os.symlink(victim, exporter.rejects_path)
+            return fresh
+        self.addCleanup(setattr, exporter_class, "begin", real_begin)
+        exporter_class.begin = begin
+        options = lb_dump_exporter.parse_args(
+            ["-q", "-d", dump, "-s", x.store, "-m", x.maildir])
+        with self.assertRaises(lb_dump_exporter.Error) as caught:
+            lb_dump_exporter.export(options, io.StringIO())
+        self.assertRegex(str(caught.exception),
+                         r"^cannot write .*\.rejects: File exists$")
+        self.assertEqual(read_text(victim), "precious\n")
+
+
 # ---------------------------------------------------------------------------
 # jp_upload_files: archive, message, errors, function interface
 # ---------------------------------------------------------------------------
@@ -4573,7 +5278,7 @@ class TestUploadFiles(unittest.TestCase):
         with open(archive, "rb") as f:
             raw = f.read()
         # GNU magic in the first header, end-of-archive blocks at the end
-        # (the original wrote none, B-U1), whole 512-byte records.
+        # (the original wrote none), whole 512-byte records.
         self.assertEqual(raw[257:265], b"ustar  \0")
         self.assertEqual(len(raw) % 512, 0)
         self.assertEqual(raw[-1024:], b"\0" * 1024)
@@ -5785,7 +6490,7 @@ class TestFTPSTransport(FTPSCase):
 def run_demo(out=sys.stdout):
     """The whole chain on 127.0.0.1 with throwaway credentials.
 
-    A registration, a real LB purge dump and a sandbox go through the
+    A registration, an LB purge dump sample and a sandbox go through the
     maildirs and jp_importer to the JPPS fixture and the FTPS fixture.
     Returns 0 when everything was delivered.
     """
@@ -5845,7 +6550,7 @@ def run_demo(out=sys.stdout):
         args = [sys.executable, JP_IMPORTER, "--once", "-c", p.host_cert,
                 "-k", p.host_key, "-C", p.ca_dir, "-p", jpps.url,
                 "-r", reg, "-d", dump, "-s", sandbox, "--retry", "0",
-                "--timeout", "10", "-t", "0.1", "--files-in", store]
+                "--timeout", "10", "-t", "0.1"]
         for attempt in (1, 2, 3):
             proc = run(args)
             for line in proc.stderr.splitlines():

@@ -1,6 +1,7 @@
 """Cross-check the SOAP wire format with an independent stack (zeep).
 
-zeep is built from the same WSDL (shared/reference/wsdl) as the real JPPS.
+zeep is built from the project's WSDL of the JPPS operations the importer
+calls (testdata/wsdl).
 This drives jp_importer's real JPPS client against the test_all JPPS
 fixture, then has zeep deserialize every request the client sent, every
 response the fixture answered, and the genericFault chain of every fault.
@@ -18,7 +19,7 @@ sys.path.insert(0, HERE)
 import jp_importer                                          # noqa: E402
 import test_all                                             # noqa: E402
 
-WSDL = os.path.join(test_all.REFERENCE, "wsdl", "JobProvenancePS.wsdl")
+WSDL = os.path.join(test_all.TESTDATA, "wsdl", "JobProvenancePS.wsdl")
 JOB = "https://lb.example.org:9000/rReV1TpJ5oY0Z1_M4NBfHw"
 
 

@@ -4260,7 +4260,7 @@ class TestOperatorWatching(unittest.TestCase):
         h.ftps.release()
         h.ftps.injections[:] = []
         h.ftps.released.clear()
-        h.ftps.inject("stall", count=1, command="USER")
+        h.ftps.inject("stall", count=2, command="USER")   # fails twice
         proc = h.start("--retry", "1", "--timeout", "1")
         wait_for(lambda: len(h.jpps.committed) == 4, what="4 commits")
         wait_for(lambda: not listing(h.dump, "post") + listing(h.dump, "work"),
@@ -4268,6 +4268,8 @@ class TestOperatorWatching(unittest.TestCase):
         self.assertEqual(h.stop(proc), 0)
         output = h.output()
         self.assertEqual(output.count("WARNING dump"), 1, output)
+        self.assertEqual(output.count("no answer within the time limit"), 2,
+                         output)
         self.assertEqual(output.count("is back (unreachable since"), 1,
                          output)
         self.assertEqual(len(h.jpps.ops("StartUpload")), 4)

@@ -4022,17 +4022,13 @@ class TestOperatorWatching(unittest.TestCase):
         self.assertIn("daemon: running, pid %d" % proc.pid,
                       self.importer("--status", *h.args()).stdout)
         self.assertEqual(h.stop(proc), 0)
-        # No credential found: null and the reason, the rest as before.
-        env = dict(os.environ, HOME=h.path("nohome"))
-        for var in ("X509_USER_PROXY", "X509_USER_CERT", "X509_USER_KEY"):
-            env.pop(var, None)
-        proc = self.importer("--status", "--json", "-r", h.reg, "-d", h.dump,
-                             "-s", h.sandbox, "-i", h.pidfile, env=env)
+        # No credential: null and the reason, the rest as before.
+        proc = self.importer("--status", "--json", "-c", h.path("gone.pem"),
+                             "-r", h.reg, "-d", h.dump, "-s", h.sandbox)
         report = json.loads(proc.stdout)
-        if os.geteuid() != 0 and not os.path.exists(
-                "/tmp/x509up_u%d" % os.geteuid()):
-            self.assertIsNone(report["credential"])
-            self.assertIn("no credential found", report["credential_error"])
+        self.assertIsNone(report["credential"])
+        self.assertEqual(report["credential_error"], "cannot read %s: No "
+                         "such file or directory" % h.path("gone.pem"))
         self.assertEqual(report["queues"]["registration"]["counts"]
                          ["undeliverable"], 1)
 

@@ -2,7 +2,9 @@
 """jp_importer -- hand LB jobs over to a JP primary storage, losing nothing.
 
 Usage: %(prog)s [options]
-       %(prog)s --status | --requeue [maildir options]
+       %(prog)s --status [--json | --check [thresholds]] [maildir options]
+       %(prog)s --flush | --requeue [NAME|JOBID...] [maildir options]
+       %(prog)s --delete NAME|JOBID... [maildir options]
        %(prog)s --upload FILE URL [credential options]
 
 Watches three LB maildirs: registrations (RegisterJob), LB dumps and
@@ -30,7 +32,17 @@ Options (as the original):
 New options (long only):
   --once                  drain every queue once and exit (for cron)
   --status                print the state of the maildirs; change nothing
-  --requeue               move undeliverable messages back for delivery
+  --json                  with --status: one JSON object (see README)
+  --check                 with --status: one monitoring (Nagios) line;
+                          exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN
+  --warn-age S, --crit-age S  oldest waiting message (default 3600, 86400)
+  --warn-undeliverable N, --crit-undeliverable N
+                          undeliverable messages (default 1, 0 = never)
+  --requeue [NAME|JOBID...]  move undeliverable messages (all, or those
+                          named) back for delivery
+  --flush                 make every postponed message due now
+  --delete NAME|JOBID...  remove undeliverable messages; a record of each
+                          is appended to MAILDIR/deleted.log
   --retry SECONDS         first retry delay (default: 300 registrations,
                           360 uploads; doubles per attempt, at most 1 h)
   --give-up SECONDS       give a failing message up when older than this
@@ -38,6 +50,7 @@ New options (long only):
   --timeout SECONDS       total time for one SOAP call, and the per-read
                           time limit of an upload (default: %(timeout)d)
   --log FILE              log to FILE (default: syslog, or stderr with -g)
+  --log-level LEVEL       DEBUG, INFO (default), WARNING or ERROR
   --upload FILE URL       upload one file by hand with the importer's
                           credentials (checks a site's JPPS storage)
   --dcau auto|N|A         gsiftp data channel protection (default: auto)
@@ -51,6 +64,8 @@ New options (long only):
   --delegate-to HOST      a gsiftp host trusted with a delegated proxy
                           besides the host of the message's JPPS
                           (repeatable; see README, "Credentials")
+  --allow-shared-dirs     accept maildirs, store and message files owned
+                          by another user or writable by group/others
   --version               print the version and exit
 
 Credentials, when -c is not given: $X509_USER_PROXY, /tmp/x509up_u<uid>,
@@ -63,7 +78,8 @@ Signals: TERM/INT finish the messages in hand and exit 0; HUP reloads the
 credentials and reopens the log file.
 
 Exit status: 0 success, 1 runtime error, 2 usage error, 141 standard
-output closed before all was written (as by `| head -1`).
+output closed before all was written (as by `| head -1`); --status --check:
+the monitoring codes above.
 Requires only the Python 3.6+ standard library.
 """
 
@@ -79,10 +95,12 @@ import getopt
 import hashlib
 import http.client
 import itertools
+import json
 import logging
 import logging.handlers
 import math
 import os
+import pwd
 import random
 import re
 import select
@@ -135,6 +153,16 @@ ORIGINAL_IMPORTER = "glite-jp-importer"     # the C daemon we replace
 ORIGINAL_BUSY = 1200.0      # after 15 min the original's attempt cannot
                             # succeed any more: a dump's four calls of 120 s,
                             # an upload the JPPS drops after 300 s, a commit
+STATUS_VERSION = 1          # of the --status --json schema (README)
+# --status --check: the thresholds (age in seconds of the oldest waiting
+# message, undeliverable count; 0 = never) and the credential's remaining
+# life below which it warns (a proxy is renewed before its last day).
+CHECK_THRESHOLDS = {"warn-age": 3600, "crit-age": 86400,
+                    "warn-undeliverable": 1, "crit-undeliverable": 0}
+CHECK_EXPIRY_WARN = 86400.0
+FLUSH_MARK = ".flush"       # in state/: touched by --flush, the workers
+                            # then forget which messages are not yet due
+DELETED_LOG = "deleted.log"  # in the maildir: a line per --delete
 
 SUBDIRS = ("tmp", "new", "work", "post", "undeliverable")
 STATE_DIR = "state"         # ours: per-message attempts, errors, reasons
@@ -1203,6 +1231,22 @@ def check_directory(path, allow_shared=False, what="directory"):
                           % (what, path, stat.S_IMODE(st.st_mode)))
 
 
+GIVEN_UP_RE = re.compile(r"^given up after \d+ attempts over \S+; ")
+
+
+def _count_error(groups, state, text, when, default_when):
+    """Count one error in `groups` for --status; "given up after 3
+    attempts over 5d02h; last error: X" counts with the others of X."""
+    try:
+        when = float(when)
+    except (TypeError, ValueError):
+        when = default_when
+    entry = groups.setdefault((state, GIVEN_UP_RE.sub("given up; ", text)),
+                              [0, when])
+    entry[0] += 1
+    entry[1] = max(entry[1], when)
+
+
 class Maildir:
     """One LB maildir: claim, postpone, finish and inspect messages."""
 
@@ -1212,6 +1256,7 @@ class Maildir:
                           for sub in SUBDIRS + (STATE_DIR, "spool"))
         self._prefix = dict((sub, path + os.sep)
                             for sub, path in self.paths.items())
+        self.quarantined = 0        # by this process (the --once summary)
 
     def path(self, sub, name):
         return self._prefix[sub] + name       # hot: no os.path.join
@@ -1352,6 +1397,7 @@ class Maildir:
                 unlink_quietly(self.path("tmp", name))
         except FileNotFoundError:
             pass
+        self.quarantined += 1
         log.error("%s: %s/%s: %s; moved to undeliverable/%s",
                   self.root, sub, name, reason,
                   "" if target == name else target)
@@ -1456,11 +1502,15 @@ class Maildir:
             if name not in present and not name.endswith(".tmp"):
                 unlink_quietly(self.path(STATE_DIR, name))
 
-    def requeue_undeliverable(self):
-        """Move undeliverable messages back to new/; return their names."""
+    def requeue_undeliverable(self, select=None):
+        """Move undeliverable messages back to new/ (those for which
+        select(name, jobid) is true, if given); return their names."""
         moved = []
         for name in self.names("undeliverable"):
             source = self.path("undeliverable", name)
+            if select is not None and not select(
+                    name, self.jobid_of("undeliverable", name)):
+                continue
             state = self.read_state(name)
             state.update({"requeued": str(time.time()), "attempts": "0",
                           "next_retry": None, "reason": None,
@@ -1483,13 +1533,18 @@ class Maildir:
 
         default_retry: the retry delay of a message the original importer
         postponed (it has no state file), as the workers apply it.
+        `errors` groups the last errors of post/ and the reasons of
+        undeliverable/ by their text: {(state, text): [count, last]}.
         """
         now = time.time() if now is None else now
         info = {"root": self.root, "counts": {}, "oldest": None,
-                "next_retry": None, "undeliverable": []}
+                "next_retry": None, "due_now": 0, "undeliverable": [],
+                "errors": {}}
         for sub in ("new", "work", "post", "undeliverable"):
             names = self.names(sub)
             info["counts"][sub] = len(names)
+            if sub == "new":
+                info["due_now"] += len(names)
             for name in names:
                 try:
                     mtime = os.lstat(self.path(sub, name)).st_mtime
@@ -1498,21 +1553,100 @@ class Maildir:
                 if sub != "undeliverable" and (info["oldest"] is None
                                                or mtime < info["oldest"]):
                     info["oldest"] = mtime
-                state = self.read_state(name)
                 if sub == "post":
+                    state = self.read_state(name)
                     retry = self.next_retry(name, default_retry, state)
                     if retry is None:
                         continue
+                    info["due_now"] += retry <= now
                     if info["next_retry"] is None or \
                             retry < info["next_retry"]:
                         info["next_retry"] = retry
+                    if state.get("last_error"):
+                        _count_error(info["errors"], "postponed",
+                                     state["last_error"],
+                                     state.get("last_attempt"), mtime)
                 if sub == "undeliverable":
+                    state = self.read_state(name)
+                    reason = state.get("reason", "given up by the original "
+                                       "importer (no reason recorded)")
                     info["undeliverable"].append(
                         (name, state.get("jobid") or
-                         self._peek_jobid(self.path(sub, name)),
-                         state.get("reason", "given up by the original "
-                                   "importer (no reason recorded)")))
+                         self._peek_jobid(self.path(sub, name)), reason))
+                    _count_error(info["errors"], "undeliverable", reason,
+                                 state.get("gave_up"), mtime)
         return info
+
+    def jobid_of(self, sub, name):
+        """The jobid of a message, from its state or its first lines."""
+        return (self.read_state(name).get("jobid")
+                or self._peek_jobid(self.path(sub, name)))
+
+    def flush(self, now=None):
+        """Make every message of post/ due now; return how many.
+
+        Only its retry time changes (attempts and the give-up clock stay).
+        Each is locked as a worker claims it, so a message a worker holds
+        is left alone and no state a worker writes is overwritten.  The
+        mark file tells running workers to forget the retry times they
+        remember.
+        """
+        now = time.time() if now is None else now
+        count = 0
+        for name in self.names("post"):
+            try:
+                fd = os.open(self.path("post", name), os.O_RDONLY |
+                             os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.stat(self.path("post", name)).st_ino != \
+                        os.fstat(fd).st_ino:
+                    continue
+                state = self.read_state(name)
+                state["next_retry"] = str(now)
+                self.write_state(name, state)
+                count += 1
+            except (BlockingIOError, FileNotFoundError):
+                continue            # claimed by a worker meanwhile
+            finally:
+                os.close(fd)
+        write_private_file(self.path(STATE_DIR, FLUSH_MARK),
+                           ("%f\n" % now).encode("ascii"))
+        return count
+
+    def delete_undeliverable(self, name, who):
+        """Remove an undeliverable message, its tmp/ copy and its state.
+
+        A line goes first to deleted.log (0600, synced): when, which
+        message, its jobid, who, and why it was undeliverable.
+        """
+        path = self.path("undeliverable", name)
+        st = os.lstat(path)
+        state = self.read_state(name)
+        fields = [format_time(time.time()), "undeliverable/" + name,
+                  state.get("jobid") or self._peek_jobid(path), "by " + who,
+                  "reason: " + state.get("reason", "(none recorded)")]
+        line = "\t".join(printable(one_line(f, 1000)) for f in fields)
+        fd = os.open(os.path.join(self.root, DELETED_LOG), os.O_WRONLY |
+                     os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, (line + "\n").encode("utf-8", "surrogateescape"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            left = os.lstat(self.path("tmp", name))
+            if (left.st_dev, left.st_ino) == (st.st_dev, st.st_ino):
+                unlink_quietly(self.path("tmp", name))
+        except FileNotFoundError:
+            pass
+        if stat.S_ISDIR(st.st_mode):          # put aside as it was found
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+        self.remove_state(name)
 
     @staticmethod
     def _peek_jobid(path):
@@ -1555,6 +1689,7 @@ class Message:
         self.jobid = self.state.get("jobid")
         self.owner = st.st_uid                   # who wrote the message
         self._data = None
+        self.outcome = None     # delivered, postponed or undeliverable
 
     def read(self):
         """The message bytes; MalformedMessage when oversized."""
@@ -1604,6 +1739,7 @@ class Message:
         if self.state:
             md.remove_state(self.name)
         self._close()
+        self.outcome = "delivered"
 
     def postpone(self, error, retry_base, give_up, now=None, at_least=0):
         """Failed: schedule a retry, or give up when old enough.
@@ -1628,6 +1764,7 @@ class Message:
         os.rename(self.maildir.path("work", self.name),
                   self.maildir.path("post", self.name))
         self._close()
+        self.outcome = "postponed"
         return next_retry
 
     def give_up(self, reason, **changes):
@@ -1640,6 +1777,7 @@ class Message:
                   md.path("undeliverable", self.name))
         unlink_quietly(md.path("tmp", self.name))
         self._close()
+        self.outcome = "undeliverable"
 
     def release(self):
         """Leave it in work/, unlocked: the next pass picks it up again."""
@@ -2948,6 +3086,41 @@ def upload(url, source, credentials, timeout, dcau="auto",
                          % one_line(public_url(url), 200))
 
 
+def storage_server(url):
+    """"host:port" of an upload URL (the default port of its scheme)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is None:
+        port = {"gsiftp": 2811, "ftps": FTPS_IMPLICIT_PORT}.get(
+            parts.scheme.lower(), 21)
+    return "%s:%d" % (parts.hostname, port)
+
+
+# What says a server cannot be reached (no connection, no answer), as
+# opposed to its refusal or its reply.
+UNREACHABLE_ERRNOS = (errno.ECONNREFUSED, errno.ECONNRESET,
+                      errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT,
+                      errno.EHOSTDOWN, errno.ENETDOWN, errno.EPIPE)
+
+
+def network_failure(exc):
+    """Whether a TransientError of upload() came from the network: a
+    time-out, no connection, a dropped one (not a reply, not TLS)."""
+    for _ in range(6):
+        exc = exc.__cause__ or exc.__context__
+        if exc is None or isinstance(exc, (ftplib.Error, ssl.SSLError,
+                                           ssl.CertificateError)):
+            return False
+        if isinstance(exc, (socket.timeout, EOFError)) or (
+                isinstance(exc, OSError) and
+                exc.errno in UNREACHABLE_ERRNOS):
+            return True
+    return False
+
+
 # ---------------------------------------------------------------------------
 # Delivery: one worker per maildir kind
 # ---------------------------------------------------------------------------
@@ -2983,6 +3156,12 @@ class Worker:
         self.reload_requested = False
         self.file_directories = file_directories(options)
         self.claim_error = None
+        # What became of the messages handled (the --once summary).
+        self.counts = {"delivered": 0, "postponed": 0, "undeliverable": 0}
+        self.flush_mark = self._flush_mark()
+        # "host:port" of a storage server that failed on the network ->
+        # {"since", "until", "backoff"}: until then its uploads wait.
+        self.storage_down = {}
         self.deliver = {KIND_REG: self.deliver_registration,
                         KIND_DUMP: self.deliver_dump,
                         KIND_SANDBOX: self.deliver_sandbox}[kind]
@@ -3013,8 +3192,19 @@ class Worker:
         for client in self.clients.values():
             client.close()
 
+    def _flush_mark(self):
+        try:
+            return os.stat(self.maildir.path(STATE_DIR,
+                                             FLUSH_MARK)).st_mtime_ns
+        except OSError:
+            return None
+
     def run_pass(self):
         """Deliver what there is; return how many messages were handled."""
+        mark = self._flush_mark()
+        if mark != self.flush_mark:         # --flush: all of post/ is due
+            self.flush_mark = mark
+            self.not_before.clear()
         if self.kind == KIND_REG:
             return self._overlapped_registrations(self._claims())
         handled = 0
@@ -3206,6 +3396,8 @@ class Worker:
             except OSError as exc:
                 text, level = self._set_aside(msg, exc)
                 value = "%s, but %s" % (value, text)
+        # Set aside (not recorded) counts as postponed: it is tried again.
+        self.counts[msg.outcome or "postponed"] += 1
         log.log(level, "%s %s: %s (attempt %d, %.2fs)", self.kind,
                 msg.jobid or msg.name, one_line(value, 1000),
                 msg.attempts + (level == logging.INFO),
@@ -3219,8 +3411,11 @@ class Worker:
             return ("given up, moved to undeliverable/: %s" % exc,
                     logging.ERROR)
         self.not_before[msg.name] = next_retry
+        # A storage outage is one WARNING, not one per message and retry.
         return ("failed: %s; next attempt at %s"
-                % (exc, format_time(next_retry)), logging.WARNING)
+                % (exc, format_time(next_retry)),
+                logging.INFO if getattr(exc, "quiet", False)
+                else logging.WARNING)
 
     # -- the three kinds ----------------------------------------------------
 
@@ -3297,17 +3492,61 @@ class Worker:
 
     def _upload_and_commit(self, msg, client, destination, source, path,
                            file_class):
-        # A proxy only for the host of the JPPS that handed out the
-        # destination, or one the operator named: a destination host is
-        # whatever the JPPS, or a message's jpps line, says.
-        size = upload(destination, source, self.credentials,
-                      self.options.timeout, dcau=self.options.dcau,
-                      allow_plain=self.options.allow_plain_ftp,
-                      delegate_to=[client.host] + self.options.delegate_to)
+        server = storage_server(destination)
+        self._storage_wait(server)
+        try:
+            # A proxy only for the host of the JPPS that handed out the
+            # destination, or one the operator named: a destination host
+            # is whatever the JPPS, or a message's jpps line, says.
+            size = upload(destination, source, self.credentials,
+                          self.options.timeout, dcau=self.options.dcau,
+                          allow_plain=self.options.allow_plain_ftp,
+                          delegate_to=[client.host] +
+                          self.options.delegate_to)
+        except TransientError as exc:
+            if network_failure(exc):
+                self._storage_failed(server, exc)
+            raise
+        self._storage_back(server)
         msg.save_state(uploading=None)
         return self._commit(msg, client, destination, path, file_class,
                             "delivered %d bytes to %s"
                             % (size, public_url(destination)))
+
+    # -- storage servers that fail: one costs one --timeout, not one each
+
+    def _storage_wait(self, server):
+        """Postpone at once an upload to a server backed off from; the
+        message keeps its destination (saved before) for the retry."""
+        down = self.storage_down.get(server)
+        now = time.time()
+        if down is not None and down["until"] > now:
+            exc = RetryLater("storage %s unreachable since %s; not tried "
+                             "before %s" % (server, format_time(
+                                 down["since"]), format_time(down["until"])),
+                             down["until"] - now)
+            exc.quiet = True
+            raise exc
+
+    def _storage_failed(self, server, exc):
+        """A network failure: back off from `server`, starting at the
+        retry delay and doubling (at most an hour); only the first
+        failure of an outage is logged as a WARNING."""
+        down = self.storage_down.get(server)
+        if down is None:
+            down = self.storage_down[server] = {
+                "since": time.time(), "backoff": self.retry_base}
+        else:
+            down["backoff"] = min(max(RETRY_CAP, self.retry_base),
+                                  2 * down["backoff"])
+            exc.quiet = True
+        down["until"] = time.time() + down["backoff"]
+
+    def _storage_back(self, server):
+        down = self.storage_down.pop(server, None)
+        if down is not None:
+            log.info("storage %s is back (unreachable since %s)", server,
+                     format_time(down["since"]))
 
     def _resume(self, msg, client, destination, source, path, file_class):
         """An earlier attempt got a destination and may not have sent the
@@ -3519,13 +3758,15 @@ class Wakeup:
 
 
 def run_worker(kind, maildir, options, credentials, once=False,
-               master_pid=None):
+               master_pid=None, report_fd=None):
     """The body of a worker process: deliver until told to stop.
 
     TERM/INT stop it after the message in hand (every call is bounded by
     its timeout); HUP reloads the credential and reopens the log.  A
     worker whose master went away stops too.  With `once`, it stops when
-    a pass finds nothing to do.
+    a pass finds nothing to do.  At the end it writes to `report_fd`, if
+    given, one line: delivered, postponed, undeliverable (a write this
+    short to a pipe is atomic).
     """
     wakeup = Wakeup()
     worker = Worker(kind, maildir, options, credentials, once)
@@ -3553,7 +3794,25 @@ def run_worker(kind, maildir, options, credentials, once=False,
     finally:
         worker.close()
         wakeup.close()
+        if report_fd is not None:
+            counts = worker.counts
+            try:
+                os.write(report_fd, b"%d %d %d\n" % (
+                    counts["delivered"], counts["postponed"],
+                    counts["undeliverable"] + maildir.quarantined))
+            except OSError:
+                pass            # full (restarts without end): uncounted
     return 0
+
+
+def set_process_name(name):
+    """Name this process for ps -e, top and pgrep (Linux: the 15-byte
+    /proc/PID/comm; the command line stays python3 jp_importer.py ...)."""
+    try:
+        with open("/proc/self/comm", "wb") as f:
+            f.write(name.encode("ascii", "replace")[:15])
+    except OSError:
+        pass            # not Linux, or an old kernel: the name stays
 
 
 class Master:
@@ -3583,6 +3842,7 @@ class Master:
         self.restart_at = {}            # slot -> monotonic time
         self.finished = set()           # slots done (--once)
         self.wakeup = None
+        self.report = None              # --once: pipe of the workers' counts
 
     def spawn(self, slot):
         kind, maildir = self.slots[slot]
@@ -3596,9 +3856,15 @@ class Master:
                     signal.signal(sig, signal.SIG_DFL)
                 self.wakeup.close()
                 set_role("%s-%d" % (kind, slot))
+                set_process_name("jp_imp: " + {
+                    KIND_REG: "reg", KIND_DUMP: "dump-%d" % slot,
+                    KIND_SANDBOX: "sandbox"}[kind])
+                if self.report:
+                    os.close(self.report[0])
                 status = run_worker(kind, maildir, self.options,
                                     self.credentials, self.options.once,
-                                    master_pid)
+                                    master_pid, self.report and
+                                    self.report[1])
             except BaseException:
                 log.exception("%s worker failed", kind)
             finally:
@@ -3641,9 +3907,14 @@ class Master:
                 log.error("%s: housekeeping failed: %s", maildir.root, exc)
 
     def run(self):
+        started = time.monotonic()
+        set_process_name(PROG)
         self.wakeup = Wakeup()
         self.wakeup.install((signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
                              signal.SIGCHLD))
+        if self.options.once:
+            self.report = os.pipe()
+            os.set_blocking(self.report[1], False)  # a worker never hangs
         self.housekeeping()
         next_housekeeping = time.monotonic() + self.HOUSEKEEPING
         for slot in range(len(self.slots)):
@@ -3689,8 +3960,28 @@ class Master:
             waits = [self.HOUSEKEEPING] + [max(0, t - now) for t in
                                             self.restart_at.values()]
             self.wakeup.wait(min(waits + ([1.0] if stopping else [])))
+        if self.report:
+            self.summary(time.monotonic() - started)
         log.info("stopped")
         return 0
+
+    def summary(self, seconds):
+        """--once: one line with what became of the messages, summed over
+        the workers (a worker killed by a signal has not counted in)."""
+        os.close(self.report[1])
+        data = b""
+        while True:
+            chunk = os.read(self.report[0], 65536)
+            if not chunk:
+                break
+            data += chunk
+        os.close(self.report[0])
+        totals = [0, 0, 0]
+        for line in data.split(b"\n"):
+            for i, word in enumerate(line.split()[:3]):
+                totals[i] += int(word)
+        log.info("--once: %d delivered, %d postponed, %d undeliverable in "
+                 "%.1fs", totals[0], totals[1], totals[2], seconds)
 
     def signal_children(self, sig):
         for pid in list(self.children):
@@ -3718,9 +4009,14 @@ class PidFile:
         except OSError as exc:
             raise ConfigError("cannot open pid file %s: %s"
                               % (self.path, exc.strerror))
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for attempt in (1, 2, 3):
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt < 3:         # --status probes it for a moment
+                    time.sleep(0.05)
+        else:
             pid = os.read(self.fd, 32).decode("ascii", "replace").strip()
             os.close(self.fd)
             self.fd = None
@@ -3788,7 +4084,7 @@ def set_role(role):
     _ROLE["role"] = role
 
 
-def setup_logging(logfile=None, use_syslog=False, level=logging.INFO):
+def setup_logging(logfile=None, use_syslog=False, level=None):
     """Log to a file, to syslog (daemon) or to stderr (foreground)."""
     # No caller lookup per record (the logging HOWTO's optimisation): one
     # line per message is logged, and the frame walk was a tenth of the
@@ -3812,7 +4108,8 @@ def setup_logging(logfile=None, use_syslog=False, level=logging.INFO):
     handler.setFormatter(_Formatter(fmt))
     handler.addFilter(_RoleFilter())
     log.addHandler(handler)
-    log.setLevel(level)
+    if level is not None:           # else as set before (--log-level)
+        log.setLevel(level)
     log.propagate = False
 
 
@@ -3838,7 +4135,11 @@ LONGOPTS = ["help", "cert=", "key=", "CAdir=", "debug", "jpps=",
             "pidfile=", "poll=", "store=", "once", "status", "requeue",
             "retry=", "give-up=", "timeout=", "log=", "upload", "dcau=",
             "allow-plain-ftp", "allow-shared-dirs", "files-in=",
-            "allow-jpps=", "delegate-to=", "version"]
+            "allow-jpps=", "delegate-to=", "version",
+            "json", "check", "warn-age=", "crit-age=",
+            "warn-undeliverable=", "crit-undeliverable=",
+            "flush", "delete", "log-level="]
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def default_pidfile():
@@ -3874,6 +4175,10 @@ class Options:
         self.delegate_to = []       # gsiftp hosts trusted with a proxy
         self.help = self.version = False
         self.args = []
+        self.json = self.check = self.flush = self.delete = False
+        self.thresholds = dict(CHECK_THRESHOLDS)
+        self.pidfile_given = False
+        self.log_level = logging.INFO
 
 
 def _number(opt, value, low=None, high=None, integer=False):
@@ -3912,7 +4217,8 @@ def parse_args(argv):
              "--requeue": "requeue", "--upload": "upload",
              "--allow-plain-ftp": "allow_plain_ftp",
              "--allow-shared-dirs": "allow_shared_dirs",
-             "--version": "version"}
+             "--version": "version", "--json": "json", "--check": "check",
+             "--flush": "flush", "--delete": "delete"}
     for opt, arg in opts:
         if opt in simple:
             if not arg:
@@ -3949,17 +4255,34 @@ def parse_args(argv):
             if arg not in ("auto", "N", "A"):
                 raise getopt.GetoptError("--dcau must be auto, N or A")
             o.dcau = arg
-    modes = [m for m in ("once", "status", "requeue", "upload")
-             if getattr(o, m)]
+        elif opt[2:] in CHECK_THRESHOLDS:
+            o.thresholds[opt[2:]] = _number(opt, arg, 0, None,
+                                            "undeliverable" in opt)
+        elif opt == "--log-level":
+            if arg.upper() not in LOG_LEVELS:
+                raise getopt.GetoptError("--log-level must be one of %s"
+                                         % ", ".join(LOG_LEVELS))
+            o.log_level = getattr(logging, arg.upper())
+    modes = [m for m in ("once", "status", "requeue", "upload", "flush",
+                         "delete") if getattr(o, m)]
     if len(modes) > 1:
         raise getopt.GetoptError("--%s and --%s exclude each other"
                                  % tuple(modes[:2]))
+    if (o.json or o.check) and not o.status:
+        raise getopt.GetoptError("--%s goes with --status"
+                                 % ("json" if o.json else "check"))
+    if o.json and o.check:
+        raise getopt.GetoptError("--json and --check exclude each other")
     if o.upload:
         if len(args) != 2:
             raise getopt.GetoptError("--upload needs FILE and URL")
-    elif args:
+    elif o.delete and not args:
+        raise getopt.GetoptError("--delete needs the NAME or JOBID of "
+                                 "undeliverable messages")
+    elif args and not (o.requeue or o.delete):
         raise getopt.GetoptError("unexpected argument %r" % args[0])
     o.args = args
+    o.pidfile_given = o.pidfile is not None
     if o.store:
         o.store = os.path.abspath(o.store)
     o.pidfile = o.pidfile or default_pidfile()
@@ -3991,29 +4314,253 @@ def open_maildirs(o, create=True):
                            (KIND_SANDBOX, o.sandbox_mdir)))
 
 
+def maildir_paths(o):
+    return ((KIND_REG, o.reg_mdir), (KIND_DUMP, o.dump_mdir),
+            (KIND_SANDBOX, o.sandbox_mdir))
+
+
+def daemon_status(pidfile):
+    """Whether a daemon holds the pid file's lock, and its pid.
+
+    The probe is a shared flock() for a moment: it fails while the daemon
+    holds its exclusive lock (a starting daemon tries three times).
+    """
+    info = {"pidfile": os.path.abspath(pidfile), "running": False,
+            "pid": None, "error": None}
+    try:
+        fd = os.open(pidfile, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return info
+    except OSError as exc:
+        info.update(running=None, error="cannot open: %s" % exc.strerror)
+        return info
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        info["running"] = True
+        try:
+            info["pid"] = int(os.read(fd, 32).split()[0])
+        except (OSError, ValueError, IndexError):
+            pass                        # being written: running, pid unknown
+    finally:
+        os.close(fd)
+    return info
+
+
+def credential_status(o, now):
+    """(the credential's file, subject, expiry, None) or (None, why).
+
+    Only its certificates are read (no key needed): any user who may read
+    the certificate can check its expiry.
+    """
+    cert_file = o.cert
+    try:
+        cert_file = find_credentials(o.cert, o.key)[0]
+        certs = read_pem_certificates(cert_file)
+    except ConfigError as exc:
+        return None, str(exc)
+    except OSError as exc:
+        return None, "cannot read %s: %s" % (exc.filename or cert_file,
+                                              exc.strerror)
+    except (ValueError, IndexError) as exc:
+        return None, "%s: unreadable certificate (%s)" % (cert_file, exc)
+    if not certs:
+        return None, "%s holds no certificate" % cert_file
+    not_after = min(c.not_after for c in certs)
+    return {"file": os.path.abspath(cert_file), "subject": certs[0].subject,
+            "not_after": not_after,
+            "expires_in": int(not_after - now)}, None
+
+
+def queue_status(path, default_retry, now):
+    """One queue of --status --json (README, "Watching it")."""
+    info = {"path": os.path.abspath(path), "error": None,
+            "counts": dict((sub, 0) for sub in SUBDIRS[1:]),
+            "due_now": 0, "oldest_age": None, "next_retry": None,
+            "errors": [], "undeliverable": []}
+    if not os.path.isdir(path):
+        info["error"] = "does not exist"
+        return info
+    try:
+        md = Maildir(path).status(default_retry, now)
+    except OSError as exc:
+        info["error"] = "cannot read: %s" % (exc.strerror or exc)
+        return info
+    info.update(counts=md["counts"], due_now=md["due_now"])
+    if md["oldest"] is not None:
+        info["oldest_age"] = max(0, int(now - md["oldest"]))
+    if md["next_retry"] is not None:
+        info["next_retry"] = int(md["next_retry"])
+    info["errors"] = [
+        {"state": state, "reason": reason, "count": count, "last": int(last)}
+        for (state, reason), (count, last) in sorted(
+            md["errors"].items(), key=lambda item: (-item[1][0],
+                                                    -item[1][1]))]
+    info["undeliverable"] = [{"name": name, "jobid": jobid, "reason": reason}
+                             for name, jobid, reason in md["undeliverable"]]
+    return info
+
+
+def status_report(o, now=None):
+    """Everything --status says, as one JSON-ready dict."""
+    now = time.time() if now is None else now
+    credential, why = credential_status(o, now)
+    return {"version": STATUS_VERSION, "time": int(now),
+            "daemon": daemon_status(o.pidfile),
+            "credential": credential, "credential_error": why,
+            "queues": dict((kind, queue_status(
+                path, o.retry if o.retry is not None else Worker.RETRY[kind],
+                now)) for kind, path in maildir_paths(o))}
+
+
 def print_status(o, stream):
     now = time.time()
-    for kind, path in ((KIND_REG, o.reg_mdir), (KIND_DUMP, o.dump_mdir),
-                       (KIND_SANDBOX, o.sandbox_mdir)):
+    report = status_report(o, now)
+    daemon = report["daemon"]
+    stream.write("daemon: %s (pid file %s)\n" % (
+        "running, pid %s" % (daemon["pid"] or "?") if daemon["running"]
+        else daemon["error"] or "not running", daemon["pidfile"]))
+    cred = report["credential"]
+    if cred is None:
+        stream.write("credential: none usable: %s\n"
+                     % printable(report["credential_error"]))
+    else:
+        stream.write("credential: %s (%s), %s %s\n" % (
+            cred["file"], printable(cred["subject"]),
+            "expired on" if cred["expires_in"] < 0 else "valid until",
+            format_time(cred["not_after"])))
+    for kind, path in maildir_paths(o):
+        info = report["queues"][kind]
         stream.write("%s maildir %s\n" % (kind, path))
-        if not os.path.isdir(path):
-            stream.write("  does not exist\n")
+        if info["error"]:
+            stream.write("  %s\n" % info["error"])
             continue
-        info = Maildir(path).status(o.retry if o.retry is not None
-                                    else Worker.RETRY[kind], now)
         stream.write("  new %(new)d  work %(work)d  post %(post)d  "
                      "undeliverable %(undeliverable)d\n" % info["counts"])
-        if info["oldest"] is not None:
-            stream.write("  oldest message: %s old\n"
-                         % format_age(now - info["oldest"]))
+        if info["oldest_age"] is not None:
+            stream.write("  oldest message: %s old; due now: %d\n"
+                         % (format_age(info["oldest_age"]), info["due_now"]))
         if info["next_retry"] is not None:
             stream.write("  next retry: %s (%s)\n" % (
                 format_time(info["next_retry"]),
                 "due" if info["next_retry"] <= now else
                 "in " + format_age(info["next_retry"] - now)))
-        for name, jobid, reason in info["undeliverable"]:
+        for error in info["errors"]:
+            stream.write("  %s %dx, last %s: %s\n" % (
+                error["state"], error["count"], format_time(error["last"]),
+                printable(error["reason"])))
+        for item in info["undeliverable"]:
             stream.write("  undeliverable %s\n" % printable(
-                "%s %s: %s" % (name, jobid, reason)))
+                "%(name)s %(jobid)s: %(reason)s" % item))
+
+
+def check_status(o, report):
+    """--status --check: (exit status, one line) in the Nagios way."""
+    names = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
+    broken = ["%s maildir %s" % (kind, q["error"])
+              for kind, q in sorted(report["queues"].items()) if q["error"]]
+    if broken:
+        return 3, "JP_IMPORTER UNKNOWN - " + printable("; ".join(broken))
+    queues = report["queues"].values()
+    waiting = sum(q["counts"][s] for q in queues
+                  for s in ("new", "work", "post"))
+    postponed = sum(q["counts"]["post"] for q in queues)
+    undeliverable = sum(q["counts"]["undeliverable"] for q in queues)
+    oldest = max([q["oldest_age"] or 0 for q in queues])
+    th = o.thresholds
+    problems = []               # (level, text)
+
+    def judge(value, warn, crit, text):
+        if crit and value >= crit:
+            problems.append((2, text))
+        elif warn and value >= warn:
+            problems.append((1, text))
+    judge(oldest, th["warn-age"], th["crit-age"],
+          "oldest message waiting %s" % format_age(oldest))
+    judge(undeliverable, th["warn-undeliverable"], th["crit-undeliverable"],
+          "%d undeliverable" % undeliverable)
+    daemon, cred = report["daemon"], report["credential"]
+    if o.pidfile_given and not daemon["running"]:
+        problems.append((2, "no daemon holds %s" % daemon["pidfile"]))
+    if cred is not None and cred["expires_in"] <= 0:
+        problems.append((2, "credential expired"))
+    elif cred is not None and cred["expires_in"] < CHECK_EXPIRY_WARN:
+        problems.append((1, "credential expires in %s"
+                         % format_age(cred["expires_in"])))
+    level = max([p[0] for p in problems] + [0])
+    text = "; ".join([p[1] for p in problems] + [
+        "%d waiting (oldest %s), %d postponed, %d undeliverable"
+        % (waiting, format_age(oldest), postponed, undeliverable)])
+    perf = ("waiting=%d oldest_age=%ds;%s;%s;0 postponed=%d "
+            "undeliverable=%d;%s;%s;0" % (
+                waiting, oldest, th["warn-age"] or "", th["crit-age"] or "",
+                postponed, undeliverable, th["warn-undeliverable"] or "",
+                th["crit-undeliverable"] or ""))
+    return level, "JP_IMPORTER %s - %s | %s" % (names[level], text, perf)
+
+
+def who_am_i():
+    """The user for a --delete record (and who sudo'ed, if so)."""
+    uid = os.getuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = "?"
+    sudo = os.environ.get("SUDO_USER")
+    return "%s (uid %d)%s" % (name, uid, " via sudo by " + sudo
+                              if sudo else "")
+
+
+def requeue_or_delete(o):
+    """--requeue [NAME|JOBID...] and --delete NAME|JOBID...: only
+    undeliverable messages; a NAME or JOBID that matches none is an
+    error (exit status 1) after the others were done.  All is done
+    before the report is written: a reader gone early stops nothing."""
+    report = []
+    wanted = set(o.args)
+    for arg in o.args:
+        try:
+            wanted.add(parse_jobid(arg))
+        except ValueError:
+            pass
+    matched = set()
+
+    def select(name, jobid):
+        try:
+            normal = parse_jobid(jobid)
+        except ValueError:
+            normal = jobid
+        hits = wanted.intersection((name, jobid, normal))
+        matched.update(hits)
+        return bool(hits) or not o.args
+    for kind, maildir in open_maildirs(o, create=False).items():
+        if o.requeue:
+            moved = maildir.requeue_undeliverable(select)
+            report.append("%s: %d message(s) requeued\n"
+                          % (maildir.root, len(moved)))
+            continue
+        for name in maildir.names("undeliverable"):
+            jobid = maildir.jobid_of("undeliverable", name)
+            if select(name, jobid):
+                maildir.delete_undeliverable(name, who_am_i())
+                report.append("%s: deleted undeliverable/%s (%s); recorded "
+                              "in %s\n" % (maildir.root, printable(name),
+                                           printable(jobid), DELETED_LOG))
+    code = to_stdout(lambda out: out.write("".join(report)))
+    missing = [a for a in o.args if a not in matched and not any(
+        w in matched for w in _jobid_forms(a))]
+    if missing:
+        raise Error("no undeliverable message named %s"
+                    % ", ".join(printable(m) for m in missing))
+    return code
+
+
+def _jobid_forms(text):
+    try:
+        return [parse_jobid(text)]
+    except ValueError:
+        return []
 
 
 def run_daemon(o):
@@ -4103,16 +4650,27 @@ def main(argv=None):
     if o.version:
         return to_stdout(lambda out: out.write("%s %s\n"
                                                % (PROG, __version__)))
-    setup_logging(o.logfile)
+    setup_logging(o.logfile, level=o.log_level)
     try:
+        if o.status and o.check:
+            code, line = check_status(o, status_report(o))
+            sys.stdout.write(line + "\n")
+            return code
+        if o.status and o.json:
+            report = status_report(o)
+            return to_stdout(lambda out: out.write(json.dumps(
+                report, indent=1, sort_keys=True) + "\n"))
         if o.status:
             return to_stdout(lambda out: print_status(o, out))
-        if o.requeue:
-            # All requeued first: a reader gone early stops no requeue.
-            moved = [(maildir.root, len(maildir.requeue_undeliverable()))
-                     for maildir in open_maildirs(o, create=False).values()]
+        if o.requeue or o.delete:
+            return requeue_or_delete(o)
+        if o.flush:
+            # All made due first: a reader gone early stops no flush.
+            flushed = [(maildir.root, maildir.flush()) for maildir in
+                       open_maildirs(o, create=False).values()]
             return to_stdout(lambda out: out.write("".join(
-                "%s: %d message(s) requeued\n" % m for m in moved)))
+                "%s: %d postponed message(s) due now\n" % f
+                for f in flushed)))
         if o.upload:
             path, url = o.args
             credentials = Credentials.from_options(o.cert, o.key,
@@ -4133,6 +4691,9 @@ def main(argv=None):
             text = str(exc)
         if o.logfile:
             log.error("%s", text)
+        if o.status and o.check:        # the monitoring codes win
+            sys.stdout.write("JP_IMPORTER UNKNOWN - %s\n" % printable(text))
+            return 3
         sys.stderr.write("%s: %s\n" % (PROG, printable(text)))
         return 1
     except KeyboardInterrupt:

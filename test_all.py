@@ -24,6 +24,7 @@ import gzip
 import hashlib
 import http.server
 import io
+import json
 import logging
 import os
 import pty
@@ -3941,6 +3942,338 @@ def unlink_if_there(path):
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+class TestOperatorWatching(unittest.TestCase):
+    """What a site admin watches and steers: --status in JSON and for
+    monitoring, the --once summary, --flush, selective --requeue and
+    --delete, the log level, storage outages, worker names, --help."""
+
+    def importer(self, *args, **kw):
+        proc = run([sys.executable, JP_IMPORTER] + list(args),
+                   timeout=TIMEOUT, **kw)
+        self.assertNotIn("Traceback", proc.stderr)
+        return proc
+
+    def status_json(self, h, *extra):
+        proc = self.importer("--status", "--json", *(h.args() + list(extra)))
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        return json.loads(proc.stdout)
+
+    def troubles(self, h):
+        """A postponed registration, an undeliverable one, a new one."""
+        h.jpps.inject("fault", "RegisterJob", code=errno.EIO)
+        postponed = drop_message(h.reg, registration(1))
+        h.once("--retry", "600")
+        bad = drop_message(h.reg, b"no newline here")
+        h.once("--retry", "600")
+        fresh = drop_message(h.reg, registration(2), age=7200)
+        os.utime(os.path.join(h.reg, "new", fresh),
+                 (time.time() - 7200,) * 2)
+        return postponed, bad, fresh
+
+    def check(self, h, *extra, **kw):
+        args = ["--status", "--check", "-c", h.cert, "-k", h.key,
+                "-r", h.reg, "-d", h.dump, "-s", h.sandbox] + list(extra)
+        proc = self.importer(*args, **kw)
+        self.assertEqual(proc.stdout.count("\n"), 1, proc.stdout)
+        return proc.returncode, proc.stdout
+
+    def test_status_json_says_everything_and_the_text_the_same(self):
+        h = ImporterHarness(self)
+        postponed, bad, fresh = self.troubles(h)
+        report = self.status_json(h, "--retry", "600")
+        self.assertEqual(report["version"], 1)
+        self.assertEqual(report["daemon"], {
+            "pidfile": h.pidfile, "running": False, "pid": None,
+            "error": None})
+        cert = jp_importer.read_pem_certificates(h.cert)[0]
+        self.assertEqual(report["credential"]["subject"], HOST_SUBJECT)
+        self.assertEqual(report["credential"]["not_after"], cert.not_after)
+        self.assertAlmostEqual(report["credential"]["expires_in"],
+                               cert.not_after - time.time(), delta=60)
+        reg = report["queues"]["registration"]
+        self.assertEqual(reg["counts"], {"new": 1, "work": 0, "post": 1,
+                                         "undeliverable": 1})
+        self.assertEqual(reg["due_now"], 1)               # only the new one
+        self.assertGreaterEqual(reg["oldest_age"], 7200)
+        self.assertGreater(reg["next_retry"], time.time() + 300)
+        self.assertEqual(sorted((e["state"], e["count"])
+                                for e in reg["errors"]),
+                         [("postponed", 1), ("undeliverable", 1)])
+        self.assertIn("EIO", [e for e in reg["errors"]
+                              if e["state"] == "postponed"][0]["reason"])
+        self.assertEqual([u["name"] for u in reg["undeliverable"]], [bad])
+        self.assertEqual(report["queues"]["dump"]["counts"]["new"], 0)
+        # The text form says the same for a person.
+        proc = self.importer("--status", "--retry", "600", *h.args())
+        for text in ("daemon: not running (pid file %s)" % h.pidfile,
+                     "credential: %s (%s), valid until %s" % (
+                         h.cert, HOST_SUBJECT,
+                         jp_importer.format_time(cert.not_after)),
+                     "new 1  work 0  post 1  undeliverable 1",
+                     "due now: 1", "postponed 1x, last ",
+                     "undeliverable 1x, last "):
+            self.assertIn(text, proc.stdout)
+        # A running daemon: its pid, from the lock it holds.
+        for name in (postponed, fresh):
+            for sub in ("new", "post"):
+                unlink_if_there(os.path.join(h.reg, sub, name))
+        proc = h.start()
+        wait_for(lambda: read_text(h.pidfile).strip(), what="the pid file")
+        report = self.status_json(h)
+        self.assertEqual((report["daemon"]["running"],
+                          report["daemon"]["pid"]), (True, proc.pid))
+        self.assertIn("daemon: running, pid %d" % proc.pid,
+                      self.importer("--status", *h.args()).stdout)
+        self.assertEqual(h.stop(proc), 0)
+        # No credential: null and the reason, the rest as before.
+        proc = self.importer("--status", "--json", "-c", h.path("gone.pem"),
+                             "-r", h.reg, "-d", h.dump, "-s", h.sandbox)
+        report = json.loads(proc.stdout)
+        self.assertIsNone(report["credential"])
+        self.assertEqual(report["credential_error"], "cannot read %s: No "
+                         "such file or directory" % h.path("gone.pem"))
+        self.assertEqual(report["queues"]["registration"]["counts"]
+                         ["undeliverable"], 1)
+
+    def test_readme_json_sample_has_exactly_the_keys_of_the_code(self):
+        h = ImporterHarness(self)
+        self.troubles(h)
+        report = self.status_json(h)
+        with open(os.path.join(HERE, "README.md")) as f:
+            readme = f.read()
+        block = readme.split("<!-- status-json-sample -->", 1)[1]
+        sample = json.loads(block.split("```json", 1)[1].split("```", 1)[0])
+
+        def shape(value):
+            if isinstance(value, dict):
+                return dict((k, shape(v)) for k, v in value.items())
+            if isinstance(value, list):
+                return [shape(v) for v in value[:1]]
+            return None
+        # The sample's lists and credential are filled where ours are.
+        self.assertEqual(shape(sample)["queues"]["dump"],
+                         shape(report)["queues"]["registration"])
+        for kind in ("registration", "sandbox"):
+            self.assertEqual(shape(sample)["queues"][kind],
+                             shape(report)["queues"]["dump"])
+        self.assertEqual(shape(sample)["credential"],
+                         shape(report)["credential"])
+        self.assertEqual(set(sample), set(report))
+        self.assertEqual(shape(sample)["daemon"], shape(report)["daemon"])
+
+    def test_check_exit_codes_for_monitoring(self):
+        h = ImporterHarness(self)
+        code, line = self.check(h)
+        self.assertEqual(code, 0, line)
+        self.assertRegex(line, r"^JP_IMPORTER OK - 0 waiting .*\| waiting=0 "
+                         r"oldest_age=0s;3600;86400;0 ")
+        drop_message(h.reg, b"no newline here")
+        h.once()
+        code, line = self.check(h)
+        self.assertEqual(code, 1, line)
+        self.assertTrue(line.startswith("JP_IMPORTER WARNING - 1 "
+                                        "undeliverable;"), line)
+        self.assertEqual(self.check(h, "--crit-undeliverable", "1")[0], 2)
+        self.assertEqual(self.check(h, "--warn-undeliverable", "0")[0], 0)
+        drop_message(h.dump, b"jobid x\n", age=7200)
+        code, line = self.check(h, "--warn-undeliverable", "0")
+        self.assertEqual(code, 1, line)
+        self.assertIn("oldest message waiting 2h00m", line)
+        code, line = self.check(h, "--warn-undeliverable", "0",
+                                "--crit-age", "3600")
+        self.assertEqual(code, 2, line)
+        # A pid file named and no daemon holding it: CRITICAL.
+        code, line = self.check(h, "--warn-undeliverable", "0",
+                                "--warn-age", "0", "-i", h.pidfile)
+        self.assertEqual(code, 2, line)
+        self.assertIn("no daemon holds %s" % h.pidfile, line)
+        # An expired credential: CRITICAL.
+        expired = h.pki.make_proxy("watch-expired.pem",
+                                   start="20200101000000Z",
+                                   end="20210101000000Z")
+        code, line = self.check(h, "--warn-undeliverable", "0",
+                                "--warn-age", "0", "-c", expired)
+        self.assertEqual(code, 2, line)
+        self.assertIn("credential expired", line)
+        # A maildir that cannot be read: UNKNOWN.
+        code, line = self.check(h, "-s", h.path("missing"))
+        self.assertEqual(code, 3, line)
+        self.assertTrue(line.startswith("JP_IMPORTER UNKNOWN - sandbox "
+                                        "maildir does not exist"), line)
+        proc = self.importer("--check", "-r", h.reg)
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("--check goes with --status", proc.stderr)
+
+    def test_once_ends_with_one_summary_line(self):
+        h = ImporterHarness(self)
+        for n in range(3):
+            drop_message(h.reg, registration(n))
+        h.jpps.inject("fault", "RegisterJob", code=errno.EIO)
+        drop_message(h.reg, b"no newline here")
+        os.mkfifo(os.path.join(h.dump, "new", "fifo"))
+        proc = h.once()
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        lines = [l for l in proc.stderr.splitlines() if "--once:" in l]
+        self.assertEqual(len(lines), 1, proc.stderr)
+        self.assertRegex(lines[0], r"master: INFO --once: 2 delivered, "
+                         r"1 postponed, 2 undeliverable in \d+\.\ds$")
+        self.assertIn("--once:", proc.stderr.splitlines()[-2])
+
+    def test_flush_makes_the_postponed_due_even_for_a_running_daemon(self):
+        h = ImporterHarness(self)
+        h.jpps.inject("fault", "RegisterJob", code=errno.EIO)
+        name = drop_message(h.reg, registration(1))
+        proc = h.start("--retry", "600")
+        wait_for(lambda: listing(h.reg, "post") == [name],
+                 what="the message postponed")
+        before = h.state(h.reg, name)
+        self.assertGreater(float(before["next_retry"]), time.time() + 300)
+        # The daemon remembers the retry time; --flush must reach it.
+        wait_for(lambda: h.jpps.ops("RegisterJob"), what="the first call")
+        out = self.importer("--flush", *h.args())
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("%s: 1 postponed message(s) due now" % h.reg,
+                      out.stdout)
+        wait_for(lambda: h.jpps.ops("RegisterJob", "ok"),
+                 what="delivery after --flush")
+        self.assertEqual(h.stop(proc), 0)
+        self.assertIn("(attempt 2,", h.output())
+        # --flush keeps the attempts and the give-up clock.
+        h.jpps.inject("fault", "RegisterJob", code=errno.EIO)
+        other = drop_message(h.reg, registration(2))
+        h.once("--retry", "600")
+        before = h.state(h.reg, other)
+        self.importer("--flush", *h.args())
+        after = h.state(h.reg, other)
+        self.assertLessEqual(float(after["next_retry"]), time.time())
+        del before["next_retry"], after["next_retry"]
+        self.assertEqual(before, after)
+
+    def test_requeue_and_delete_one_message_by_name_or_jobid(self):
+        h = ImporterHarness(self)
+        names = [drop_message(h.reg, registration(n), age=7 * 86400)
+                 for n in range(3)]
+        h.jpps.inject("fault", "RegisterJob", code=errno.EIO, count=3)
+        h.once("--give-up", "60")
+        self.assertEqual(listing(h.reg, "undeliverable"), sorted(names))
+        jobid = "https://lb.example.org:9000/job00001"
+        proc = self.importer("--requeue", jobid, *h.args())
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(listing(h.reg, "new"), [names[1]])
+        reason = h.state(h.reg, names[2])["reason"]
+        proc = self.importer("--delete", names[2], *h.args())
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(listing(h.reg, "undeliverable"), [names[0]])
+        self.assertNotIn(names[2], listing(h.reg, "state"))
+        record = os.path.join(h.reg, "deleted.log")
+        self.assertEqual(stat.S_IMODE(os.stat(record).st_mode), 0o600)
+        line = read_text(record)
+        self.assertEqual(line.count("\n"), 1)
+        for text in ("undeliverable/" + names[2],
+                     "https://lb.example.org:9000/job00002",
+                     "reason: " + reason, "(uid %d)" % os.getuid()):
+            self.assertIn(text, line)
+        # Only undeliverable messages; an unknown one is a clear error.
+        for mode, what in (("--delete", names[1]), ("--requeue", "nothing"),
+                           ("--delete", "https://lb.example.org:9000/x")):
+            proc = self.importer(mode, what, *h.args())
+            self.assertEqual(proc.returncode, 1, (mode, what))
+            self.assertIn("no undeliverable message named", proc.stderr)
+        self.assertEqual(listing(h.reg, "new"), [names[1]])
+        self.assertEqual(listing(h.reg, "undeliverable"), [names[0]])
+
+    def test_log_level(self):
+        h = ImporterHarness(self)
+        drop_message(h.reg, registration(1))
+        h.jpps.inject("fault", "RegisterJob", code=errno.EIO)
+        drop_message(h.reg, registration(2))
+        proc = h.once("--log-level", "WARNING")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertNotIn("INFO", proc.stderr)
+        self.assertIn("WARNING registration", proc.stderr)
+        proc = self.importer("--log-level", "LOUD", *h.args())
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("--log-level must be one of", proc.stderr)
+
+    def test_workers_are_named_in_ps(self):
+        h = ImporterHarness(self)
+        proc = h.start("-D", "2")
+        workers = h.workers(proc, 4)
+
+        def comm(pid):
+            return read_text("/proc/%d/comm" % pid).strip()
+        names = wait_for(lambda: sorted(map(comm, workers)) == [
+            "jp_imp: dump-1", "jp_imp: dump-2", "jp_imp: reg",
+            "jp_imp: sandbox"] and comm(proc.pid) == "jp_importer",
+            what="the process names")
+        self.assertTrue(names)
+        self.assertEqual(h.stop(proc), 0)
+
+    def test_help_and_readme_list_every_option(self):
+        proc = self.importer("--help")
+        self.assertEqual(proc.returncode, 0)
+        with open(os.path.join(HERE, "README.md")) as f:
+            readme = f.read()
+        section = readme.split("## jp_importer.py: the import daemon")[1]
+        section = section.split("### What it does")[0]
+        usage_block = section.split("```")[1]
+        tables = section.split("```")[2]
+        options = ["--" + o.rstrip("=") for o in jp_importer.LONGOPTS]
+        options += ["-" + c for c in jp_importer.SHORTOPTS.replace(":", "")]
+        # The usage block may give an option by its short name only.
+        short = dict((long_, short_) for short_, long_ in re.findall(
+            r"^\| `(-\w)`, `(--[\w-]+)", tables, re.M))
+        self.assertGreater(len(short), 10)
+        for opt in options:
+            pattern = r"(?<![\w-])%s(?![\w-])"
+            self.assertRegex(proc.stdout, pattern % re.escape(opt),
+                             "--help lacks " + opt)
+            self.assertRegex(usage_block, pattern % re.escape(
+                short.get(opt, opt)), "README usage lacks " + opt)
+            self.assertRegex(tables, r"`%s[ `]" % re.escape(opt),
+                             "README option table lacks " + opt)
+
+    def test_storage_outage_costs_one_timeout_and_one_warning(self):
+        h = upload_harness(self)
+        h.ftps.inject("stall", count=10, command="USER")
+        for n in range(4):
+            jobid, path = write_dump(h, n)
+            h.jpps.register(jobid, USER_SUBJECT)
+            drop_message(h.dump, dump_message(jobid, path))
+        proc = h.once("--retry", "30", "--timeout", "1")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(h.ftps.connections, 1)         # not 4
+        self.assertEqual(len(listing(h.dump, "post")), 4)
+        skipped = [n for n in listing(h.dump, "post") if "unreachable since"
+                   in h.state(h.dump, n)["last_error"]]
+        self.assertEqual(len(skipped), 3)
+        for name in skipped:        # kept for the retry: no second upload
+            self.assertTrue(h.state(h.dump, name)["destination"])
+        warnings = [l for l in proc.stderr.splitlines() if "WARNING dump" in l]
+        self.assertEqual(len(warnings), 1, proc.stderr)
+        self.assertIn("no answer within the time limit", warnings[0])
+        # Due now, then a daemon with a short back-off: the server comes
+        # back, every message goes to the destination it has, and one
+        # line says so.
+        self.importer("--flush", *h.args())
+        h.ftps.release()
+        h.ftps.injections[:] = []
+        h.ftps.released.clear()
+        h.ftps.inject("stall", count=2, command="USER")   # fails twice
+        proc = h.start("--retry", "1", "--timeout", "1")
+        wait_for(lambda: len(h.jpps.committed) == 4, what="4 commits")
+        wait_for(lambda: not listing(h.dump, "post") + listing(h.dump, "work"),
+                 what="the queue drained")
+        self.assertEqual(h.stop(proc), 0)
+        output = h.output()
+        self.assertEqual(output.count("WARNING dump"), 1, output)
+        self.assertEqual(output.count("no answer within the time limit"), 2,
+                         output)
+        self.assertEqual(output.count("is back (unreachable since"), 1,
+                         output)
+        self.assertEqual(len(h.jpps.ops("StartUpload")), 4)
 
 
 # ---------------------------------------------------------------------------

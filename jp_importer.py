@@ -38,6 +38,8 @@ New options (long only):
   --timeout SECONDS       total time for one SOAP call, and the per-read
                           time limit of an upload (default: %(timeout)d)
   --log FILE              log to FILE (default: syslog, or stderr with -g)
+  --warn-expiry DAYS      warn when the credential expires within DAYS
+                          (default: 7; in the log and in --status)
   --upload FILE URL       upload one file by hand with the importer's
                           credentials (checks a site's JPPS storage)
   --dcau auto|N|A         gsiftp data channel protection (default: auto)
@@ -117,6 +119,7 @@ ORPHAN_ARCHIVE_AGE = 86400.0  # a spool/ tarball no message names, removed
 UPLOAD_DEADLINE = 300.0     # the JPPS purges unfinished uploads after this
 COMMIT_BEFORE = 1000        # seconds asked for in StartUpload (ignored by
                             # the JPPS, sent as the original did)
+WARN_EXPIRY = 7 * 86400.0   # warn when the credential expires within this
 RESTART_BACKOFF_MAX = 60.0  # a crashing worker is restarted at most this
                             # slowly, never in a tight fork loop
 ORIGINAL_IMPORTER = "glite-jp-importer"     # the C daemon we replace
@@ -515,6 +518,63 @@ def find_ca_dir(ca_dir=None, environ=None):
     return path
 
 
+PEM_ANY_KEY_RE = re.compile(rb"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----")
+
+
+def check_private_key(key_file, cert_file):
+    """Refuse, in one line, a key file a daemon cannot use.
+
+    No private key in it (-c without -k, naming a bare certificate), or
+    an encrypted one: OpenSSL would ask for the pass phrase on the
+    terminal and block, or fail with a bare "Invalid argument".
+    """
+    try:
+        with open(key_file, "rb") as f:
+            data = f.read(1024 * 1024)
+    except OSError as exc:
+        raise ConfigError("cannot read key %s: %s"
+                          % (key_file, exc.strerror))
+    match = PEM_ANY_KEY_RE.search(data)
+    if not match:
+        raise ConfigError(
+            "credential %s holds no private key: give its key file with -k"
+            % cert_file if key_file == cert_file else
+            "key %s holds no PEM private key" % key_file)
+    if match.group(1) == b"ENCRYPTED " or b"Proc-Type: 4,ENCRYPTED" in data:
+        raise ConfigError("key %s is encrypted, and a daemon cannot ask for "
+                          "its pass phrase: use an unencrypted copy, mode "
+                          "0400 (openssl pkey -in KEY -out PLAIN)" % key_file)
+
+
+def expiry_warning(not_after, within, now=None):
+    """"expires in ..." for a credential that expires within `within`
+    seconds, or None."""
+    left = not_after - (time.time() if now is None else now)
+    if left > within:
+        return None
+    return "expires in %s: renew it" % format_age(max(left, 0))
+
+
+def credential_status(o, now):
+    """--status: one line on the credential the daemon would use."""
+    try:
+        cert_file, _, _ = find_credentials(o.cert, o.key)
+        certs = read_pem_certificates(cert_file)
+    except Error as exc:
+        return "credential: %s" % exc
+    except OSError as exc:
+        return "credential %s: %s" % (exc.filename, exc.strerror)
+    except (ValueError, IndexError):
+        certs = []
+    if not certs:
+        return "credential %s: no readable certificate" % cert_file
+    not_after = min(c.not_after for c in certs)
+    warning = expiry_warning(not_after, o.warn_expiry, now)
+    return "credential %s: valid until %s%s" % (
+        cert_file, format_time(not_after),
+        "  WARNING: " + warning if warning else "")
+
+
 class Credentials:
     """The importer's X.509 credential and trusted CA directory.
 
@@ -579,6 +639,7 @@ class Credentials:
                                   "valid before %s"
                                   % (self.cert_file, cert.subject,
                                      format_time(cert.not_before)))
+        check_private_key(self.key_file, self.cert_file)
         mode = os.stat(self.key_file).st_mode
         if mode & 0o077:
             log.warning("private key %s is accessible by others (mode %04o);"
@@ -587,7 +648,9 @@ class Credentials:
         context = ssl.create_default_context(capath=self.ca_dir)
         set_minimum_tls(context)
         try:
-            context.load_cert_chain(self.cert_file, self.key_file)
+            # A password, so that OpenSSL never prompts on a terminal.
+            context.load_cert_chain(self.cert_file, self.key_file,
+                                    password=b"")
         except ssl.SSLError as exc:
             raise ConfigError("credential %s / key %s: %s (wrong key, or an "
                               "encrypted key?)" % (self.cert_file,
@@ -2392,7 +2455,8 @@ class _DataTLS:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         set_minimum_tls(context)
-        context.load_cert_chain(credentials.cert_file, credentials.key_file)
+        context.load_cert_chain(credentials.cert_file, credentials.key_file,
+                                password=b"")           # never a prompt
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = context.wrap_bio(self.incoming, self.outgoing)
         while True:
@@ -3413,6 +3477,7 @@ class Master:
         self.restart_at = {}            # slot -> monotonic time
         self.finished = set()           # slots done (--once)
         self.wakeup = None
+        self.expiry_checked = time.monotonic()  # of the last expiry check
 
     def spawn(self, slot):
         kind, maildir = self.slots[slot]
@@ -3461,7 +3526,21 @@ class Master:
             log.error("%s worker (pid %d) died: %s; restarting in %.0fs",
                       kind, pid, decode_wait_status(status), delay)
 
+    def warn_expiry(self):
+        """Log the credential's coming expiry: at start, on SIGHUP, and
+        once a day from housekeeping (a renewed file on disk first)."""
+        self.expiry_checked = time.monotonic()
+        warning = expiry_warning(self.credentials.not_after,
+                                 self.options.warn_expiry)
+        if warning:
+            log.warning("credential %s (valid until %s) %s",
+                        self.credentials.cert_file,
+                        format_time(self.credentials.not_after), warning)
+
     def housekeeping(self):
+        if time.monotonic() - self.expiry_checked > 86400:
+            self.credentials.refresh()
+            self.warn_expiry()
         for maildir in self.maildirs.values():
             try:
                 maildir.requeue_stale_tmp()
@@ -3481,6 +3560,7 @@ class Master:
         log.info("started: %d workers (pid %s), JPPS %s", len(self.slots),
                  " ".join(str(p) for p in sorted(self.children)),
                  self.options.jpps)
+        self.warn_expiry()
         stopping, kill_at = False, None
         while True:
             for sig in self.wakeup.take():
@@ -3495,6 +3575,7 @@ class Master:
                     log.info("SIGHUP: reloading credentials, reopening log")
                     reopen_logs()
                     self.credentials.reload()
+                    self.warn_expiry()
                     self.signal_children(signal.SIGHUP)
             self.reap(stopping)
             now = time.monotonic()
@@ -3577,11 +3658,27 @@ def daemonize(keep_stderr=False):
     session with no controlling terminal, then fork again so we can never
     acquire one, then the standard streams go to /dev/null (standard
     error stays with keep_stderr: the log goes there).
+
+    The starter exits only when the daemon writes b"1" to the returned
+    descriptor (its pid file written: an init script or systemd reads
+    it then), with status 1 if the daemon died before.
     """
     os.umask(0o027)
     os.chdir("/")
+    ready_r, ready_w = os.pipe()
     if os.fork() > 0:
-        os._exit(0)
+        os.close(ready_w)
+        try:
+            ready = os.read(ready_r, 1)
+        except OSError:
+            ready = b""
+        if ready != b"1":
+            sys.stderr.write("%s: the daemon stopped before it was ready; "
+                             "see its log\n" % PROG)
+            sys.stderr.flush()
+        os._exit(0 if ready == b"1" else 1)
+    os.close(ready_r)
+    fcntl.fcntl(ready_w, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
     os.setsid()
     if os.fork() > 0:
         os._exit(0)
@@ -3592,6 +3689,7 @@ def daemonize(keep_stderr=False):
         os.dup2(null, fd)
     if null > 2:
         os.close(null)
+    return ready_w
 
 
 # -- logging ---------------------------------------------------------------
@@ -3646,6 +3744,25 @@ def setup_logging(logfile=None, use_syslog=False, level=logging.INFO):
     log.propagate = False
 
 
+def syslog_error():
+    """None when the syslog socket takes a connection, else why not.
+
+    SysLogHandler ignores a failed connection, and then drops every
+    record: asked first, the daemon can log elsewhere and say so.
+    """
+    error = None
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        sock = socket.socket(socket.AF_UNIX, kind)
+        try:
+            sock.connect(SYSLOG_SOCKET)
+            return None
+        except OSError as exc:
+            error = error or exc.strerror or str(exc)
+        finally:
+            sock.close()
+    return error
+
+
 def reopen_logs():
     for handler in log.handlers:
         if isinstance(handler, logging.FileHandler):
@@ -3669,6 +3786,7 @@ LONGOPTS = ["help", "cert=", "key=", "CAdir=", "debug", "jpps=",
             "retry=", "give-up=", "timeout=", "log=", "upload", "dcau=",
             "allow-plain-ftp", "allow-shared-dirs", "files-in=",
             "version"]
+LONGOPTS += ["warn-expiry="]
 
 
 def default_pidfile():
@@ -3702,6 +3820,7 @@ class Options:
         self.files_in = []
         self.help = self.version = False
         self.args = []
+        self.warn_expiry = WARN_EXPIRY
 
 
 def _number(opt, value, low=None, high=None, integer=False):
@@ -3755,6 +3874,8 @@ def parse_args(argv):
             if not arg:
                 raise getopt.GetoptError("--files-in needs a directory")
             o.files_in.append(os.path.abspath(arg))
+        elif opt == "--warn-expiry":
+            o.warn_expiry = _number(opt, arg, 0, 3650) * 86400
         elif opt == "--dcau":
             if arg not in ("auto", "N", "A"):
                 raise getopt.GetoptError("--dcau must be auto, N or A")
@@ -3772,7 +3893,10 @@ def parse_args(argv):
     o.args = args
     if o.store:
         o.store = os.path.abspath(o.store)
-    o.pidfile = o.pidfile or default_pidfile()
+    # Absolute before the daemon changes to /: a relative --log or -i
+    # would name another file there (or one it may not create).
+    o.logfile = o.logfile and os.path.abspath(o.logfile)
+    o.pidfile = os.path.abspath(o.pidfile or default_pidfile())
     return o
 
 
@@ -3824,11 +3948,13 @@ def print_status(o, stream):
         for name, jobid, reason in info["undeliverable"]:
             stream.write("  undeliverable %s\n" % printable(
                 "%s %s: %s" % (name, jobid, reason)))
+    stream.write(printable(credential_status(o, now)) + "\n")
 
 
 def run_daemon(o):
     """Start the master (daemonized unless -g or --once)."""
     credentials = Credentials.from_options(o.cert, o.key, o.ca_dir).load()
+    parse_endpoint(o.jpps)      # refused now, not retried for days
     maildirs = open_maildirs(o)
     if o.store:
         if not os.path.isdir(o.store):
@@ -3840,24 +3966,26 @@ def run_daemon(o):
         check_directory(o.store, o.allow_shared_dirs, "store directory")
     foreground = o.debug or o.once
     pidfile = None if o.once else PidFile(o.pidfile).acquire()
+    ready = None
     if not foreground:
         use_syslog = o.logfile is None
-        if use_syslog:
-            try:
-                setup_logging(use_syslog=True)    # fails here, not later
-            except OSError as exc:
-                # A node without a syslog daemon: log where the starter
-                # sends our standard error (a file, the journal), and say
-                # so there, rather than fail or log nowhere.
-                sys.stderr.write("%s: no syslog at %s (%s); logging to "
-                                 "standard error (see --log)\n"
-                                 % (PROG, SYSLOG_SOCKET, exc.strerror))
-                sys.stderr.flush()
-                use_syslog = False
-        daemonize(keep_stderr=not use_syslog and o.logfile is None)
+        error = syslog_error() if use_syslog else None
+        if error:
+            # A node without a syslog daemon: log where the starter
+            # sends our standard error (a file, the journal), and say
+            # so there, rather than fail or log nowhere.
+            sys.stderr.write("%s: no syslog at %s (%s); logging to "
+                             "standard error (see --log)\n"
+                             % (PROG, SYSLOG_SOCKET, error))
+            sys.stderr.flush()
+            use_syslog = False
+        ready = daemonize(keep_stderr=not use_syslog and o.logfile is None)
         setup_logging(o.logfile, use_syslog=use_syslog)
     if pidfile:
         pidfile.write()
+    if ready is not None:
+        os.write(ready, b"1")
+        os.close(ready)
     log.info("jp_importer %s: credential %s (%s), valid until %s",
              __version__, credentials.cert_file, credentials.subject,
              format_time(credentials.not_after))
@@ -3897,7 +4025,12 @@ def main(argv=None):
     if o.version:
         sys.stdout.write("%s %s\n" % (PROG, __version__))
         return 0
-    setup_logging(o.logfile)
+    try:
+        setup_logging(o.logfile)
+    except OSError as exc:
+        sys.stderr.write("%s: cannot open log file %s: %s\n"
+                         % (PROG, o.logfile, exc.strerror))
+        return 1
     try:
         if o.status:
             print_status(o, sys.stdout)

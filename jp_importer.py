@@ -3412,6 +3412,9 @@ class Wakeup:
         os.close(self.write_fd)
 
 
+WORKER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def run_worker(kind, maildir, options, credentials, once=False,
                master_pid=None):
     """The body of a worker process: deliver until told to stop.
@@ -3431,8 +3434,9 @@ def run_worker(kind, maildir, options, credentials, once=False,
             worker.stop_requested = True
         wakeup.handler(sig, frame)
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in WORKER_SIGNALS:
         signal.signal(sig, on_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
     try:
         while not worker.stop_requested:
             handled = worker.run_pass()
@@ -3464,8 +3468,9 @@ class Master:
     STOP_GRACE = 30.0           # beyond the call timeouts, then SIGKILL
     HOUSEKEEPING = 600.0        # stale tmp/ copies, state files, spool/
 
-    def __init__(self, options, credentials, maildirs):
+    def __init__(self, options, credentials, maildirs, ready=None):
         self.options, self.credentials = options, credentials
+        self.ready = ready              # called once TERM is handled
         self.maildirs = maildirs
         self.slots = ([(KIND_REG, maildirs[KIND_REG])]
                       + [(KIND_DUMP, maildirs[KIND_DUMP])]
@@ -3482,12 +3487,17 @@ class Master:
     def spawn(self, slot):
         kind, maildir = self.slots[slot]
         master_pid = os.getpid()
+        # Blocked over the fork: a TERM in the new worker before it has
+        # its own handlers would run the master's (in the worker: lost)
+        # and the master would wait for it.  run_worker unblocks them.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
         pid = os.fork()
-        if pid == 0:                                     # the worker
+        if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        else:                                            # the worker
             status = 1
             try:
-                for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT,
-                            signal.SIGHUP):
+                for sig in (signal.SIGCHLD,) + WORKER_SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
                 self.wakeup.close()
                 set_role("%s-%d" % (kind, slot))
@@ -3553,6 +3563,8 @@ class Master:
         self.wakeup = Wakeup()
         self.wakeup.install((signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
                              signal.SIGCHLD))
+        if self.ready:
+            self.ready()
         self.housekeeping()
         next_housekeeping = time.monotonic() + self.HOUSEKEEPING
         for slot in range(len(self.slots)):
@@ -3983,9 +3995,12 @@ def run_daemon(o):
         setup_logging(o.logfile, use_syslog=use_syslog)
     if pidfile:
         pidfile.write()
-    if ready is not None:
-        os.write(ready, b"1")
-        os.close(ready)
+
+    def tell_starter():
+        # Now the pid file is right and a TERM is handled.
+        if ready is not None:
+            os.write(ready, b"1")
+            os.close(ready)
     log.info("jp_importer %s: credential %s (%s), valid until %s",
              __version__, credentials.cert_file, credentials.subject,
              format_time(credentials.not_after))
@@ -3997,7 +4012,7 @@ def run_daemon(o):
                         "the C tools\")", maildir.root,
                         " ".join(str(p) for p in pids))
     try:
-        return Master(o, credentials, maildirs).run()
+        return Master(o, credentials, maildirs, tell_starter).run()
     finally:
         if pidfile and os.getpid() == pidfile_owner(pidfile):
             pidfile.remove()

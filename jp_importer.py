@@ -4001,6 +4001,7 @@ def run_daemon(o):
         if ready is not None:
             os.write(ready, b"1")
             os.close(ready)
+
     log.info("jp_importer %s: credential %s (%s), valid until %s",
              __version__, credentials.cert_file, credentials.subject,
              format_time(credentials.not_after))

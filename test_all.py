@@ -3757,9 +3757,9 @@ def readme_commands(text):
 
     The rule: lines continued with a backslash are joined; a crontab
     line (five time fields, a user) stands for its command part; a
-    command is an unindented line whose first word, after an optional `python3`,
-    is one of TOOLS, as a bare name, `./NAME` or an absolute path, and
-    whose second word does not start with `[` (a synopsis).  The
+    command is an unindented line whose first word, after an optional
+    `python3`, is one of TOOLS, as a bare name, `./NAME` or an absolute
+    path, and whose second word does not start with `[` (a synopsis).  The
     systemd unit's ExecStart is run by the unit's own test.
     """
     commands = []

@@ -51,6 +51,8 @@ New options (long only):
                           time limit of an upload (default: %(timeout)d)
   --log FILE              log to FILE (default: syslog, or stderr with -g)
   --log-level LEVEL       DEBUG, INFO (default), WARNING or ERROR
+  --warn-expiry DAYS      warn when the credential expires within DAYS
+                          (default: 7; in the log and in --status)
   --upload FILE URL       upload one file by hand with the importer's
                           credentials (checks a site's JPPS storage)
   --dcau auto|N|A         gsiftp data channel protection (default: auto)
@@ -147,6 +149,7 @@ ORPHAN_ARCHIVE_AGE = 86400.0  # a spool/ tarball no message names, removed
 UPLOAD_DEADLINE = 300.0     # the JPPS purges unfinished uploads after this
 COMMIT_BEFORE = 1000        # seconds asked for in StartUpload (ignored by
                             # the JPPS, sent as the original did)
+WARN_EXPIRY = 7 * 86400.0   # warn when the credential expires within this
 RESTART_BACKOFF_MAX = 60.0  # a crashing worker is restarted at most this
                             # slowly, never in a tight fork loop
 ORIGINAL_IMPORTER = "glite-jp-importer"     # the C daemon we replace
@@ -159,7 +162,6 @@ STATUS_VERSION = 1          # of the --status --json schema (README)
 # life below which it warns (a proxy is renewed before its last day).
 CHECK_THRESHOLDS = {"warn-age": 3600, "crit-age": 86400,
                     "warn-undeliverable": 1, "crit-undeliverable": 0}
-CHECK_EXPIRY_WARN = 86400.0
 FLUSH_MARK = ".flush"       # in state/: touched by --flush, the workers
                             # then forget which messages are not yet due
 DELETED_LOG = "deleted.log"  # in the maildir: a line per --delete
@@ -599,6 +601,43 @@ def find_ca_dir(ca_dir=None, environ=None):
     return path
 
 
+PEM_ANY_KEY_RE = re.compile(rb"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----")
+
+
+def check_private_key(key_file, cert_file):
+    """Refuse, in one line, a key file a daemon cannot use.
+
+    No private key in it (-c without -k, naming a bare certificate), or
+    an encrypted one: OpenSSL would ask for the pass phrase on the
+    terminal and block, or fail with a bare "Invalid argument".
+    """
+    try:
+        with open(key_file, "rb") as f:
+            data = f.read(1024 * 1024)
+    except OSError as exc:
+        raise ConfigError("cannot read key %s: %s"
+                          % (key_file, exc.strerror))
+    match = PEM_ANY_KEY_RE.search(data)
+    if not match:
+        raise ConfigError(
+            "credential %s holds no private key: give its key file with -k"
+            % cert_file if key_file == cert_file else
+            "key %s holds no PEM private key" % key_file)
+    if match.group(1) == b"ENCRYPTED " or b"Proc-Type: 4,ENCRYPTED" in data:
+        raise ConfigError("key %s is encrypted, and a daemon cannot ask for "
+                          "its pass phrase: use an unencrypted copy, mode "
+                          "0400 (openssl pkey -in KEY -out PLAIN)" % key_file)
+
+
+def expiry_warning(not_after, within, now=None):
+    """"expires in ..." for a credential that expires within `within`
+    seconds, or None."""
+    left = not_after - (time.time() if now is None else now)
+    if left > within:
+        return None
+    return "expires in %s: renew it" % format_age(max(left, 0))
+
+
 class Credentials:
     """The importer's X.509 credential and trusted CA directory.
 
@@ -677,6 +716,7 @@ class Credentials:
                                   "valid before %s"
                                   % (self.cert_file, cert.subject,
                                      format_time(cert.not_before)))
+        check_private_key(self.key_file, self.cert_file)
         mode = os.stat(self.key_file).st_mode
         if mode & 0o077:
             log.warning("private key %s is accessible by others (mode %04o);"
@@ -686,7 +726,9 @@ class Credentials:
         set_minimum_tls(context)
         load_crls(context, self.ca_dir)
         try:
-            context.load_cert_chain(self.cert_file, self.key_file)
+            # A password, so that OpenSSL never prompts on a terminal.
+            context.load_cert_chain(self.cert_file, self.key_file,
+                                    password=b"")
         except ssl.SSLError as exc:
             raise ConfigError("credential %s / key %s: %s (wrong key, or an "
                               "encrypted key?)" % (self.cert_file,
@@ -2647,7 +2689,8 @@ class _DataTLS:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         set_minimum_tls(context)
-        context.load_cert_chain(credentials.cert_file, credentials.key_file)
+        context.load_cert_chain(credentials.cert_file, credentials.key_file,
+                                password=b"")           # never a prompt
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = context.wrap_bio(self.incoming, self.outgoing)
         while True:
@@ -3757,6 +3800,9 @@ class Wakeup:
         os.close(self.write_fd)
 
 
+WORKER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def run_worker(kind, maildir, options, credentials, once=False,
                master_pid=None, report_fd=None):
     """The body of a worker process: deliver until told to stop.
@@ -3778,8 +3824,9 @@ def run_worker(kind, maildir, options, credentials, once=False,
             worker.stop_requested = True
         wakeup.handler(sig, frame)
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in WORKER_SIGNALS:
         signal.signal(sig, on_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
     try:
         while not worker.stop_requested:
             handled = worker.run_pass()
@@ -3829,8 +3876,9 @@ class Master:
     STOP_GRACE = 30.0           # beyond the call timeouts, then SIGKILL
     HOUSEKEEPING = 600.0        # stale tmp/ copies, state files, spool/
 
-    def __init__(self, options, credentials, maildirs):
+    def __init__(self, options, credentials, maildirs, ready=None):
         self.options, self.credentials = options, credentials
+        self.ready = ready              # called once TERM is handled
         self.maildirs = maildirs
         self.slots = ([(KIND_REG, maildirs[KIND_REG])]
                       + [(KIND_DUMP, maildirs[KIND_DUMP])]
@@ -3843,16 +3891,22 @@ class Master:
         self.finished = set()           # slots done (--once)
         self.wakeup = None
         self.report = None              # --once: pipe of the workers' counts
+        self.expiry_checked = time.monotonic()  # of the last expiry check
 
     def spawn(self, slot):
         kind, maildir = self.slots[slot]
         master_pid = os.getpid()
+        # Blocked over the fork: a TERM in the new worker before it has
+        # its own handlers would run the master's (in the worker: lost)
+        # and the master would wait for it.  run_worker unblocks them.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
         pid = os.fork()
-        if pid == 0:                                     # the worker
+        if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        else:                                            # the worker
             status = 1
             try:
-                for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT,
-                            signal.SIGHUP):
+                for sig in (signal.SIGCHLD,) + WORKER_SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
                 self.wakeup.close()
                 set_role("%s-%d" % (kind, slot))
@@ -3897,7 +3951,21 @@ class Master:
             log.error("%s worker (pid %d) died: %s; restarting in %.0fs",
                       kind, pid, decode_wait_status(status), delay)
 
+    def warn_expiry(self):
+        """Log the credential's coming expiry: at start, on SIGHUP, and
+        once a day from housekeeping (a renewed file on disk first)."""
+        self.expiry_checked = time.monotonic()
+        warning = expiry_warning(self.credentials.not_after,
+                                 self.options.warn_expiry)
+        if warning:
+            log.warning("credential %s (valid until %s) %s",
+                        self.credentials.cert_file,
+                        format_time(self.credentials.not_after), warning)
+
     def housekeeping(self):
+        if time.monotonic() - self.expiry_checked > 86400:
+            self.credentials.refresh()
+            self.warn_expiry()
         for maildir in self.maildirs.values():
             try:
                 maildir.requeue_stale_tmp()
@@ -3912,6 +3980,8 @@ class Master:
         self.wakeup = Wakeup()
         self.wakeup.install((signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
                              signal.SIGCHLD))
+        if self.ready:
+            self.ready()
         if self.options.once:
             self.report = os.pipe()
             os.set_blocking(self.report[1], False)  # a worker never hangs
@@ -3922,6 +3992,7 @@ class Master:
         log.info("started: %d workers (pid %s), JPPS %s", len(self.slots),
                  " ".join(str(p) for p in sorted(self.children)),
                  self.options.jpps)
+        self.warn_expiry()
         stopping, kill_at = False, None
         while True:
             for sig in self.wakeup.take():
@@ -3936,6 +4007,7 @@ class Master:
                     log.info("SIGHUP: reloading credentials, reopening log")
                     reopen_logs()
                     self.credentials.reload()
+                    self.warn_expiry()
                     self.signal_children(signal.SIGHUP)
             self.reap(stopping)
             now = time.monotonic()
@@ -4043,11 +4115,27 @@ def daemonize(keep_stderr=False):
     session with no controlling terminal, then fork again so we can never
     acquire one, then the standard streams go to /dev/null (standard
     error stays with keep_stderr: the log goes there).
+
+    The starter exits only when the daemon writes b"1" to the returned
+    descriptor (its pid file written: an init script or systemd reads
+    it then), with status 1 if the daemon died before.
     """
     os.umask(0o027)
     os.chdir("/")
+    ready_r, ready_w = os.pipe()
     if os.fork() > 0:
-        os._exit(0)
+        os.close(ready_w)
+        try:
+            ready = os.read(ready_r, 1)
+        except OSError:
+            ready = b""
+        if ready != b"1":
+            sys.stderr.write("%s: the daemon stopped before it was ready; "
+                             "see its log\n" % PROG)
+            sys.stderr.flush()
+        os._exit(0 if ready == b"1" else 1)
+    os.close(ready_r)
+    fcntl.fcntl(ready_w, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
     os.setsid()
     if os.fork() > 0:
         os._exit(0)
@@ -4058,6 +4146,7 @@ def daemonize(keep_stderr=False):
         os.dup2(null, fd)
     if null > 2:
         os.close(null)
+    return ready_w
 
 
 # -- logging ---------------------------------------------------------------
@@ -4113,6 +4202,25 @@ def setup_logging(logfile=None, use_syslog=False, level=None):
     log.propagate = False
 
 
+def syslog_error():
+    """None when the syslog socket takes a connection, else why not.
+
+    SysLogHandler ignores a failed connection, and then drops every
+    record: asked first, the daemon can log elsewhere and say so.
+    """
+    error = None
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        sock = socket.socket(socket.AF_UNIX, kind)
+        try:
+            sock.connect(SYSLOG_SOCKET)
+            return None
+        except OSError as exc:
+            error = error or exc.strerror or str(exc)
+        finally:
+            sock.close()
+    return error
+
+
 def reopen_logs():
     for handler in log.handlers:
         if isinstance(handler, logging.FileHandler):
@@ -4138,7 +4246,7 @@ LONGOPTS = ["help", "cert=", "key=", "CAdir=", "debug", "jpps=",
             "allow-jpps=", "delegate-to=", "version",
             "json", "check", "warn-age=", "crit-age=",
             "warn-undeliverable=", "crit-undeliverable=",
-            "flush", "delete", "log-level="]
+            "flush", "delete", "log-level=", "warn-expiry="]
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -4179,6 +4287,7 @@ class Options:
         self.thresholds = dict(CHECK_THRESHOLDS)
         self.pidfile_given = False
         self.log_level = logging.INFO
+        self.warn_expiry = WARN_EXPIRY
 
 
 def _number(opt, value, low=None, high=None, integer=False):
@@ -4251,6 +4360,8 @@ def parse_args(argv):
                 raise getopt.GetoptError("--delegate-to needs a host name, "
                                          "not %r" % arg)
             o.delegate_to.append(host)
+        elif opt == "--warn-expiry":
+            o.warn_expiry = _number(opt, arg, 0, 3650) * 86400
         elif opt == "--dcau":
             if arg not in ("auto", "N", "A"):
                 raise getopt.GetoptError("--dcau must be auto, N or A")
@@ -4285,7 +4396,10 @@ def parse_args(argv):
     o.pidfile_given = o.pidfile is not None
     if o.store:
         o.store = os.path.abspath(o.store)
-    o.pidfile = o.pidfile or default_pidfile()
+    # Absolute before the daemon changes to /: a relative --log or -i
+    # would name another file there (or one it may not create).
+    o.logfile = o.logfile and os.path.abspath(o.logfile)
+    o.pidfile = os.path.abspath(o.pidfile or default_pidfile())
     return o
 
 
@@ -4426,10 +4540,12 @@ def print_status(o, stream):
         stream.write("credential: none usable: %s\n"
                      % printable(report["credential_error"]))
     else:
-        stream.write("credential: %s (%s), %s %s\n" % (
+        warning = expiry_warning(cred["not_after"], o.warn_expiry, now)
+        stream.write("credential: %s (%s), %s %s%s\n" % (
             cred["file"], printable(cred["subject"]),
             "expired on" if cred["expires_in"] < 0 else "valid until",
-            format_time(cred["not_after"])))
+            format_time(cred["not_after"]),
+            "  WARNING: " + warning if warning else ""))
     for kind, path in maildir_paths(o):
         info = report["queues"][kind]
         stream.write("%s maildir %s\n" % (kind, path))
@@ -4485,7 +4601,7 @@ def check_status(o, report):
         problems.append((2, "no daemon holds %s" % daemon["pidfile"]))
     if cred is not None and cred["expires_in"] <= 0:
         problems.append((2, "credential expired"))
-    elif cred is not None and cred["expires_in"] < CHECK_EXPIRY_WARN:
+    elif cred is not None and cred["expires_in"] < o.warn_expiry:
         problems.append((1, "credential expires in %s"
                          % format_age(cred["expires_in"])))
     level = max([p[0] for p in problems] + [0])
@@ -4566,6 +4682,7 @@ def _jobid_forms(text):
 def run_daemon(o):
     """Start the master (daemonized unless -g or --once)."""
     credentials = Credentials.from_options(o.cert, o.key, o.ca_dir).load()
+    parse_endpoint(o.jpps)      # refused now, not retried for days
     maildirs = open_maildirs(o)
     if o.store:
         if not os.path.isdir(o.store):
@@ -4577,24 +4694,30 @@ def run_daemon(o):
         check_directory(o.store, o.allow_shared_dirs, "store directory")
     foreground = o.debug or o.once
     pidfile = None if o.once else PidFile(o.pidfile).acquire()
+    ready = None
     if not foreground:
         use_syslog = o.logfile is None
-        if use_syslog:
-            try:
-                setup_logging(use_syslog=True)    # fails here, not later
-            except OSError as exc:
-                # A node without a syslog daemon: log where the starter
-                # sends our standard error (a file, the journal), and say
-                # so there, rather than fail or log nowhere.
-                sys.stderr.write("%s: no syslog at %s (%s); logging to "
-                                 "standard error (see --log)\n"
-                                 % (PROG, SYSLOG_SOCKET, exc.strerror))
-                sys.stderr.flush()
-                use_syslog = False
-        daemonize(keep_stderr=not use_syslog and o.logfile is None)
+        error = syslog_error() if use_syslog else None
+        if error:
+            # A node without a syslog daemon: log where the starter
+            # sends our standard error (a file, the journal), and say
+            # so there, rather than fail or log nowhere.
+            sys.stderr.write("%s: no syslog at %s (%s); logging to "
+                             "standard error (see --log)\n"
+                             % (PROG, SYSLOG_SOCKET, error))
+            sys.stderr.flush()
+            use_syslog = False
+        ready = daemonize(keep_stderr=not use_syslog and o.logfile is None)
         setup_logging(o.logfile, use_syslog=use_syslog)
     if pidfile:
         pidfile.write()
+
+    def tell_starter():
+        # Now the pid file is right and a TERM is handled.
+        if ready is not None:
+            os.write(ready, b"1")
+            os.close(ready)
+
     log.info("jp_importer %s: credential %s (%s), valid until %s",
              __version__, credentials.cert_file, credentials.subject,
              format_time(credentials.not_after))
@@ -4606,7 +4729,7 @@ def run_daemon(o):
                         "the C tools\")", maildir.root,
                         " ".join(str(p) for p in pids))
     try:
-        return Master(o, credentials, maildirs).run()
+        return Master(o, credentials, maildirs, tell_starter).run()
     finally:
         if pidfile and os.getpid() == pidfile_owner(pidfile):
             pidfile.remove()
@@ -4650,7 +4773,12 @@ def main(argv=None):
     if o.version:
         return to_stdout(lambda out: out.write("%s %s\n"
                                                % (PROG, __version__)))
-    setup_logging(o.logfile, level=o.log_level)
+    try:
+        setup_logging(o.logfile, level=o.log_level)
+    except OSError as exc:
+        sys.stderr.write("%s: cannot open log file %s: %s\n"
+                         % (PROG, o.logfile, exc.strerror))
+        return 1
     try:
         if o.status and o.check:
             code, line = check_status(o, status_report(o))

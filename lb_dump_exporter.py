@@ -30,12 +30,14 @@ New options:
 Bad lines (no DG.JOBID, unbalanced quotes, an invalid jobid, NUL bytes,
 longer than %(maxline)d bytes) do not stop the run: each is written with
 its line number and reason to STORE/lb_dump_exporter.<dump id>.rejects
-and reported on stderr.  A run cut short (crash, kill, full disk) is
-completed by running the same command again: jobs already announced are
-not announced twice (STORE/.lb_dump_exporter.<dump id>.journal).
+and reported on stderr (the first %(shown)d).  A run cut short (crash, kill,
+full disk) is completed by running the same command again: jobs already
+announced are not announced twice (the journal
+STORE/.lb_dump_exporter.<dump id>.journal; %(keep)d days after a dump
+finished, it shrinks to its last line).
 
-Exit status: 0 every line exported, 1 some lines rejected or a runtime
-error, 2 usage error.
+Exit status: 0 every line exported, 3 done but some lines rejected (they
+are in the rejects file), 1 runtime error (run again), 2 usage error.
 Requires only the Python 3.6+ standard library.
 """
 
@@ -80,6 +82,10 @@ JOB_BUFFER = 256 * 1024          # lines of a job written in one go
 MIXED_BUFFER = 16 * 1024 * 1024  # -x: at most this much buffered in all
 KNOWN_JOBIDS = 10000             # parsed jobids remembered (-x mostly)
 MAX_SAFE_NAME = 120
+REJECTS_SHOWN = 20               # rejected lines reported on stderr, at most
+JOURNAL_KEEP = 30 * 86400        # a finished dump's journal entries, kept
+COMPLETE = b"complete\n"         # a journal's last line, once finished
+EXIT_REJECTED = 3                # done, but some lines went to the rejects
 SYNCFS = None                    # sync_filesystems(): looked up when needed
 
 JOBID_FIELD = b'DG.JOBID="'
@@ -456,6 +462,42 @@ class Exporter:
             self.store, "%s.%s.rejects" % (PROG, self.dump_id))
         unlink_quietly(self.rejects_path)
         return True
+
+    def prune_journals(self, now=None):
+        """Shrink to their last line, "complete", the journals of dumps
+        finished more than JOURNAL_KEEP ago (about 100 bytes a job).
+
+        A rerun of a finished dump reads nothing but that line, so the
+        rerun protection stays; an unfinished journal is the rerun's
+        to recover and is kept whole.
+        """
+        now = time.time() if now is None else now
+        prefix = ".%s." % PROG
+        for name in os.listdir(self.store):
+            if not (name.startswith(prefix) and name.endswith(".journal")):
+                continue
+            path = self.in_store + name
+            try:
+                st = os.lstat(path)
+                if not stat.S_ISREG(st.st_mode) or \
+                        st.st_size <= len(COMPLETE) or \
+                        now - st.st_mtime < JOURNAL_KEEP:
+                    continue
+                with open(path, "rb") as f:
+                    f.seek(-len(COMPLETE), os.SEEK_END)
+                    if f.read() != COMPLETE:
+                        continue
+                fd = os.open(path + ".new", os.O_WRONLY | os.O_CREAT |
+                             os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+                try:
+                    write_all(fd, COMPLETE)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.rename(path + ".new", path)
+            except OSError:
+                pass                # the whole journal stays: tried again
+                                    # at the next run
 
     def journal_path(self):
         return os.path.join(self.store, ".%s.%s.journal"
@@ -1006,7 +1048,7 @@ class Exporter:
             self._finish_parked(finished)
         self.current = self.current_field = None
         self.drain()
-        write_all(self.journal_fd, b"complete\n")
+        write_all(self.journal_fd, COMPLETE)
         os.fsync(self.journal_fd)
 
     def abandon(self):
@@ -1080,13 +1122,17 @@ def export(o, stderr=sys.stderr):
     source = o.dump if o.dump not in (None, "-") else "<stdin>"
 
     def report(number, reason):
-        stderr.write("%s:%d: %s\n" % (source, number, reason))
+        # The first ones (a flood would bury the summary); all of them
+        # are in the rejects file.
+        if exporter.counts["rejected"] <= REJECTS_SHOWN:
+            stderr.write("%s:%d: %s\n" % (source, number, reason))
 
     exporter = Exporter(store, maildir, o.jpps, o.mixed,
                         o.allow_shared_dirs, reject=report)
     stream, total, raw, fd = open_input(o.dump)
     try:
         exporter.prepare()
+        exporter.prune_journals()
     except Error:
         stream.close()
         raise
@@ -1127,6 +1173,10 @@ def export(o, stderr=sys.stderr):
     counts = exporter.counts
     if progress:
         progress.update(done, counts["jobs"], final=True)
+    if counts["rejected"] > REJECTS_SHOWN:
+        stderr.write("%s: ... and %d more rejected lines (see %s)\n"
+                     % (PROG, counts["rejected"] - REJECTS_SHOWN,
+                        exporter.rejects_path))
     if not o.quiet:
         stderr.write(
             "%s: %d job(s) exported from %s in %.1fs: %d lines, %d exported, "
@@ -1138,7 +1188,7 @@ def export(o, stderr=sys.stderr):
                 if counts["earlier"] else "",
                 "; rejects in %s" % exporter.rejects_path
                 if counts["rejected"] else ""))
-    return 1 if counts["rejected"] else 0
+    return EXIT_REJECTED if counts["rejected"] else 0
 
 
 def reader(stream, source, fd=None, idle=None):
@@ -1281,7 +1331,9 @@ def parse_args(argv):
 
 def usage(stream):
     stream.write(__doc__ % {"prog": PROG, "store": DEFAULT_STORE,
-                            "maildir": DEFAULT_MAILDIR, "maxline": MAX_LINE})
+                            "maildir": DEFAULT_MAILDIR, "maxline": MAX_LINE,
+                            "shown": REJECTS_SHOWN,
+                            "keep": JOURNAL_KEEP // 86400})
 
 
 def main(argv=None):

@@ -32,6 +32,7 @@ import queue
 import random
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -3732,6 +3733,499 @@ class TestFaultsClear(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
+# Operators: the README's commands, the systemd unit, cron, logrotate, and
+# failures at start that must never be silent
+# ---------------------------------------------------------------------------
+
+TOOLS = ("jp_importer.py", "lb_dump_exporter.py", "jp_upload_files.py")
+README = os.path.join(HERE, "README.md")
+CONTRIB = os.path.join(HERE, "contrib")
+CRON_LINE_RE = re.compile(r"^(?:[0-9*/,-]+\s+){5}\S+\s+(.*)$")
+
+
+def readme_blocks(text):
+    """The fenced code blocks of a Markdown text, each as one string."""
+    blocks, block = [], None
+    for line in text.splitlines(True):
+        if line.startswith("```"):
+            if block is None:
+                block = []
+            else:
+                blocks.append("".join(block))
+                block = None
+        elif block is not None:
+            block.append(line)
+    return blocks
+
+
+def readme_commands(text):
+    """Every command line of the README's code blocks that runs a tool.
+
+    The rule: lines continued with a backslash are joined; a crontab
+    line (five time fields, a user) stands for its command part; a
+    command is an unindented line whose first word, after an optional
+    `python3`, is one of TOOLS, as a bare name, `./NAME` or an absolute
+    path, and whose second word does not start with `[` (a synopsis).  The
+    systemd unit's ExecStart is run by the unit's own test.
+    """
+    commands = []
+    for block in readme_blocks(text):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line[:1].isspace():
+                continue
+            cron = CRON_LINE_RE.match(line)
+            words = shlex.split(cron.group(1) if cron else line,
+                                comments=True)
+            if words[:1] == ["python3"]:
+                words = words[1:]
+            if not words or os.path.basename(words[0]) not in TOOLS or \
+                    not (words[0] in TOOLS or words[0].startswith(("./",
+                                                                   "/"))):
+                continue
+            if len(words) > 1 and words[1].startswith("["):
+                continue
+            commands.append(words)
+    return commands
+
+
+def readme_mapping(h):
+    """The README's example paths and hosts -> the harness's own."""
+    return {
+        "/etc/grid-security/hostcert.pem": h.cert,
+        "/etc/grid-security/glite/hostcert.pem": h.cert,
+        "/etc/grid-security/hostkey.pem": h.key,
+        "/etc/grid-security/glite/hostkey.pem": h.key,
+        "/etc/grid-security/certificates": h.pki.ca_dir,
+        "jpps.example.org:8901": h.jpps.hostport,
+        "/var/spool/glite/jpreg": h.reg,
+        "/var/spool/glite/jpdump": h.dump,
+        "/var/glite/jpsandbox": h.sandbox,
+        "/var/spool/glite/lbexport": h.path("lbexport"),
+        "/var/spool/glite/lbexport/purge.dump": h.path("purge.dump"),
+        "/var/log/glite/jp_importer.log": h.logfile,
+        "/run/jp_importer/jp_importer.pid": h.pidfile,
+    }
+
+
+def mapped_command(words, mapping):
+    """The command with the tool run from this checkout by the test's
+    interpreter and every example word replaced by its mapping."""
+    return [sys.executable, os.path.join(HERE, os.path.basename(words[0]))] \
+        + [mapping.get(word, word) for word in words[1:]]
+
+
+def readme_block_of(path):
+    """The README's code block that equals the file at `path`, or None."""
+    with open(path) as f:
+        text = f.read()
+    with open(README) as f:
+        blocks = readme_blocks(f.read())
+    return text if text in blocks else None
+
+
+def without_option(args, option):
+    """`args` without `option` and its value."""
+    at = args.index(option)
+    return args[:at] + args[at + 2:]
+
+
+def current_user_and_group():
+    import grp
+    import pwd
+    return (pwd.getpwuid(os.geteuid()).pw_name,
+            grp.getgrgid(os.getegid()).gr_name)
+
+
+class TestOperatorRunning(unittest.TestCase):
+    """What a site admin runs: every README command as written, the
+    shipped systemd unit and logrotate snippet, executable tools; errors
+    at start are one line and exit 1 before the daemon detaches; the
+    exporter's exit codes, capped reports and pruned journals."""
+
+    def env(self, h):
+        env = dict(os.environ, X509_CERT_DIR=h.pki.ca_dir)
+        env.pop("X509_USER_PROXY", None)
+        return env
+
+    def registered(self, h):
+        return len(h.jpps.ops("RegisterJob", "ok"))
+
+    def deliver_one(self, h, n):
+        """Drop registration n; wait until the JPPS has it."""
+        before = self.registered(h)
+        drop_message(h.reg, registration(n))
+        wait_for(lambda: self.registered(h) > before,
+                 what="registration %d delivered" % n)
+
+    def start_daemon(self, h, cmd, **kw):
+        """Start a forking daemon with `cmd`; (pid, stop()).  The pid
+        file must hold the daemon's pid when the starter returns."""
+        with open(h.path("daemon.err"), "ab") as err:
+            proc = run(cmd, stderr=err, **kw)
+        self.assertEqual(proc.returncode, 0, read_text(h.path("daemon.err")))
+        pidfile = cmd[cmd.index("-i") + 1]
+        if not os.path.isabs(pidfile):
+            pidfile = os.path.join(kw.get("cwd", "."), pidfile)
+        pid = int(read_text(pidfile).strip() or 0)
+        self.assertTrue(os.path.exists("/proc/%d" % pid), pid)
+        self.assertNotEqual(os.getsid(pid), os.getsid(0))
+
+        def stop():
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                return
+            wait_for(lambda: not os.path.exists("/proc/%d" % pid),
+                     what="the daemon to exit")
+        self.addCleanup(stop)
+        return pid, stop
+
+    # -- files, executables ----------------------------------------------
+
+    def test_tools_are_executable_and_run_as_written(self):
+        for tool in TOOLS:
+            path = os.path.join(HERE, tool)
+            self.assertTrue(os.access(path, os.X_OK), tool)
+            proc = run(["./" + tool, "--version"], cwd=HERE)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            self.assertEqual(proc.stdout, "%s 1.0.0\n" % tool[:-3])
+
+    def test_readme_commands_run_as_written(self):
+        """Each README command, its paths mapped (readme_mapping), with
+        X509_CERT_DIR set (the default CA directory is a system path):
+        --status answers, --once and a daemon deliver, the exporter
+        exports.  A daemon with no -i gets the test's pid file (the
+        default is a system path), and is stopped again."""
+        h = upload_harness(self)
+        mapping = readme_mapping(h)
+        os.makedirs(h.path("lbexport"), 0o750)
+        _, data = generated_dump(3)
+        with open(h.path("purge.dump"), "wb") as f:
+            f.write(data)
+        with open(README) as f:
+            commands = readme_commands(f.read())
+        kinds = []
+        for n, words in enumerate(commands):
+            cmd = mapped_command(words, mapping)
+            tool = os.path.basename(words[0])
+            if tool == "lb_dump_exporter.py":
+                kinds.append("export")
+                proc = run(cmd, env=self.env(h))
+                self.assertEqual(proc.returncode, 0, (words, proc.stderr))
+                self.assertIn("3 job(s) exported", proc.stderr)
+            elif "--status" in words:
+                kinds.append("status")
+                proc = run(cmd, env=self.env(h))
+                self.assertEqual(proc.returncode, 0, (words, proc.stderr))
+                self.assertIn("registration maildir %s\n" % h.reg,
+                              proc.stdout)
+                self.assertIn("credential ", proc.stdout)
+            elif "--once" in words:
+                kinds.append("once")
+                drop_message(h.reg, registration(n))
+                before = self.registered(h)
+                proc = run(cmd, env=self.env(h))
+                self.assertEqual(proc.returncode, 0, (words, proc.stderr))
+                self.assertEqual(self.registered(h), before + 1, words)
+                if "--log" in words:
+                    self.assertIn("registered", read_text(h.logfile))
+            else:
+                kinds.append("daemon")
+                self.assertNotIn("-g", words)      # the unit's test does -g
+                if "-i" not in cmd:
+                    cmd += ["-i", h.pidfile]
+                _, stop = self.start_daemon(h, cmd, env=self.env(h))
+                self.deliver_one(h, n)
+                stop()
+                self.assertFalse(os.path.exists(h.pidfile))
+        self.assertEqual(sorted(kinds), ["daemon", "export", "once",
+                                         "status", "status"], commands)
+
+    def unit_path(self):
+        path = os.path.join(CONTRIB, "jp_importer.service")
+        self.assertIsNotNone(readme_block_of(path),
+                             "README's unit differs from " + path)
+        return path
+
+    def test_systemd_unit_runs_its_command_in_the_foreground(self):
+        """ExecStart as Type=simple runs it: in the foreground, its pid
+        in the pid file, TERM to the master alone (KillMode=mixed)."""
+        h = ImporterHarness(self)
+        with open(self.unit_path()) as f:
+            text = f.read().replace("\\\n", " ")
+        values = dict(line.split("=", 1) for line in text.splitlines()
+                      if "=" in line and not line.startswith("#"))
+        self.assertEqual(values["Type"], "simple")
+        self.assertEqual(values["KillMode"], "mixed")
+        self.assertEqual(values["Restart"], "on-failure")
+        self.assertIn("network-online.target", values["After"])
+        self.assertIn("network-online.target", values["Wants"])
+        words = shlex.split(values["ExecStart"])
+        self.assertIn("-g", words)
+        with open(h.path("journal"), "wb") as journal:
+            proc = subprocess.Popen(
+                mapped_command(words, readme_mapping(h)), env=self.env(h),
+                stdout=subprocess.DEVNULL, stderr=journal)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        wait_for(lambda: read_text(h.pidfile) == "%d\n" % proc.pid,
+                 what="the pid file")
+        self.deliver_one(h, 1)
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(TIMEOUT), 0)
+        self.assertFalse(os.path.exists(h.pidfile))
+        journal = read_text(h.path("journal"))
+        self.assertIn("registered", journal)
+        self.assertIn("stopped", journal)
+
+    def test_systemd_unit_verifies(self):
+        if not shutil.which("systemd-analyze"):
+            skip_or_fail("systemd-analyze is not installed")
+        with open(self.unit_path()) as f:
+            text = f.read()
+        # The unit as installed: its ExecStart names an executable tool.
+        unit = os.path.join(tempfile.mkdtemp(prefix="jp-unit-"),
+                            "jp_importer.service")
+        self.addCleanup(shutil.rmtree, os.path.dirname(unit), True)
+        with open(unit, "w") as f:
+            f.write(text.replace("/usr/local/sbin/jp_importer.py",
+                                 os.path.join(HERE, "jp_importer.py")))
+        proc = run(["systemd-analyze", "verify", unit])
+        self.assertEqual((proc.returncode, proc.stderr), (0, ""))
+
+    def test_logrotate_snippet_rotates_a_running_daemons_log(self):
+        if not shutil.which("logrotate"):
+            skip_or_fail("logrotate is not installed")
+        path = os.path.join(CONTRIB, "jp_importer.logrotate")
+        text = readme_block_of(path)
+        self.assertIsNotNone(text, "README's logrotate differs from " + path)
+        h = ImporterHarness(self)
+        conf, state = h.path("logrotate.conf"), h.path("logrotate.state")
+        self.assertIn("su glite glite\n", text)
+        with open(conf, "w") as f:
+            f.write(text.replace("/var/log/glite/jp_importer.log", h.logfile)
+                    .replace("su glite glite", "su %s %s"
+                             % current_user_and_group()))
+        proc = run(["logrotate", "-d", "-f", "-s", state, conf])
+        self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+        self.assertNotIn("error:", proc.stdout + proc.stderr)
+        proc = h.start("--log", h.logfile)
+        wait_for(lambda: "started" in read_text(h.logfile), what="the log")
+        self.deliver_one(h, 1)
+        rotate = run(["logrotate", "-f", "-s", state, conf])
+        self.assertEqual(rotate.returncode, 0, rotate.stderr)
+        self.assertIn("registered", read_text(h.logfile + ".1"))
+        self.deliver_one(h, 2)           # no postrotate: a new file
+        wait_for(lambda: "registered" in read_text(h.logfile),
+                 what="the next line in a new log file")
+        self.assertEqual(h.stop(proc), 0)
+
+    # -- failures at start: one line, exit 1, before detaching -----------
+
+    def test_relative_log_and_pid_file_and_the_starters_exit(self):
+        """--log and -i relative to where the starter runs (the daemon
+        changes to /), and the starter returns when the pid file holds
+        the daemon's pid, not the pid left by an earlier run."""
+        h = ImporterHarness(self)
+        name = "jp-test-%d.log" % os.getpid()
+        self.addCleanup(unlink_if_there, "/" + name)
+        for n in range(3):
+            with open(h.path("rel.pid"), "w") as f:
+                f.write("999999\n")              # left by a killed run
+            _, stop = self.start_daemon(h, [
+                sys.executable, JP_IMPORTER, "--log", name, "-i", "rel.pid"]
+                + without_option(h.args(), "-i"), cwd=h.dir)
+            stop()              # at once: a TERM is handled when it returns
+            self.assertFalse(os.path.exists(h.path("rel.pid")))
+            self.assertEqual(read_text(h.path(name)).count("INFO stopped"),
+                             n + 1)
+        self.assertFalse(os.path.exists("/" + name))
+
+    def test_log_in_a_missing_directory(self):
+        h = ImporterHarness(self)
+        for args in (["-g"], [], ["--once"]):
+            proc = run([sys.executable, JP_IMPORTER, "--log",
+                        h.path("nodir", "x.log")] + args + h.args(),
+                       timeout=TIMEOUT)
+            self.assertEqual(proc.returncode, 1, args)
+            self.assertEqual(proc.stderr, "jp_importer: cannot open log file"
+                             " %s: No such file or directory\n"
+                             % h.path("nodir", "x.log"))
+            self.assertFalse(os.path.exists(h.pidfile))
+
+    def syslog_daemon(self, h, socket_path):
+        """Start the daemon (no --log) with its syslog socket at
+        `socket_path`; return its standard error's file."""
+        err = h.path("daemon.err")
+        code = ("import sys; sys.path.insert(0, %r); import jp_importer; "
+                "jp_importer.SYSLOG_SOCKET = %r; "
+                "sys.exit(jp_importer.main(sys.argv[1:]))"
+                % (HERE, socket_path))
+        self.start_daemon(h, [sys.executable, "-c", code] + h.args())
+        return err
+
+    def test_no_syslog_falls_back_to_standard_error(self):
+        h = ImporterHarness(self)
+        err = self.syslog_daemon(h, h.path("no-syslog"))
+        self.deliver_one(h, 1)
+        text = wait_for(lambda: "registered" in read_text(err) and
+                        read_text(err), what="the log on stderr")
+        self.assertIn("no syslog at %s (No such file or directory); logging"
+                      " to standard error" % h.path("no-syslog"), text)
+        self.assertIn("started", text)
+
+    def test_syslog_gets_the_log_when_there(self):
+        h = ImporterHarness(self)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.bind(h.path("log"))
+        sock.settimeout(TIMEOUT)
+        err = self.syslog_daemon(h, h.path("log"))
+        drop_message(h.reg, registration(1))
+        lines = []
+        while not any(b"registered" in line for line in lines):
+            lines.append(sock.recv(65536))
+        self.assertTrue(lines[0].startswith(b"<30>jp_importer["), lines[0])
+        self.assertEqual(read_text(err), "")
+
+    def test_encrypted_key_and_certificate_without_key(self):
+        h = ImporterHarness(self)
+        encrypted = h.path("encrypted.key")
+        proc = run(["openssl", "pkey", "-in", h.key, "-aes256", "-passout",
+                    "pass:secret", "-out", encrypted])
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        h.key = encrypted
+        # No terminal to prompt on (the old code then said "Invalid
+        # argument"; on a terminal it blocked).
+        proc = h.once(stdin=subprocess.DEVNULL, start_new_session=True)
+        self.assertEqual(proc.returncode, 1)
+        self.assertEqual(proc.stderr.splitlines(), [
+            "jp_importer: key %s is encrypted, and a daemon cannot ask for "
+            "its pass phrase: use an unencrypted copy, mode 0400 (openssl "
+            "pkey -in KEY -out PLAIN)" % encrypted])
+        legacy = h.path("legacy.key")
+        with open(legacy, "w") as f:
+            f.write("-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED"
+                    "\nDEK-Info: AES-256-CBC,00\n\nAAAA\n"
+                    "-----END RSA PRIVATE KEY-----\n")
+        with self.assertRaisesRegex(jp_importer.ConfigError, "is encrypted"):
+            jp_importer.check_private_key(legacy, h.cert)
+        proc = run([sys.executable, JP_IMPORTER, "--once"]
+                   + without_option(h.args(), "-k"))
+        self.assertEqual(proc.returncode, 1)
+        self.assertEqual(proc.stderr.splitlines(), [
+            "jp_importer: credential %s holds no private key: give its key "
+            "file with -k" % h.cert])
+
+    def test_malformed_jpps_refused_at_start(self):
+        h = ImporterHarness(self)
+        for address, text in (
+                ("jpps.example.org:99999", "bad port in JPPS address"),
+                ("jpps.example.org:http", "bad port in JPPS address"),
+                ("ftp://jpps.example.org:8901", "bad JPPS address"),
+                ("https://:8901", "bad JPPS address")):
+            for mode in ("--once", "-g"):
+                proc = run([sys.executable, JP_IMPORTER, mode]
+                           + h.args("-p", address), timeout=TIMEOUT)
+                self.assertEqual(proc.returncode, 1, (address, mode))
+                self.assertEqual(len(proc.stderr.splitlines()), 1,
+                                 proc.stderr)
+                self.assertIn(text, proc.stderr)
+        self.assertEqual(h.jpps.calls, [])
+
+    def test_credential_expiry_warned_in_log_and_status(self):
+        h = ImporterHarness(self)
+        h.cert = h.key = h.pki.proxy               # valid for a day
+        proc = h.once()
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertRegex(proc.stderr, r"WARNING credential %s \(valid "
+                         r"until [-0-9 :]+\) expires in \d+h\d+m: renew it"
+                         % re.escape(h.cert))
+        proc = h.once("--warn-expiry", "0.5")
+        self.assertNotIn("expires in", proc.stderr)
+        status = [sys.executable, JP_IMPORTER, "--status", "-r", h.reg,
+                  "-d", h.dump, "-s", h.sandbox, "-c"]
+        proc = run(status + [h.cert])
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertRegex(proc.stdout, r"(?m)^credential: %s \(.*\), "
+                         r"valid until [-0-9 :]+  WARNING: expires in "
+                         r"\d+h\d+m: renew it$" % re.escape(h.cert))
+        proc = run(status + [h.pki.host_cert])
+        self.assertRegex(proc.stdout, r"(?m)^credential: %s \(.*\), "
+                         r"valid until [-0-9 :]+$"
+                         % re.escape(h.pki.host_cert))
+        # At start and again at each reload (SIGHUP).
+        proc = h.start()
+        wait_for(lambda: h.output().count("expires in") == 1,
+                 what="the warning at start")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: h.output().count("expires in") == 2,
+                 what="the warning on SIGHUP")
+        self.assertEqual(h.stop(proc), 0)
+        proc = run([sys.executable, JP_IMPORTER, "--warn-expiry", "x"])
+        self.assertEqual(proc.returncode, 2)
+
+    # -- the exporter --------------------------------------------------------
+
+    def test_exporter_exit_codes_and_capped_reports(self):
+        x = ExporterRun(self)
+        table, data = generated_dump(5)
+        self.assertEqual(x.run("-d", x.dump_file(data)).returncode, 0)
+        shown = lb_dump_exporter.REJECTS_SHOWN
+        bad = b"".join(b"DG.ARRIVED=1 DATE=%d HOST=\"h\"\n" % i
+                       for i in range(shown + 5))
+        table, data = generated_dump(2, pad=7)
+        proc = x.run("-d", x.dump_file(bad + data, "bad"))
+        self.assertEqual(proc.returncode, 3, proc.stderr)
+        report = proc.stderr.splitlines()
+        self.assertEqual(len(report), shown + 2, proc.stderr)
+        self.assertTrue(report[shown].startswith(
+            "lb_dump_exporter: ... and 5 more rejected lines (see %s/"
+            % x.store), report[shown])
+        self.assertIn("2 job(s) exported", report[-1])
+        self.assertEqual(len(x.rejects().splitlines()), 2 * (shown + 5))
+        # Failed: nothing exported, exit 1.
+        with open(os.path.join(x.dir, "file"), "w"):
+            pass
+        proc = x.run("-d", x.dump_file(data, "again"), "-s",
+                     os.path.join(x.dir, "file"))
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+
+    def test_exporter_prunes_old_finished_journals(self):
+        x = ExporterRun(self)
+        _, first = generated_dump(40)
+        dump = x.dump_file(first, "first")
+        self.assertEqual(x.run("-q", "-d", dump).returncode, 0)
+        journal = [os.path.join(x.store, n) for n in os.listdir(x.store)
+                   if n.endswith(".journal")][0]
+        self.assertGreater(os.path.getsize(journal), 40 * 50)
+        month = time.time() - lb_dump_exporter.JOURNAL_KEEP - 3600
+        os.utime(journal, (month, month))
+        cut = os.path.join(x.store, ".lb_dump_exporter.0123456789ab.journal")
+        with open(cut, "w") as f:
+            f.write("batch 1_000001\nm\thttps://lb.example.org:9000/a\ta\n")
+        os.utime(cut, (month, month))
+        _, second = generated_dump(3, pad=9)
+        self.assertEqual(x.run("-q", "-d", x.dump_file(second, "second"))
+                         .returncode, 0)
+        with open(journal, "rb") as f:
+            self.assertEqual(f.read(), b"complete\n")
+        with open(cut) as f:                       # unfinished: kept whole
+            self.assertEqual(f.read(), "batch 1_000001\nm\thttps://"
+                             "lb.example.org:9000/a\ta\n")
+        recent = [os.path.join(x.store, n) for n in os.listdir(x.store)
+                  if n.endswith(".journal") and
+                  os.path.join(x.store, n) not in (journal, cut)]
+        self.assertEqual(len(recent), 1)
+        self.assertGreater(os.path.getsize(recent[0]), 3 * 50)
+        # The rerun protection stays: the first dump is not exported again.
+        messages = listing(x.maildir, "new")
+        proc = x.run("-d", dump)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("was exported completely before", proc.stderr)
+        self.assertEqual(listing(x.maildir, "new"), messages)
+
+
+# ---------------------------------------------------------------------------
 # Drop-in: the original deployment's command lines, with no option of ours
 # ---------------------------------------------------------------------------
 
@@ -3842,8 +4336,13 @@ class TestOriginalCommandLines(unittest.TestCase):
         return path
 
     def start_importer(self, args):
-        proc = run([sys.executable, JP_IMPORTER] + args, env=self.env)
-        self.assertEqual(proc.returncode, 0, proc.stderr)
+        # Standard error to a file: with no syslog on the node, the
+        # daemon keeps it for its log (a pipe would stay open).
+        with open(self.h.path("daemon.err"), "ab") as err:
+            proc = run([sys.executable, JP_IMPORTER] + args, env=self.env,
+                       stderr=err)
+        self.assertEqual(proc.returncode, 0,
+                         read_text(self.h.path("daemon.err")))
         pidfile = args[args.index("-i") + 1]
         pid = wait_for(lambda: int(read_text(pidfile) or 0),
                        what="the daemon's pid file")
@@ -3856,7 +4355,7 @@ class TestOriginalCommandLines(unittest.TestCase):
             wait_for(lambda: not os.path.exists("/proc/%d" % pid),
                      what="the daemon to exit")
         self.addCleanup(stop)
-        return pid, proc.stderr, stop
+        return pid, read_text(self.h.path("daemon.err")), stop
 
     def test_original_start_export_and_upload_command_lines(self):
         h = self.h
@@ -4704,7 +5203,7 @@ class TestDumpExporter(unittest.TestCase):
         x = ExporterRun(self)
         path = os.path.join(SAMPLES, "job_template")
         proc = x.run("-d", path)
-        self.assertEqual(proc.returncode, 1)
+        self.assertEqual(proc.returncode, 3)
         self.assertEqual(x.messages(), {})
         with open(path, "rb") as f:
             lines = f.read().splitlines()
@@ -4739,7 +5238,7 @@ class TestDumpExporter(unittest.TestCase):
             lines.insert(50, b"\n")
             dump = x.dump_file(b"".join(lines))
             proc = x.run("-d", dump, *options)
-            self.assertEqual(proc.returncode, 1, proc.stderr)
+            self.assertEqual(proc.returncode, 3, proc.stderr)
             x.assert_exported(table)
             rejects = x.rejects()
             for line, reason in bad:
@@ -6091,15 +6590,24 @@ class TestBadInputInBulk(unittest.TestCase):
             proc = x.run("-d", dump, stderr=err, timeout=600)
         with open(errors, "rb") as f:
             stderr = f.read().decode("utf-8", "replace")
-        self.assertEqual(proc.returncode, 1, stderr[-2000:])
+        self.assertEqual(proc.returncode, 3, stderr[-2000:])
         self.assertEqual(proc.stdout, "")
         self.assertNotIn("Traceback", stderr)
-        # One line per reject, in order, then the summary.
+        # The first rejects one line each, in order, a count of the
+        # others, then the summary.
+        shown = lb_dump_exporter.REJECTS_SHOWN
         report = stderr.split("\n")
         self.assertEqual(report.pop(), "")
-        self.assertEqual(len(report), BULK_DUMP_LINES + 1)
-        self.assertEqual(report[:-1], ["%s:%d: %s" % (dump, number, reason)
-                                       for number, reason, _ in expected])
+        self.assertEqual(len(report), shown + 2)
+        self.assertEqual(report[:shown], ["%s:%d: %s" % (dump, number, reason)
+                                          for number, reason, _
+                                          in expected[:shown]])
+        rejects_file = [n for n in os.listdir(x.store)
+                        if n.endswith(".rejects")][0]
+        self.assertEqual(report[shown], "lb_dump_exporter: ... and %d more "
+                         "rejected lines (see %s)" % (
+                             BULK_DUMP_LINES - shown,
+                             os.path.join(x.store, rejects_file)))
         self.assertIn("%d lines, %d exported, %d rejected, 0 blank"
                       % (len(lines), len(good), BULK_DUMP_LINES), report[-1])
         # The rejects file: "# line N: reason" and the line, for each.

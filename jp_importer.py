@@ -716,15 +716,14 @@ def parse_soap_response(op, body):
 class JPPSClient:
     """One JP primary storage endpoint, one keep-alive TLS connection.
 
-    Every call has a total time budget (`timeout`): connect, TLS
-    handshake, request and answer, held by a _Deadline, so a server
-    trickling its handshake or answer a byte at a time cannot stretch it.
-    A connection the server closed while idle is reopened transparently,
-    once.  A request goes out
-    as one buffer (headers and body together: one TLS record, no wait for
-    a delayed ACK); the answer is read by http.client.HTTPResponse, so
-    Content-Length, chunked bodies and "Connection: close" are handled as
-    any HTTP/1.1 client does.
+    Every call has a total time budget (`timeout`) for connect, TLS
+    handshake, request and answer, held by a _Deadline: a server that
+    trickles its answer a byte at a time cannot stretch it.  A connection
+    the server closed while idle is reopened transparently, once.  A
+    request goes out as one buffer (headers and body together: one TLS
+    record, no wait for a delayed ACK); the answer is read by
+    http.client.HTTPResponse, so Content-Length, chunked bodies and
+    "Connection: close" are handled as any HTTP/1.1 client does.
     """
 
     def __init__(self, address, credentials, timeout=CALL_TIMEOUT):
@@ -877,14 +876,14 @@ class JPPSClient:
         where = self._where()
         if isinstance(exc, Error):
             return exc
-        # From 3.7 every failed verification is an SSLCertVerificationError,
-        # which is also ssl.CertificateError; only codes 62 and 64
-        # (X509_V_ERR_HOSTNAME/IP_ADDRESS_MISMATCH) are about the name.
-        # 3.6 raises CertificateError (no code) for the name alone.
         if isinstance(exc, socket.timeout) or self._limit.expired:
             # a connection the deadline shut fails in any which way
             return TransientError("%s: no answer to %s within %gs"
                                   % (where, op, self.timeout))
+        # From 3.7 every failed verification is an SSLCertVerificationError,
+        # which is also ssl.CertificateError; only codes 62 and 64
+        # (X509_V_ERR_HOSTNAME/IP_ADDRESS_MISMATCH) are about the name.
+        # 3.6 raises CertificateError (no code) for the name alone.
         if isinstance(exc, ssl.CertificateError) and \
                 getattr(exc, "verify_code", 62) in (62, 64):
             return TransientError("%s: server certificate does not match "
@@ -1982,7 +1981,7 @@ def _ftp_error(exc, where, secure=True):
     """
     text = one_line(str(exc), 300)
     if isinstance(exc, ftplib.error_perm) and not secure:
-        return TransientError("%s refused before TLS (unauthenticated, so "
+        return TransientError("%s refused without TLS (unauthenticated, so "
                               "retried): %s" % (where, text))
     if isinstance(exc, ftplib.error_perm) and not text.startswith("552"):
         return PermanentError("%s refused: %s" % (where, text))
@@ -2112,7 +2111,8 @@ def _ftp_overrun(where, deadline, size):
     if deadline.phase == "set-up":
         return TransientError(
             "%s: no answer within the time limit (%gs, --timeout, for the "
-            "greeting, TLS, login and directories)" % (where, deadline.seconds))
+            "greeting, TLS, login and directories)"
+            % (where, deadline.seconds))
     return TransientError(
         "%s: the upload of %d bytes did not finish within %.0fs (3 times "
         "--timeout plus %d kB/s)" % (where, size, deadline.seconds,

@@ -5639,7 +5639,7 @@ class TestTransportLimits(FTPSCase):
                 with self.assertRaises(jp_importer.TransientError) as cm:
                     upload("%s://localhost:%d/x" % (scheme, port),
                            self.payload, self.host, 10)
-                self.assertIn("refused before TLS", str(cm.exception))
+                self.assertIn("refused without TLS", str(cm.exception))
                 self.assertIn(text, str(cm.exception))
         # A server without TLS: retried, with the option named.
         plain = self.fixture(tls=False)

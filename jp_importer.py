@@ -1787,27 +1787,69 @@ class _Deadline:
 
     Socket timeouts bound every single read and write, but a server that
     trickles a byte now and then never trips them.  When the limit
-    passes, a timer thread shuts the watched connections down; the
+    passes, a watcher thread shuts the watched connections down; the
     blocked call then fails at once and the caller reports the overrun.
     Sockets are held by descriptor: a TLS wrap keeps the descriptor (and
     detaches the plain socket object before its handshake), so the
     handshakes are covered too.  Only the caller's own thread opens
     sockets meanwhile, so a descriptor cannot be reused by a stranger
-    before cancel(), which comes before the connections are closed.
+    before cancel(), which comes before the connections are closed (and
+    after which the watcher no longer touches them: both hold _cond).
     `phase` names what is limited, for the error message.
+
+    One watcher thread per process serves every deadline: a thread per
+    SOAP call cost a fifth of the registration rate.  A forked child has
+    no thread but the one that forked, so it starts its own watcher.
     """
+
+    _pid = None
 
     def __init__(self, seconds, phase=None):
         self.expired = False
         self.fds = set()
-        self.lock = threading.Lock()
         self._start(seconds, phase)
+
+    @classmethod
+    def _watcher(cls):
+        if cls._pid != os.getpid():
+            cls._pid = os.getpid()
+            cls._cond = threading.Condition()
+            cls._live = set()
+            cls._wake = None            # the watcher's next look (None: idle)
+            thread = threading.Thread(target=cls._watch_all,
+                                      name="deadlines")
+            thread.daemon = True
+            thread.start()
+        return cls._cond
+
+    @classmethod
+    def _watch_all(cls):
+        cond, live = cls._cond, cls._live
+        with cond:
+            while True:
+                first = min(live, key=lambda d: d.due, default=None)
+                if first is None:
+                    cls._wake = None
+                    cond.wait()
+                    continue
+                wait = first.due - time.monotonic()
+                if wait > 0:
+                    cls._wake = first.due
+                    cond.wait(wait)
+                    continue
+                live.discard(first)
+                first.expired = True
+                for fd in first.fds:
+                    cls._shut(fd)
 
     def _start(self, seconds, phase):
         self.seconds, self.phase = seconds, phase
-        self.timer = threading.Timer(seconds, self._expire)
-        self.timer.daemon = True
-        self.timer.start()
+        self.due = time.monotonic() + seconds
+        cond = self._watcher()
+        with cond:
+            self._live.add(self)
+            if self._wake is None or self.due < self._wake:
+                cond.notify()
 
     def restart(self, seconds, phase=None):
         """The next phase: a new limit from now, the same connections.
@@ -1818,16 +1860,10 @@ class _Deadline:
         self._start(seconds, phase)
 
     def watch(self, sock):
-        with self.lock:
+        with self._cond:
             self.fds.add(sock.fileno())
             if self.expired:
                 self._shut(sock.fileno())
-
-    def _expire(self):
-        with self.lock:
-            self.expired = True
-            for fd in self.fds:
-                self._shut(fd)
 
     @staticmethod
     def _shut(fd):
@@ -1843,8 +1879,8 @@ class _Deadline:
             dup.close()
 
     def cancel(self):
-        self.timer.cancel()
-        self.timer.join()
+        with self._cond:
+            self._live.discard(self)
 
 
 class _FTPS(ftplib.FTP_TLS):

@@ -47,8 +47,9 @@ New options (long only):
                           360 uploads; doubles per attempt, at most 1 h)
   --give-up SECONDS       give a failing message up when older than this
                           (default: %(giveup)d = 5 days)
-  --timeout SECONDS       total time for one SOAP call, and the per-read
-                          time limit of an upload (default: %(timeout)d)
+  --timeout SECONDS       total time of one SOAP call, of an upload's
+                          login, and of every read and write; a transfer
+                          gets 3 times it plus 64 KiB/s (default: %(timeout)d)
   --log FILE              log to FILE (default: syslog, or stderr with -g)
   --log-level LEVEL       DEBUG, INFO (default), WARNING or ERROR
   --warn-expiry DAYS      warn when the credential expires within DAYS
@@ -913,12 +914,14 @@ def parse_soap_response(op, body):
 class JPPSClient:
     """One JP primary storage endpoint, one keep-alive TLS connection.
 
-    Every call has a total time budget (`timeout`); a connection the server
-    closed while idle is reopened transparently, once.  A request goes out
-    as one buffer (headers and body together: one TLS record, no wait for
-    a delayed ACK); the answer is read by http.client.HTTPResponse, so
-    Content-Length, chunked bodies and "Connection: close" are handled as
-    any HTTP/1.1 client does.
+    Every call has a total time budget (`timeout`) for connect, TLS
+    handshake, request and answer, held by a _Deadline: a server that
+    trickles its answer a byte at a time cannot stretch it.  A connection
+    the server closed while idle is reopened transparently, once.  A
+    request goes out as one buffer (headers and body together: one TLS
+    record, no wait for a delayed ACK); the answer is read by
+    http.client.HTTPResponse, so Content-Length, chunked bodies and
+    "Connection: close" are handled as any HTTP/1.1 client does.
     """
 
     def __init__(self, address, credentials, timeout=CALL_TIMEOUT):
@@ -928,6 +931,7 @@ class JPPSClient:
         self.timeout = timeout
         self._sock = None
         self._pending = None
+        self._limit = None          # the _Deadline of the call in progress
         self._generation = None
         self._head = ("POST %s HTTP/1.1\r\nHost: %s:%d\r\n"
                       "User-Agent: %s/%s\r\n"
@@ -937,6 +941,11 @@ class JPPSClient:
                                             PROG, __version__))
 
     def close(self):
+        """Drop the connection (and end a call left unanswered)."""
+        self._end_call()
+        self._disconnect()
+
+    def _disconnect(self):
         if self._sock is not None:
             try:
                 self._sock.close()
@@ -944,18 +953,27 @@ class JPPSClient:
                 pass
             self._sock = None
 
+    def _end_call(self):
+        limit, self._limit = self._limit, None
+        if limit is not None:
+            limit.cancel()                # before a descriptor is freed
+            if limit.expired:
+                self._disconnect()        # shut down: no keep-alive left
+
     def _connect(self, deadline):
         """The open connection (reused is True) or a new one."""
         self.credentials.refresh()
         context = self.credentials.client_context()
         if self._generation != self.credentials.generation:
-            self.close()                  # a new credential, a new session
+            self._disconnect()            # a new credential, a new session
             self._generation = self.credentials.generation
         if self._sock is not None:
+            self._limit.watch(self._sock)
             return True
         sock = socket.create_connection(
             (self.host, self.port), max(0.1, deadline - time.monotonic()))
         try:
+            self._limit.watch(sock)       # the handshake too
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(max(0.1, deadline - time.monotonic()))
             self._sock = context.wrap_socket(sock,
@@ -979,9 +997,15 @@ class JPPSClient:
         body = (ENVELOPE % ('<jpelem:%s>%s</jpelem:%s>'
                             % (op, inner_xml, op))).encode("utf-8")
         request = ("%s%d\r\n\r\n" % (self._head, len(body))).encode() + body
+        self._end_call()                # one never received is over
+        self._limit = _Deadline(self.timeout)
         self._pending = [op, request, time.monotonic() + self.timeout,
                          False]
-        self._transmit(first=True)
+        try:
+            self._transmit(first=True)
+        except BaseException:
+            self._end_call()
+            raise
 
     def _transmit(self, first):
         op, request, deadline, _ = self._pending
@@ -993,39 +1017,23 @@ class JPPSClient:
             self._sock.sendall(request)
         except (BrokenPipeError, ConnectionResetError,
                 ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
-            self.close()
+            self._disconnect()
             # A keep-alive connection the server closed while idle: the
             # request never reached it, so sending it again is safe.
-            if first and reused:
+            if first and reused and not self._limit.expired:
                 return self._transmit(first=False)
             raise self._network_error(exc, op)
         except Exception as exc:
-            self.close()
+            self._disconnect()
             raise self._network_error(exc, op)
 
     def receive(self):
         """The response element of the request sent last."""
-        op, request, deadline, reused = self._pending
+        op = self._pending[0]
         try:
-            status, data = self._read_response(deadline)
-        except (http.client.RemoteDisconnected, ConnectionResetError,
-                ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
-            self.close()
-            if not reused:
-                raise self._network_error(exc, op)
-            # Closed while idle, before any answer: once more, fresh.
-            self._transmit(first=False)
-            try:
-                status, data = self._read_response(deadline)
-            except Exception as exc2:
-                self.close()
-                raise self._network_error(exc2, op)
-        except TransientError as exc:
-            self.close()
-            raise TransientError("%s: %s" % (self._where(), exc))
-        except Exception as exc:
-            self.close()
-            raise self._network_error(exc, op)
+            status, data = self._receive()
+        finally:
+            self._end_call()
         if status not in (200, 500):
             raise TransientError("%s: HTTP %d to %s"
                                  % (self._where(), status, op))
@@ -1035,6 +1043,29 @@ class JPPSClient:
             self.close()
             raise TransientError("%s: %s" % (self._where(), exc))
 
+    def _receive(self):
+        op, request, deadline, reused = self._pending
+        try:
+            return self._read_response(deadline)
+        except (http.client.RemoteDisconnected, ConnectionResetError,
+                ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
+            self._disconnect()
+            if not reused or self._limit.expired:
+                raise self._network_error(exc, op)
+            # Closed while idle, before any answer: once more, fresh.
+            self._transmit(first=False)
+            try:
+                return self._read_response(deadline)
+            except Exception as exc2:
+                self._disconnect()
+                raise self._network_error(exc2, op)
+        except TransientError as exc:
+            self._disconnect()
+            raise TransientError("%s: %s" % (self._where(), exc))
+        except Exception as exc:
+            self._disconnect()
+            raise self._network_error(exc, op)
+
     def _where(self):
         return "JPPS %s:%d" % (self.host, self.port)
 
@@ -1043,6 +1074,10 @@ class JPPSClient:
         where = self._where()
         if isinstance(exc, Error):
             return exc
+        if isinstance(exc, socket.timeout) or self._limit.expired:
+            # a connection the deadline shut fails in any which way
+            return TransientError("%s: no answer to %s within %gs"
+                                  % (where, op, self.timeout))
         # From 3.7 every failed verification is an SSLCertVerificationError,
         # which is also ssl.CertificateError; only codes 62 and 64
         # (X509_V_ERR_HOSTNAME/IP_ADDRESS_MISMATCH) are about the name.
@@ -1059,9 +1094,6 @@ class JPPSClient:
                                           exc, "verify_message", "") or exc))
             return TransientError("%s: TLS error during %s: %s"
                                   % (where, op, exc.reason or exc))
-        if isinstance(exc, socket.timeout):
-            return TransientError("%s: no answer to %s within %gs"
-                                  % (where, op, self.timeout))
         if isinstance(exc, NETWORK_ERRORS):
             return TransientError("%s: %s failed: %s" % (where, op, exc))
         return exc
@@ -1098,7 +1130,7 @@ class JPPSClient:
         finally:
             resp.close()                  # the socket itself stays open
         if resp.will_close:
-            self.close()
+            self._disconnect()
         return resp.status, b"".join(chunks)
 
     # -- operations --------------------------------------------------------
@@ -2136,6 +2168,44 @@ FTPS_IMPLICIT_PORT = 990
 FTP_MIN_RATE = 64 * 1024       # bytes/s: the slowest upload still waited for
 FTP_QUIT_WAIT = 5.0            # seconds for the goodbye after a refusal
 FTP_TICKET_WAIT = 2.0          # seconds for the server's TLS 1.3 verdict
+FTP_MAX_REPLY = 64 * 1024      # characters of one reply (a real one: < 1 kB)
+FTP_MAX_REPLY_LINES = 1000     # lines of one multi-line reply
+CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _check_reply_size(lines, size):
+    """Refuse a reply past FTP_MAX_REPLY_LINES lines or FTP_MAX_REPLY
+    characters: a multi-line reply ends only when the server says so, and
+    a server flooding "220-" lines would fill the worker's memory."""
+    if lines > FTP_MAX_REPLY_LINES or size > FTP_MAX_REPLY:
+        raise ftplib.error_proto(
+            "reply longer than %d lines or %d kB refused"
+            % (FTP_MAX_REPLY_LINES, FTP_MAX_REPLY // 1024))
+
+
+def _upload_destination(url, default_port):
+    """(split URL, host, port, path) of an ftp://, ftps:// or gsiftp://
+    destination; PermanentError for one that cannot be used.
+
+    Control characters (CR and LF above all), raw or percent-encoded, are
+    refused: in a command on the control channel they would end it and
+    start one of the URL author's choosing (urlsplit drops raw CR, LF and
+    tab silently, which would name another file).
+    """
+    if CONTROL_CHARS_RE.search(urllib.parse.unquote(url)):
+        raise PermanentError(one_line(
+            "cannot upload to %r: control characters in the URL"
+            % public_url(url)))
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port or default_port
+    except ValueError:
+        raise PermanentError("bad port in %s" % one_line(public_url(url), 200))
+    target = urllib.parse.unquote(parts.path)
+    if not parts.hostname or not target or target.endswith("/"):
+        raise PermanentError("cannot upload to %s: no host or file name"
+                             % one_line(public_url(url), 200))
+    return parts, parts.hostname, port, target
 
 
 class _SourceFile:
@@ -2169,39 +2239,87 @@ def _rewind(source):
 
 
 class _Deadline:
-    """The overall time limit of one upload attempt.
+    """The overall time limit of one JPPS call or one phase of an upload.
 
     Socket timeouts bound every single read and write, but a server that
     trickles a byte now and then never trips them.  When the limit
-    passes, a timer thread shuts the attempt's connections down; the
+    passes, a watcher thread shuts the watched connections down; the
     blocked call then fails at once and the caller reports the overrun.
     Sockets are held by descriptor: a TLS wrap keeps the descriptor (and
     detaches the plain socket object before its handshake), so the
-    handshakes are covered too.  Only the attempt's own thread opens
+    handshakes are covered too.  Only the caller's own thread opens
     sockets meanwhile, so a descriptor cannot be reused by a stranger
-    before cancel(), which comes before the connections are closed.
+    before cancel(), which comes before the connections are closed (and
+    after which the watcher no longer touches them: both hold _cond).
+    `phase` names what is limited, for the error message.
+
+    One watcher thread per process serves every deadline: a thread per
+    SOAP call cost a fifth of the registration rate.  A forked child has
+    no thread but the one that forked, so it starts its own watcher.
     """
 
-    def __init__(self, seconds):
-        self.seconds = seconds
+    _pid = None
+
+    def __init__(self, seconds, phase=None):
         self.expired = False
         self.fds = set()
-        self.lock = threading.Lock()
-        self.timer = threading.Timer(seconds, self._expire)
-        self.timer.daemon = True
-        self.timer.start()
+        self._start(seconds, phase)
+
+    @classmethod
+    def _watcher(cls):
+        if cls._pid != os.getpid():
+            cls._pid = os.getpid()
+            cls._cond = threading.Condition()
+            cls._live = set()
+            cls._wake = None            # the watcher's next look (None: idle)
+            thread = threading.Thread(target=cls._watch_all,
+                                      name="deadlines")
+            thread.daemon = True
+            thread.start()
+        return cls._cond
+
+    @classmethod
+    def _watch_all(cls):
+        cond, live = cls._cond, cls._live
+        with cond:
+            while True:
+                first = min(live, key=lambda d: d.due, default=None)
+                if first is None:
+                    cls._wake = None
+                    cond.wait()
+                    continue
+                wait = first.due - time.monotonic()
+                if wait > 0:
+                    cls._wake = first.due
+                    cond.wait(wait)
+                    continue
+                live.discard(first)
+                first.expired = True
+                for fd in first.fds:
+                    cls._shut(fd)
+
+    def _start(self, seconds, phase):
+        self.seconds, self.phase = seconds, phase
+        self.due = time.monotonic() + seconds
+        cond = self._watcher()
+        with cond:
+            self._live.add(self)
+            if self._wake is None or self.due < self._wake:
+                cond.notify()
+
+    def restart(self, seconds, phase=None):
+        """The next phase: a new limit from now, the same connections.
+        Raises socket.timeout when the phase before has run out."""
+        self.cancel()
+        if self.expired:
+            raise socket.timeout("timed out")
+        self._start(seconds, phase)
 
     def watch(self, sock):
-        with self.lock:
+        with self._cond:
             self.fds.add(sock.fileno())
             if self.expired:
                 self._shut(sock.fileno())
-
-    def _expire(self):
-        with self.lock:
-            self.expired = True
-            for fd in self.fds:
-                self._shut(fd)
 
     @staticmethod
     def _shut(fd):
@@ -2217,8 +2335,8 @@ class _Deadline:
             dup.close()
 
     def cancel(self):
-        self.timer.cancel()
-        self.timer.join()
+        with self._cond:
+            self._live.discard(self)
 
 
 class _FTPS(ftplib.FTP_TLS):
@@ -2230,6 +2348,8 @@ class _FTPS(ftplib.FTP_TLS):
       itself, CPython issue 63699).
     - Implicit TLS (ftps://, as curl reads it): TLS from the first byte.
     - Every connection is watched by the attempt's _Deadline.
+    - A reply is at most FTP_MAX_REPLY_LINES lines, FTP_MAX_REPLY
+      characters (ftplib bounds a line, not the lines of a reply).
     - UTF-8 paths on every Python (ftplib used latin-1 up to 3.8).
     """
 
@@ -2253,6 +2373,20 @@ class _FTPS(ftplib.FTP_TLS):
         self.welcome = self.getresp()
         return self.welcome
 
+    def getmultiline(self):
+        # ftplib's, bounded: it joins lines for as long as they come
+        lines = [self.getline()]
+        if lines[0][3:4] == "-":
+            code, size = lines[0][:3], len(lines[0])
+            while True:
+                line = self.getline()
+                lines.append(line)
+                size += len(line) + 1
+                _check_reply_size(len(lines), size)
+                if line[:3] == code and line[3:4] != "-":
+                    break
+        return "\n".join(lines)
+
     def auth(self):
         resp = ftplib.FTP_TLS.auth(self)
         if self.sock.version() == "TLSv1.3":
@@ -2267,8 +2401,9 @@ class _FTPS(ftplib.FTP_TLS):
         # transient, instead of "our certificate was refused").  So the
         # server's first records, session tickets or that alert, are
         # awaited before the first command (FTP_TICKET_WAIT at most: a
-        # server without tickets costs that much per upload).
-        wait = min(self.timeout, FTP_TICKET_WAIT)
+        # server without tickets costs that much per upload; half the
+        # set-up's --timeout at most, so that the set-up can still end).
+        wait = min(self.timeout / 2.0, FTP_TICKET_WAIT)
         if not select.select([self.sock], [], [], wait)[0]:
             return
         self.sock.setblocking(False)
@@ -2325,16 +2460,21 @@ class _FTPS(ftplib.FTP_TLS):
             pass
 
 
-def _ftp_error(exc, where):
+def _ftp_error(exc, where, secure=True):
     """The importer's error for an FTP failure: permanent or transient.
 
     Permanent: refusals that another attempt cannot change (login
-    refused, destination forbidden or invalid).  Transient: 4xx, a full
-    server (452, and 552 "exceeded storage allocation", which a site
-    frees), timeouts, dropped connections, certificate trouble that the
-    admin will fix on either side.
+    refused, destination forbidden or invalid), said by the server over
+    TLS (`secure`).  Transient: 4xx, a full server (452, and 552
+    "exceeded storage allocation", which a site frees), timeouts, dropped
+    connections, certificate trouble that the admin will fix on either
+    side, and any refusal before TLS: anyone on the path can answer 5xx
+    there, and that must not give a message up.
     """
     text = one_line(str(exc), 300)
+    if isinstance(exc, ftplib.error_perm) and not secure:
+        return TransientError("%s refused without TLS (unauthenticated, so "
+                              "retried): %s" % (where, text))
     if isinstance(exc, ftplib.error_perm) and not text.startswith("552"):
         return PermanentError("%s refused: %s" % (where, text))
     if isinstance(exc, ssl.CertificateError) or (
@@ -2375,62 +2515,59 @@ def upload_ftp(url, source, credentials, timeout, allow_plain=False):
     The user and password come from the URL (percent-decoded), else
     "anonymous": with FTPS the client certificate is what the server
     checks.  Missing directories of the path are made (MKD).
-    Every connect, read and write is limited to `timeout` seconds, and
-    the whole attempt to 3 * timeout plus the file's size at
-    FTP_MIN_RATE.  Each attempt sends the file from its first byte.
+    Every connect, read and write is limited to `timeout` seconds; the
+    set-up (connect, greeting, TLS, login, directories) to `timeout` in
+    all, and the transfer (PASV, STOR, the data, SIZE) to 3 * timeout
+    plus the file's size at FTP_MIN_RATE.  Each attempt sends the file
+    from its first byte.
     Returns the bytes sent, checked with SIZE where the server has it.
     """
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname
-    implicit = parts.scheme == "ftps"
-    try:
-        port = parts.port or (FTPS_IMPLICIT_PORT if implicit else 21)
-    except ValueError:
-        raise PermanentError("bad port in %s" % one_line(public_url(url), 200))
-    target = urllib.parse.unquote(parts.path)
-    if not host or not target or target.endswith("/"):
-        raise PermanentError("cannot upload to %s: no host or file name"
-                             % one_line(public_url(url), 200))
+    implicit = url.split("://", 1)[0].lower() == "ftps"
+    parts, host, port, target = _upload_destination(
+        url, FTPS_IMPLICIT_PORT if implicit else 21)
     user = urllib.parse.unquote(parts.username or "anonymous")
     password = urllib.parse.unquote(parts.password or "")
     where = "ftp %s:%d" % (host, port)
     with _SourceFile(source) as source:
         size = os.fstat(source.fileno()).st_size
-        limit = 3 * timeout + size / FTP_MIN_RATE
         context = credentials.client_context()
-        deadline = _Deadline(limit)
+        deadline = _Deadline(timeout, "set-up")
         ftp = _FTPS(context, timeout, deadline, implicit)
         try:
             return _ftp_put(ftp, host, port, target, source, user, password,
-                            allow_plain, where)
+                            allow_plain, where, size)
         except Error:
             if deadline.expired:
-                raise _ftp_overrun(where, limit, size)
+                raise _ftp_overrun(where, deadline, size)
             _ftp_goodbye(ftp)       # our own refusals: still in step
             raise
         except (ftplib.Error, ssl.SSLError, ssl.CertificateError, OSError,
                 EOFError, ValueError) as exc:
             if deadline.expired:
-                raise _ftp_overrun(where, limit, size)
+                raise _ftp_overrun(where, deadline, size)
             if isinstance(exc, (ftplib.error_reply, ftplib.error_temp,
                                 ftplib.error_perm)):
                 _ftp_goodbye(ftp)   # a refusal: the connection is in step
-            raise _ftp_error(exc, where)
+            raise _ftp_error(exc, where,
+                             isinstance(ftp.sock, ssl.SSLSocket))
         finally:
             deadline.cancel()       # before the descriptors are freed
             ftp.close()
 
 
 def _ftp_put(ftp, host, port, target, source, user, password, allow_plain,
-             where):
+             where, size):
     """The conversation of one upload_ftp attempt; the bytes sent."""
     ftp.connect(host, port, ftp.timeout)
     if not ftp.implicit:
         try:
             ftp.auth()
         except ftplib.error_perm as exc:
+            # Transient, as every refusal before TLS: anyone on the path
+            # can say it.  The message is kept until TLS comes back or
+            # --allow-plain-ftp is given, and then delivered.
             if not allow_plain:
-                raise PermanentError(
+                raise TransientError(
                     "%s refuses TLS (%s); plain FTP is allowed only with "
                     "--allow-plain-ftp" % (where, one_line(str(exc), 200)))
             log.warning("%s: no TLS (--allow-plain-ftp): the upload is not "
@@ -2444,6 +2581,7 @@ def _ftp_put(ftp, host, port, target, source, user, password, allow_plain,
     except ftplib.error_perm:
         pass                                    # stream mode is the default
     _ftp_mkdirs(ftp, target.rsplit("/", 1)[0])
+    ftp.deadline.restart(3 * ftp.timeout + size / FTP_MIN_RATE, "transfer")
     sent = _ftp_store(ftp, target, source)
     _ftp_check_size(ftp, target, sent, where)
     _ftp_goodbye(ftp)                   # stored and checked: that is enough
@@ -2460,10 +2598,17 @@ def _ftp_goodbye(ftp):
         pass
 
 
-def _ftp_overrun(where, limit, size):
+def _ftp_overrun(where, deadline, size):
+    """The error for an upload phase that ran out of time."""
+    if deadline.phase == "set-up":
+        return TransientError(
+            "%s: no answer within the time limit (%gs, --timeout, for the "
+            "greeting, TLS, login and directories)"
+            % (where, deadline.seconds))
     return TransientError(
         "%s: the upload of %d bytes did not finish within %.0fs (3 times "
-        "--timeout plus %d kB/s)" % (where, size, limit, FTP_MIN_RATE // 1024))
+        "--timeout plus %d kB/s)" % (where, size, deadline.seconds,
+                                     FTP_MIN_RATE // 1024))
 
 
 def _ftp_store(ftp, target, source):
@@ -2751,11 +2896,18 @@ class _DataTLS:
 
 
 class _GSIControl:
-    """An authenticated GridFTP control connection (GSI, RFC 2228)."""
+    """An authenticated GridFTP control connection (GSI, RFC 2228).
 
-    def __init__(self, host, port, context, timeout):
+    Its connections are watched by `deadline` (a _Deadline); a reply is
+    bounded as _FTPS bounds it, lines included (an ADAT line carries a
+    whole handshake flight, so FTP_MAX_REPLY, not ftplib's 8 kB).
+    """
+
+    def __init__(self, host, port, context, timeout, deadline):
         self.host, self.port, self.timeout = host, port, timeout
+        self.deadline = deadline
         self.sock = socket.create_connection((host, port), timeout)
+        deadline.watch(self.sock)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.file = self.sock.makefile("rb")
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -2777,11 +2929,13 @@ class _GSIControl:
 
     def _read_reply_lines(self):
         """The lines of one reply as sent (multi-line replies joined)."""
-        lines = []
+        lines, size = [], 0
         while True:
-            raw = self.file.readline(MAX_MESSAGE)
+            raw = self.file.readline(FTP_MAX_REPLY + 1)
             if not raw:
                 raise EOFError("connection closed by the server")
+            size += len(raw)
+            _check_reply_size(len(lines) + 1, size)
             line = raw.decode("latin-1").rstrip("\r\n")
             lines.append(line)
             if len(lines) == 1 and not (len(line) >= 4 and line[3] == "-"):
@@ -2821,6 +2975,8 @@ class _GSIControl:
         Raises ftplib's error_temp (4xx) or error_perm (5xx), as ftplib
         would, and error_reply for a code other than `expect`.
         """
+        if "\r" in line or "\n" in line:      # as ftplib's putline
+            raise ValueError("CR or LF in an FTP command refused")
         if self.protected:
             self.tls.write((line + "\r\n").encode("utf-8"))
             self._send_line("ENC " + base64.b64encode(
@@ -2929,8 +3085,10 @@ class _GSIControl:
         if not match:
             raise ftplib.error_proto(text)
         port = int(match.group(5)) * 256 + int(match.group(6))
-        return socket.create_connection((self.sock.getpeername()[0], port),
+        data = socket.create_connection((self.sock.getpeername()[0], port),
                                         self.timeout)
+        self.deadline.watch(data)
+        return data
 
 
 # --dcau auto: servers that refused DCAU N in this process (host, port).
@@ -2971,18 +3129,12 @@ def upload_gsiftp(url, source, credentials, timeout, dcau="auto", prot="P",
     `delegate_to` (host names): a proxy of our credential goes nowhere
     else; None trusts the URL's own host (the caller named it, as
     --upload's operator does).
+    Time limits as upload_ftp: `timeout` for every read and write and for
+    the set-up (up to the directories), 3 * timeout plus the size at
+    FTP_MIN_RATE for the transfer.
     Returns the bytes sent, checked with SIZE.
     """
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname
-    try:
-        port = parts.port or 2811
-    except ValueError:
-        raise PermanentError("bad port in %s" % one_line(public_url(url), 200))
-    target = urllib.parse.unquote(parts.path)
-    if not host or not target or target.endswith("/"):
-        raise PermanentError("cannot upload to %s: no host or file name"
-                             % one_line(public_url(url), 200))
+    _, host, port, target = _upload_destination(url, 2811)
     dcau = str(dcau).upper()
     if dcau not in ("AUTO", "A", "N"):
         raise PermanentError("unknown DCAU policy %r" % dcau)
@@ -3035,9 +3187,11 @@ def _gsiftp_put(host, port, target, source, credentials, timeout, dcau,
     with A, a proxy valid `lifetime` seconds is delegated."""
     _rewind(source)
     control = data = None
+    size = os.fstat(source.fileno()).st_size
+    deadline = _Deadline(timeout, "set-up")
     try:
         control = _GSIControl(host, port, credentials.client_context(),
-                              timeout)
+                              timeout, deadline)
         control.authenticate(credentials if dcau == "A" else None,
                              lifetime)
         control.command("TYPE I")
@@ -3052,6 +3206,7 @@ def _gsiftp_put(host, port, target, source, credentials, timeout, dcau,
                 raise _NeedsDCAU(one_line(str(exc), 200))
             raise
         _ftp_mkdirs(control, target.rsplit("/", 1)[0])
+        deadline.restart(3 * timeout + size / FTP_MIN_RATE, "transfer")
         try:
             data = control.passive()
         except ftplib.error_perm as exc:
@@ -3095,13 +3250,18 @@ def _gsiftp_put(host, port, target, source, credentials, timeout, dcau,
         raise
     except (ftplib.error_temp, ftplib.error_perm, ftplib.error_reply) as exc:
         _gsiftp_quit(control)           # the server answered: still in step
-        raise _ftp_error(exc, where)
+        raise _ftp_error(exc, where, control.protected)
     except Error:
+        if deadline.expired:
+            raise _ftp_overrun(where, deadline, size)
         raise
     except (ftplib.Error, ssl.SSLError, ssl.CertificateError, OSError,
             EOFError, ValueError) as exc:
+        if deadline.expired:
+            raise _ftp_overrun(where, deadline, size)
         raise _ftp_error(exc, where)
     finally:
+        deadline.cancel()               # before the descriptors are freed
         if data is not None:
             data.close()
         if control is not None:

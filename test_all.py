@@ -7180,7 +7180,8 @@ class TestFTPSTransport(FTPSCase):
     def test_plain_server_needs_allow_plain(self):
         ftps = self.fixture(tls=False)
         size, path, digest = payloads(self.dir, (300000,))[0]
-        with self.assertRaises(jp_importer.PermanentError) as cm:
+        # Transient: said before TLS, by anyone on the path.
+        with self.assertRaises(jp_importer.TransientError) as cm:
             jp_importer.upload_ftp(ftps.url("p/x"), path, self.host, 10)
         self.assertIn("refuses TLS (530", str(cm.exception))
         self.assertIn("--allow-plain-ftp", str(cm.exception))
@@ -7195,7 +7196,7 @@ class TestFTPSTransport(FTPSCase):
     def test_vsftpd_without_tls(self):
         peer = self.vsftpd(tls=False)
         size, path, digest = payloads(self.dir, (5000,))[0]
-        with self.assertRaises(jp_importer.PermanentError) as cm:
+        with self.assertRaises(jp_importer.TransientError) as cm:
             jp_importer.upload_ftp(peer.url("x"), path, self.host, 10)
         self.assertIn("refuses TLS", str(cm.exception))
         self.assertFalse(os.path.exists(peer.local("x")))
@@ -7326,6 +7327,221 @@ class TestFTPSTransport(FTPSCase):
         ftps.users = None
         jp_importer.upload_ftp(ftps.url("c/y"), path, self.host, 10)
         self.assertEqual(ftps.logins[-1][0], "anonymous")
+
+
+class TestTransportLimits(FTPSCase):
+    """What a hostile JPPS, FTP or GridFTP server cannot take: memory (a
+    reply is bounded) and time (one deadline per JPPS call and per upload
+    phase); what it says before TLS gives no message up; and a URL with
+    control characters never reaches a control channel."""
+
+    TIMEOUT = 2.0                   # the --timeout of these tests
+    MARGIN = 1.5                    # what a deadline may run over
+    FLOOD = 100 * 1024 * 1024       # what a flooding server offers at most
+
+    def setUp(self):
+        FTPSCase.setUp(self)
+        self.stop = threading.Event()
+        self.addCleanup(self.stop.set)
+        self.payload = payloads(self.dir, (1000,))[0][1]
+
+    def hostile(self, speak):
+        """A server on 127.0.0.1 running speak(conn, send) for every
+        connection; returns (port, stats): stats["sent"] counts the bytes
+        send(conn, data) got out, stats["connections"] the clients."""
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        self.addCleanup(listener.close)
+        stats = {"sent": 0, "connections": 0}
+
+        def send(conn, data):
+            conn.sendall(data)
+            stats["sent"] += len(data)
+            return stats["sent"]
+
+        def session(conn):
+            with conn:
+                try:
+                    speak(conn, send)
+                except (OSError, ValueError):
+                    pass                # the client hung up
+
+        def serve():
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                stats["connections"] += 1
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+                threading.Thread(target=session, args=(conn,),
+                                 daemon=True).start()
+        threading.Thread(target=serve, daemon=True).start()
+        return listener.getsockname()[1], stats
+
+    def trickle(self, conn, send, data, interval=0.5):
+        """`data`, over and over, one byte per `interval`: every read
+        gets something in time, nothing ever ends (until TIMEOUT)."""
+        give_up = time.monotonic() + TIMEOUT
+        i = 0
+        while time.monotonic() < give_up:
+            send(conn, data[i % len(data):i % len(data) + 1])
+            i += 1
+            if self.stop.wait(interval):
+                return
+
+    def flood(self, line):
+        """A server sending `line` over and over, FLOOD bytes at most."""
+        def speak(conn, send):
+            block = line * (65536 // len(line) + 1)
+            while send(conn, block) < self.FLOOD and not self.stop.is_set():
+                pass
+        return self.hostile(speak)
+
+    def assert_in_time(self, error, call, *args, **kw):
+        """call() raises `error` within the deadline; its text."""
+        started = time.monotonic()
+        with self.assertRaises(error) as cm:
+            call(*args, **kw)
+        took = time.monotonic() - started
+        self.assertLess(took, self.TIMEOUT + self.MARGIN, cm.exception)
+        return str(cm.exception)
+
+    # -- memory: replies are bounded ---------------------------------------
+
+    def test_reply_floods_are_cut_at_the_bound(self):
+        for scheme in ("ftp", "gsiftp"):
+            upload = getattr(jp_importer, "upload_" + scheme)
+            # Short lines meet the line bound, long ones the size bound;
+            # one endless line meets it too (GridFTP reads long lines).
+            for line in (b"220-flood\r\n", b"220-" + b"x" * 4000 + b"\r\n",
+                         b"x" * 4000):
+                with self.subTest(scheme=scheme, line=line[:12]):
+                    port, stats = self.flood(line)
+                    with self.assertRaises(jp_importer.TransientError) as cm:
+                        upload("%s://localhost:%d/x" % (scheme, port),
+                               self.payload, self.host, 10)
+                    if line.endswith(b"\n") or scheme == "gsiftp":
+                        self.assertIn("reply longer than 1000 lines or 64 "
+                                      "kB refused", str(cm.exception))
+                    else:           # ftplib's own bound of a line
+                        self.assertIn("got more than 8192 bytes",
+                                      str(cm.exception))
+                    # The client hung up after the bound: what the server
+                    # got out is that and the socket buffers, no more.
+                    self.assertLess(stats["sent"], 16 * 1024 * 1024)
+
+    # -- time: one deadline per call and per phase -------------------------
+
+    def test_jpps_trickling_handshake_or_answer_meets_the_call_deadline(self):
+        def handshake(conn, send):
+            # A TLS handshake record of 16 kB announced, a byte at a time
+            # (the ssl module bounds one handshake by itself; the call's
+            # deadline must hold across it all the same).
+            conn.recv(65536)                            # ClientHello
+            self.trickle(conn, send, b"\x16\x03\x03\x40\x00" + b"\x00" * 60)
+
+        def answer(conn, send):
+            with self.pki.server_context().wrap_socket(
+                    conn, server_side=True) as tls:
+                data = b""
+                while b"Envelope>" not in data:
+                    chunk = tls.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                self.trickle(tls, send, b"HTTP/1.1 200 OK\r\nX-Padding: .")
+        for speak in (handshake, answer):
+            with self.subTest(trickled=speak.__name__):
+                port, stats = self.hostile(speak)
+                client = jp_importer.JPPSClient(
+                    "https://localhost:%d" % port, self.host,
+                    timeout=self.TIMEOUT)
+                self.addCleanup(client.close)
+                error = self.assert_in_time(
+                    jp_importer.TransientError, client.register_job,
+                    "https://lb.example.org:9000/trickled", USER_SUBJECT)
+                self.assertIn("no answer to RegisterJob within 2s", error)
+                self.assertGreater(stats["sent"], 0)
+
+    def test_ftp_trickling_greeting_or_reply_meets_the_set_up_deadline(self):
+        port, _ = self.hostile(lambda conn, send: self.trickle(
+            conn, send, b"220-Welcome, slowly\r\n"))
+        ftps = self.fixture()
+        ftps.inject("trickle", command="TYPE", interval=0.5)
+        for url in ("ftp://localhost:%d/x" % port, ftps.url("t/x")):
+            with self.subTest(url=url):
+                error = self.assert_in_time(
+                    jp_importer.TransientError, jp_importer.upload_ftp, url,
+                    self.payload, self.host, self.TIMEOUT)
+                self.assertIn("no answer within the time limit (2s, "
+                              "--timeout, for the greeting", error)
+        self.assertIn("TYPE I", ftps.commands)
+        self.assertNotIn("STOR /t/x", ftps.commands)
+
+    def test_gsiftp_trickling_greeting_meets_the_set_up_deadline(self):
+        port, _ = self.hostile(lambda conn, send: self.trickle(
+            conn, send, b"220-GridFTP, slowly\r\n"))
+        error = self.assert_in_time(
+            jp_importer.TransientError, jp_importer.upload_gsiftp,
+            "gsiftp://localhost:%d/x" % port, self.payload, self.host,
+            self.TIMEOUT)
+        self.assertIn("no answer within the time limit (2s", error)
+
+    # -- what is said before TLS gives no message up -----------------------
+
+    def test_refusals_before_tls_are_transient(self):
+        def greeting_refused(conn, send):
+            send(conn, b"530 Not now\r\n")
+            conn.recv(1024)
+
+        def auth_refused(conn, send):
+            send(conn, b"220 GridFTP ready\r\n")
+            conn.recv(1024)                             # AUTH GSSAPI
+            send(conn, b"504 AUTH GSSAPI refused\r\n")
+            conn.recv(1024)
+        for scheme, speak, text in (
+                ("ftp", greeting_refused, "530 Not now"),
+                ("gsiftp", greeting_refused, "530 Not now"),
+                ("gsiftp", auth_refused, "504 AUTH GSSAPI refused")):
+            with self.subTest(scheme=scheme, speak=speak.__name__):
+                port, _ = self.hostile(speak)
+                upload = getattr(jp_importer, "upload_" + scheme)
+                with self.assertRaises(jp_importer.TransientError) as cm:
+                    upload("%s://localhost:%d/x" % (scheme, port),
+                           self.payload, self.host, 10)
+                self.assertIn("refused without TLS", str(cm.exception))
+                self.assertIn(text, str(cm.exception))
+        # A server without TLS: retried, with the option named.
+        plain = self.fixture(tls=False)
+        with self.assertRaises(jp_importer.TransientError) as cm:
+            jp_importer.upload_ftp(plain.url("p"), self.payload, self.host,
+                                   10)
+        self.assertIn("--allow-plain-ftp", str(cm.exception))
+
+    # -- URLs: control characters never reach a control channel ------------
+
+    def test_control_characters_in_a_destination_are_refused(self):
+        port, stats = self.hostile(lambda conn, send: send(
+            conn, b"220 ready\r\n"))
+        ftps = self.fixture()
+        for scheme, where in (("gsiftp", "localhost:%d" % port),
+                              ("ftp", "localhost:%d" % ftps.port)):
+            for path in ("/a%0D%0ADELE%20b", "/a\r\nDELE b", "/a%00b",
+                         "/a\tb"):
+                url = "%s://%s%s" % (scheme, where, path)
+                with self.subTest(url=url):
+                    with self.assertRaises(jp_importer.PermanentError) as cm:
+                        jp_importer.upload(url, self.payload, self.host, 10)
+                    self.assertIn("control characters in the URL",
+                                  str(cm.exception))
+                    self.assertNotIn("\n", str(cm.exception))
+        url = "gsiftp://local\nhost:%d/x" % port
+        with self.assertRaises(jp_importer.PermanentError):
+            jp_importer.upload(url, self.payload, self.host, 10)
+        self.assertEqual((stats["connections"], ftps.connections), (0, 0))
+        self.assertEqual(os.listdir(ftps.root), [])
 
 
 def run_demo(out=sys.stdout):

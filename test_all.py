@@ -3919,7 +3919,7 @@ class TestOperatorRunning(unittest.TestCase):
                 self.assertEqual(proc.returncode, 0, (words, proc.stderr))
                 self.assertIn("registration maildir %s\n" % h.reg,
                               proc.stdout)
-                self.assertIn("credential ", proc.stdout)
+                self.assertIn("credential: ", proc.stdout)
             elif "--once" in words:
                 kinds.append("once")
                 drop_message(h.reg, registration(n))
@@ -4126,10 +4126,11 @@ class TestOperatorRunning(unittest.TestCase):
             for mode in ("--once", "-g"):
                 proc = run([sys.executable, JP_IMPORTER, mode]
                            + h.args("-p", address), timeout=TIMEOUT)
-                self.assertEqual(proc.returncode, 1, (address, mode))
-                self.assertEqual(len(proc.stderr.splitlines()), 1,
-                                 proc.stderr)
-                self.assertIn(text, proc.stderr)
+                # A usage error: the option's value, before anything runs.
+                self.assertEqual(proc.returncode, 2, (address, mode))
+                self.assertIn(text, proc.stderr.splitlines()[0])
+                self.assertEqual(proc.stderr.splitlines()[1:],
+                                 ["Try 'jp_importer --help'."])
         self.assertEqual(h.jpps.calls, [])
 
     def test_credential_expiry_warned_in_log_and_status(self):
@@ -5924,7 +5925,7 @@ class TestExporterHostileInput(unittest.TestCase):
             proc = x.run("-d", dump, timeout=60)
         except subprocess.TimeoutExpired:
             self.fail("no end after 60s on hostile lines")
-        self.assertEqual(proc.returncode, 1, proc.stderr[-2000:])
+        self.assertEqual(proc.returncode, 3, proc.stderr[-2000:])
         self.assertEqual(proc.stderr.splitlines()[:-1],
                          ["%s:%d: %s" % (dump, number, reason)
                           for number, reason in sorted(expected)])
@@ -5967,7 +5968,7 @@ class TestExporterHostileInput(unittest.TestCase):
                        x.args("-d", path))
             peaks.append(int(proc.stdout) // 1024)
             x.assert_exported(table)
-        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertEqual(proc.returncode, 3, proc.stderr)
         number = data[:middle].count(b"\n") + 1
         reason = "line longer than %d bytes" % lb_dump_exporter.MAX_LINE
         self.assertIn("%s:%d: %s\n" % (path, number, reason), proc.stderr)
@@ -5999,7 +6000,7 @@ class TestExporterHostileInput(unittest.TestCase):
             links = [self.plant(x, dump, planted, victim),
                      self.plant(x, dump, "intruder.%s", victim)]
             proc = x.run("-d", dump, *options)
-            self.assertEqual(proc.returncode, 1, proc.stderr)
+            self.assertEqual(proc.returncode, 3, proc.stderr)
             with open(victim, "rb") as f:
                 self.assertEqual(f.read(), victim_data, options)
             # The job at the planted name is rejected, line by line; the

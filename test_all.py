@@ -1162,6 +1162,20 @@ def child_pids(pid):
         return []
 
 
+def daemon_stopper(case, pid):
+    """stop() of the daemon `pid` (SIGTERM, then wait until it is gone),
+    also run when the test `case` ends."""
+    def stop():
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        wait_for(lambda: not os.path.exists("/proc/%d" % pid),
+                 what="the daemon to exit")
+    case.addCleanup(stop)
+    return stop
+
+
 def registration(n, owner=USER_SUBJECT):
     return ("https://lb.example.org:9000/job%05d\n%s" % (n, owner)).encode()
 
@@ -3869,16 +3883,7 @@ class TestOperatorRunning(unittest.TestCase):
         pid = int(read_text(pidfile).strip() or 0)
         self.assertTrue(os.path.exists("/proc/%d" % pid), pid)
         self.assertNotEqual(os.getsid(pid), os.getsid(0))
-
-        def stop():
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                return
-            wait_for(lambda: not os.path.exists("/proc/%d" % pid),
-                     what="the daemon to exit")
-        self.addCleanup(stop)
-        return pid, stop
+        return pid, daemon_stopper(self, pid)
 
     # -- files, executables ----------------------------------------------
 
@@ -4347,16 +4352,8 @@ class TestOriginalCommandLines(unittest.TestCase):
         pidfile = args[args.index("-i") + 1]
         pid = wait_for(lambda: int(read_text(pidfile) or 0),
                        what="the daemon's pid file")
-
-        def stop():
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                return
-            wait_for(lambda: not os.path.exists("/proc/%d" % pid),
-                     what="the daemon to exit")
-        self.addCleanup(stop)
-        return pid, read_text(self.h.path("daemon.err")), stop
+        return pid, read_text(self.h.path("daemon.err")), \
+            daemon_stopper(self, pid)
 
     def test_original_start_export_and_upload_command_lines(self):
         h = self.h

@@ -214,6 +214,11 @@ class TransientError(Error):
     """May succeed later: timeouts, dropped connections, 4xx replies."""
 
 
+class NoAnswer(TransientError):
+    """A server that did not answer in time: a storage outage, not a
+    refusal (see Worker's back-off per storage server)."""
+
+
 class PermanentError(Error):
     """Will not succeed by retrying: 5xx, authentication refused,
     destination forbidden, untrusted or misnamed server."""
@@ -2488,7 +2493,7 @@ def _ftp_error(exc, where, secure=True):
         return PermanentError("%s: our certificate was refused: %s"
                               % (where, text))
     if isinstance(exc, socket.timeout):
-        return TransientError("%s: no answer within the time limit" % where)
+        return NoAnswer("%s: no answer within the time limit" % where)
     return TransientError("%s: %s" % (where, text))
 
 
@@ -2601,11 +2606,11 @@ def _ftp_goodbye(ftp):
 def _ftp_overrun(where, deadline, size):
     """The error for an upload phase that ran out of time."""
     if deadline.phase == "set-up":
-        return TransientError(
+        return NoAnswer(
             "%s: no answer within the time limit (%gs, --timeout, for the "
             "greeting, TLS, login and directories)"
             % (where, deadline.seconds))
-    return TransientError(
+    return NoAnswer(
         "%s: the upload of %d bytes did not finish within %.0fs (3 times "
         "--timeout plus %d kB/s)" % (where, size, deadline.seconds,
                                      FTP_MIN_RATE // 1024))
@@ -3312,6 +3317,8 @@ UNREACHABLE_ERRNOS = (errno.ECONNREFUSED, errno.ECONNRESET,
 def network_failure(exc):
     """Whether a TransientError of upload() came from the network: a
     time-out, no connection, a dropped one (not a reply, not TLS)."""
+    if isinstance(exc, NoAnswer):
+        return True
     for _ in range(6):
         exc = exc.__cause__ or exc.__context__
         if exc is None or isinstance(exc, (ftplib.Error, ssl.SSLError,

@@ -2357,8 +2357,9 @@ class _KeptControls:
     At most CONTROL_KEPT are kept (the least recently used goes).
 
     A connection belongs to the process that opened it: in a forked
-    child the parent's are forgotten, never used nor ended (a QUIT, even
-    a TLS close, would end the parent's session).
+    child the parent's are only closed, never used nor ended (a QUIT or
+    a TLS close_notify would end the parent's session; closing the
+    child's descriptors sends nothing).
     """
 
     def __init__(self):
@@ -2367,6 +2368,8 @@ class _KeptControls:
 
     def _mine(self):
         if self.pid != os.getpid():
+            for conn, _, _ in self.kept.values():
+                conn.close()
             self.pid, self.kept = os.getpid(), {}
         return self.kept
 
@@ -2409,9 +2412,10 @@ class _KeptControls:
             oldest = min(kept, key=lambda k: kept[k][1])
             self._end(kept.pop(oldest)[0])
 
-    def close_idle(self, idle=CONTROL_IDLE):
-        """End the connections unused for `idle` seconds."""
+    def close_idle(self, idle=None):
+        """End the connections unused for `idle` (CONTROL_IDLE) s."""
         kept = self._mine()
+        idle = CONTROL_IDLE if idle is None else idle
         now = time.monotonic()
         for key in [k for k, e in kept.items() if now - e[1] > idle]:
             self._end(kept.pop(key)[0])
@@ -2448,12 +2452,13 @@ def forget_connections():
     _KEPT._mine()
 
 
-def close_connections(idle=None):
-    """End the kept upload connections: all, or those idle `idle` s."""
-    if idle is None:
-        _KEPT.close_all()
+def close_connections(idle=False):
+    """End the kept upload connections: all, or (`idle`) those unused for
+    CONTROL_IDLE seconds."""
+    if idle:
+        _KEPT.close_idle()
     else:
-        _KEPT.close_idle(idle)
+        _KEPT.close_all()
 
 
 class _FTPS(ftplib.FTP_TLS):
@@ -3615,7 +3620,7 @@ class Worker:
         if mark != self.flush_mark:         # --flush: all of post/ is due
             self.flush_mark = mark
             self.not_before.clear()
-        close_connections(CONTROL_IDLE)     # kept for uploads, idle too long
+        close_connections(idle=True)        # kept for uploads, idle too long
         if self.kind == KIND_REG:
             return self._overlapped_registrations(self._claims())
         handled = 0

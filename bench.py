@@ -511,10 +511,35 @@ def upload_peers(table, p, size_mb, runs):
 # 4. End-to-end
 # ---------------------------------------------------------------------------
 
+def registrations_through(jpps, md, run_dir, count):
+    """Registrations/s of a running importer: `count` messages, written
+    beforehand, moved into its reg/new/ at once; the time from the move
+    to the last RegisterJob answered."""
+    stage = make_maildir(os.path.join(run_dir, "stage"))
+    for i in range(count):
+        drop_message(stage, ("https://lb.example.org:9000/ceil%07d\n"
+                             "/O=CESNET/CN=u" % i).encode())
+    names = os.listdir(os.path.join(stage, "new"))
+    before = len(jpps.ops("RegisterJob", "ok"))
+    started = time.time()
+    for name in names:
+        os.rename(os.path.join(stage, "new", name),
+                  os.path.join(md["reg"], "new", name))
+    test_all.wait_for(lambda: len(jpps.ops("RegisterJob", "ok")) >=
+                      before + count, timeout=600,
+                      what="%d registrations" % count)
+    return count / (max(c.time for c in jpps.ops("RegisterJob", "ok")) -
+                    started)
+
+
 def bench_end_to_end(table, quick, runs):
-    """Dumps from lb_dump_exporter through jp_importer (-D 4) to vsftpd."""
+    """Dumps from lb_dump_exporter through jp_importer (-D 4) to vsftpd,
+    against the same importer's registrations/s (its ceiling: a dump
+    takes two JPPS calls and an upload where a registration takes one
+    call)."""
     p = test_all.pki()
     jobs = 100 if quick else 1000
+    ceiling_jobs = 300 if quick else 3000
     try:
         vsftpd = test_all.VsftpdPeer(p)
     except test_all.unittest.SkipTest as exc:
@@ -545,6 +570,8 @@ def bench_end_to_end(table, quick, runs):
                     os.path.join(run_dir, "pid"), "--files-in",
                     os.path.join(run_dir, "store")], stdout=log, stderr=log)
                 try:
+                    ceiling = registrations_through(jpps, md, run_dir,
+                                                    ceiling_jobs)
                     started = time.time()
                     subprocess.check_call([
                         sys.executable, LB_DUMP_EXPORTER, "-q", "-d", dump,
@@ -574,7 +601,8 @@ def bench_end_to_end(table, quick, runs):
                     for c in jpps.ops("CommitUpload", "ok"))
                 elapsed = max(c.time for c in jpps.ops("CommitUpload",
                                                        "ok")) - started
-                return {"rate": jobs / elapsed,
+                return {"rate": jobs / elapsed, "ceiling": ceiling,
+                        "ratio": jobs / elapsed / ceiling,
                         "p50": latencies[len(latencies) // 2],
                         "p99": latencies[int(len(latencies) * 0.99) - 1]}
             finally:
@@ -582,8 +610,11 @@ def bench_end_to_end(table, quick, runs):
                 shutil.rmtree(run_dir, ignore_errors=True)
 
         m = median_of(runs, once)
+        table.add("end-to-end", "ceiling: %d registrations, same importer"
+                  % ceiling_jobs, m["ceiling"], "jobs/s")
         table.add("end-to-end", "%d dumps of 10 kB: exporter, importer -D 4, "
-                  "vsftpd" % jobs, m["rate"], "jobs/s")
+                  "vsftpd" % jobs, m["rate"], "jobs/s", m["ceiling"],
+                  m["ratio"])
         table.add("end-to-end", "latency p50, message creation to commit",
                   m["p50"], "s")
         table.add("end-to-end", "latency p99", m["p99"], "s")

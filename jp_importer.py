@@ -2175,6 +2175,9 @@ FTP_QUIT_WAIT = 5.0            # seconds for the goodbye after a refusal
 FTP_TICKET_WAIT = 2.0          # seconds for the server's TLS 1.3 verdict
 FTP_MAX_REPLY = 64 * 1024      # characters of one reply (a real one: < 1 kB)
 FTP_MAX_REPLY_LINES = 1000     # lines of one multi-line reply
+CONTROL_IDLE = 60.0            # seconds a kept control connection may idle
+CONTROL_MAX_AGE = 3600.0       # and its age: servers drop TLS sessions at 2 h
+CONTROL_KEPT = 8               # control connections kept per process, at most
 CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -2344,6 +2347,125 @@ class _Deadline:
             self._live.discard(self)
 
 
+class _KeptControls:
+    """The logged-in upload control connections of this process, kept
+    between uploads to the same server: a new connection costs a TCP and
+    a TLS (or GSI) handshake and a login, several times a 10 kB upload.
+
+    take() gives the connection kept under `key` after a NOOP answered
+    within min(--timeout, FTP_QUIT_WAIT), or None (none kept, or it
+    failed the check, or it is stale: idle more than CONTROL_IDLE, older
+    than CONTROL_MAX_AGE, made with another credential `stamp`, or
+    refused by the caller's `usable`): the caller then opens a new one,
+    and a stale connection costs the upload nothing.  keep() puts one
+    back after a whole upload; a failed upload closes its connection.
+    At most CONTROL_KEPT are kept (the least recently used goes).
+
+    A connection belongs to the process that opened it: in a forked
+    child the parent's are only closed, never used nor ended (a QUIT or
+    a TLS close_notify would end the parent's session; closing the
+    child's descriptors sends nothing).
+    """
+
+    def __init__(self):
+        self.pid = None
+        self.kept = {}      # key -> (connection, last use, stamp)
+
+    def _mine(self):
+        if self.pid != os.getpid():
+            for conn, _, _ in self.kept.values():
+                conn.close()
+            self.pid, self.kept = os.getpid(), {}
+        return self.kept
+
+    def take(self, key, stamp, timeout, usable=None):
+        self.close_idle()
+        entry = self._mine().pop(key, None)
+        if entry is None:
+            return None
+        conn, _, kept_stamp = entry
+        if kept_stamp != stamp or \
+                time.monotonic() - conn.opened > CONTROL_MAX_AGE or \
+                (usable is not None and not usable(conn)):
+            self._end(conn)
+            return None
+        check = _Deadline(min(timeout, FTP_QUIT_WAIT), "liveness")
+        conn.deadline = check
+        check.watch(conn.sock)
+        conn.sock.settimeout(min(timeout, FTP_QUIT_WAIT))
+        try:
+            conn.voidcmd("NOOP")
+        except (Error, ftplib.Error, ssl.SSLError, OSError, EOFError,
+                ValueError) as exc:
+            log.debug("%s:%d: the kept connection is gone (%s); a new one",
+                      conn.host, conn.port, one_line(str(exc), 200))
+            check.cancel()
+            conn.close()
+            return None
+        check.cancel()
+        conn.timeout = timeout
+        conn.sock.settimeout(timeout)
+        return conn
+
+    def keep(self, key, conn, stamp):
+        kept = self._mine()
+        old = kept.pop(key, None)
+        if old is not None:
+            self._end(old[0])
+        kept[key] = (conn, time.monotonic(), stamp)
+        while len(kept) > CONTROL_KEPT:
+            oldest = min(kept, key=lambda k: kept[k][1])
+            self._end(kept.pop(oldest)[0])
+
+    def close_idle(self, idle=None):
+        """End the connections unused for `idle` (CONTROL_IDLE) s."""
+        kept = self._mine()
+        idle = CONTROL_IDLE if idle is None else idle
+        now = time.monotonic()
+        for key in [k for k, e in kept.items() if now - e[1] > idle]:
+            self._end(kept.pop(key)[0])
+
+    def close_all(self):
+        kept = self._mine()
+        while kept:
+            self._end(kept.popitem()[1][0])
+
+    @staticmethod
+    def _end(conn):
+        """QUIT and close, within FTP_QUIT_WAIT: errors do not matter."""
+        deadline = _Deadline(FTP_QUIT_WAIT, "goodbye")
+        conn.deadline = deadline
+        try:
+            deadline.watch(conn.sock)
+            conn.goodbye()
+        finally:
+            deadline.cancel()
+            conn.close()
+
+
+_KEPT = _KeptControls()
+
+
+def credential_stamp(credentials):
+    """What a kept connection was made with: another credential object,
+    or the same one loaded again (renewed, SIGHUP), makes it stale."""
+    return id(credentials), credentials.generation
+
+
+def forget_connections():
+    """In a new worker process: nothing kept by the parent is used."""
+    _KEPT._mine()
+
+
+def close_connections(idle=False):
+    """End the kept upload connections: all, or (`idle`) those unused for
+    CONTROL_IDLE seconds."""
+    if idle:
+        _KEPT.close_idle()
+    else:
+        _KEPT.close_all()
+
+
 class _FTPS(ftplib.FTP_TLS):
     """ftplib's FTP over TLS, with what our uploads need besides.
 
@@ -2364,6 +2486,10 @@ class _FTPS(ftplib.FTP_TLS):
         ftplib.FTP_TLS.__init__(self, context=context, timeout=timeout)
         self.deadline = deadline
         self.implicit = implicit
+        self.opened = time.monotonic()
+
+    def goodbye(self):
+        _ftp_goodbye(self)
 
     def connect(self, host, port, timeout):
         # ftplib's connect, but watched before the greeting is read
@@ -2438,6 +2564,9 @@ class _FTPS(ftplib.FTP_TLS):
                 session = self.sock.session
         conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
         self.deadline.watch(conn)
+        # The close_notify after the last block must not wait for the
+        # ACK of that block (Nagle; up to 40 ms of delayed ACK a file).
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._prot_p:
             try:
                 conn = self.context.wrap_socket(
@@ -2498,9 +2627,17 @@ def _ftp_error(exc, where, secure=True):
 
 
 def _ftp_mkdirs(ftp, directory):
-    """Create the missing directories of `directory` (MKD each level)."""
+    """Create the missing directories of `directory`: the whole path at
+    once, which is enough when only the last level is new (the JPPS's
+    directory of each job), else each level (MKD)."""
     parts = [p for p in directory.split("/") if p]
     prefix = "/" if directory.startswith("/") else ""
+    if len(parts) > 1:
+        try:
+            ftp.voidcmd("MKD " + prefix + "/".join(parts))
+            return
+        except ftplib.error_perm:
+            pass            # a level above is missing (or it exists)
     for i in range(len(parts)):
         try:
             ftp.voidcmd("MKD " + prefix + "/".join(parts[:i + 1]))
@@ -2508,7 +2645,8 @@ def _ftp_mkdirs(ftp, directory):
             pass            # it exists (or cannot be made: STOR will say)
 
 
-def upload_ftp(url, source, credentials, timeout, allow_plain=False):
+def upload_ftp(url, source, credentials, timeout, allow_plain=False,
+               keep=False):
     """Upload file object `source` to an ftp:// or ftps:// URL over TLS
     (RFC 4217).
 
@@ -2525,6 +2663,9 @@ def upload_ftp(url, source, credentials, timeout, allow_plain=False):
     all, and the transfer (PASV, STOR, the data, SIZE) to 3 * timeout
     plus the file's size at FTP_MIN_RATE.  Each attempt sends the file
     from its first byte.
+    With `keep` (the workers), the logged-in connection is kept for the
+    next upload to the same server, user and credential (_KeptControls):
+    that one then starts at MKD, its set-up limit the same.
     Returns the bytes sent, checked with SIZE where the server has it.
     """
     implicit = url.split("://", 1)[0].lower() == "ftps"
@@ -2533,14 +2674,31 @@ def upload_ftp(url, source, credentials, timeout, allow_plain=False):
     user = urllib.parse.unquote(parts.username or "anonymous")
     password = urllib.parse.unquote(parts.password or "")
     where = "ftp %s:%d" % (host, port)
+    key = ("ftps" if implicit else "ftp", host.lower(), port, user,
+           password, allow_plain)
     with _SourceFile(source) as source:
         size = os.fstat(source.fileno()).st_size
         context = credentials.client_context()
+        stamp = credential_stamp(credentials)
+        ftp = _KEPT.take(key, stamp, timeout) if keep else None
         deadline = _Deadline(timeout, "set-up")
-        ftp = _FTPS(context, timeout, deadline, implicit)
+        if ftp is None:
+            ftp = _FTPS(context, timeout, deadline, implicit)
+        else:
+            ftp.deadline = deadline
+            deadline.watch(ftp.sock)
+        kept = False
         try:
-            return _ftp_put(ftp, host, port, target, source, user, password,
+            sent = _ftp_put(ftp, host, port, target, source, user, password,
                             allow_plain, where, size)
+            if keep:
+                deadline.cancel()   # an expired one has shut it down
+                kept = not deadline.expired
+                if kept:
+                    _KEPT.keep(key, ftp, stamp)
+            else:
+                _ftp_goodbye(ftp)   # stored and checked: that is enough
+            return sent
         except Error:
             if deadline.expired:
                 raise _ftp_overrun(where, deadline, size)
@@ -2557,12 +2715,25 @@ def upload_ftp(url, source, credentials, timeout, allow_plain=False):
                              isinstance(ftp.sock, ssl.SSLSocket))
         finally:
             deadline.cancel()       # before the descriptors are freed
-            ftp.close()
+            if not kept:
+                ftp.close()
 
 
 def _ftp_put(ftp, host, port, target, source, user, password, allow_plain,
              where, size):
-    """The conversation of one upload_ftp attempt; the bytes sent."""
+    """The conversation of one upload_ftp attempt; the bytes sent.  A
+    connection already logged in (kept) starts at the directories."""
+    if ftp.sock is None:
+        _ftp_login(ftp, host, port, user, password, allow_plain, where)
+    _ftp_mkdirs(ftp, target.rsplit("/", 1)[0])
+    ftp.deadline.restart(3 * ftp.timeout + size / FTP_MIN_RATE, "transfer")
+    sent = _ftp_store(ftp, target, source)
+    _ftp_check_size(ftp, target, sent, where)
+    return sent
+
+
+def _ftp_login(ftp, host, port, user, password, allow_plain, where):
+    """Connect, TLS, log in, binary stream mode."""
     ftp.connect(host, port, ftp.timeout)
     if not ftp.implicit:
         try:
@@ -2585,12 +2756,6 @@ def _ftp_put(ftp, host, port, target, source, user, password, allow_plain,
         ftp.voidcmd("MODE S")
     except ftplib.error_perm:
         pass                                    # stream mode is the default
-    _ftp_mkdirs(ftp, target.rsplit("/", 1)[0])
-    ftp.deadline.restart(3 * ftp.timeout + size / FTP_MIN_RATE, "transfer")
-    sent = _ftp_store(ftp, target, source)
-    _ftp_check_size(ftp, target, sent, where)
-    _ftp_goodbye(ftp)                   # stored and checked: that is enough
-    return sent
 
 
 def _ftp_goodbye(ftp):
@@ -2919,6 +3084,16 @@ class _GSIControl:
         self.tls = context.wrap_bio(self.incoming, self.outgoing,
                                     server_hostname=host)
         self.protected = False
+        self.delegated = None
+        self.opened = time.monotonic()
+
+    def goodbye(self):
+        self.sock.settimeout(min(self.timeout, FTP_QUIT_WAIT))
+        _gsiftp_quit(self)
+
+    def delegated_left(self):
+        """Seconds the proxy delegated on this connection is valid."""
+        return CertInfo(self.delegated).not_after - time.time()
 
     def close(self):
         for thing in (self.file, self.sock):
@@ -3119,7 +3294,7 @@ def delegated_lifetime(size, timeout):
 
 
 def upload_gsiftp(url, source, credentials, timeout, dcau="auto", prot="P",
-                  delegate_to=None):
+                  delegate_to=None, keep=False):
     """Upload file object `source` to a gsiftp:// URL (GridFTP with GSI).
 
     The importer's credential (host certificate or proxy) authenticates
@@ -3137,6 +3312,9 @@ def upload_gsiftp(url, source, credentials, timeout, dcau="auto", prot="P",
     Time limits as upload_ftp: `timeout` for every read and write and for
     the set-up (up to the directories), 3 * timeout plus the size at
     FTP_MIN_RATE for the transfer.
+    `keep`: the control connection is kept for the next upload, as
+    upload_ftp keeps it; with DCAU A, only while the proxy delegated on
+    it stays valid (_gsiftp_put).
     Returns the bytes sent, checked with SIZE.
     """
     _, host, port, target = _upload_destination(url, 2811)
@@ -3162,7 +3340,7 @@ def upload_gsiftp(url, source, credentials, timeout, dcau="auto", prot="P",
                                       timeout)
         try:
             return _gsiftp_put(host, port, target, source, credentials,
-                               timeout, mode, prot, where, lifetime)
+                               timeout, mode, prot, where, lifetime, keep)
         except _NeedsDCAU as exc:
             if dcau != "AUTO":
                 raise TransientError("%s demands data channel protection "
@@ -3175,7 +3353,7 @@ def upload_gsiftp(url, source, credentials, timeout, dcau="auto", prot="P",
                      where, exc)
             _DCAU_DEMANDED.add((host, port))
             return _gsiftp_put(host, port, target, source, credentials,
-                               timeout, "A", prot, where, lifetime)
+                               timeout, "A", prot, where, lifetime, keep)
         except Error:
             if dcau == "AUTO":
                 _DCAU_DEMANDED.discard((host, port))   # N first next time
@@ -3187,31 +3365,39 @@ class _NeedsDCAU(Exception):
 
 
 def _gsiftp_put(host, port, target, source, credentials, timeout, dcau,
-                prot, where, lifetime):
+                prot, where, lifetime, keep=False):
     """One GridFTP upload attempt with a fixed DCAU mode, from byte 0;
-    with A, a proxy valid `lifetime` seconds is delegated."""
+    with A, a proxy valid `lifetime` seconds is delegated.
+
+    With `keep`, a kept connection in the same mode serves, and this one
+    is kept.  With A, the host is in the key (the caller has checked it
+    may have a proxy), and a kept connection serves only while its
+    proxy, sized for its first upload, still has this transfer's limit
+    plus DELEGATED_MIN_LIFETIME / 2 (the peers' clock differences) to
+    run; then a new connection delegates a new one.
+    """
     _rewind(source)
     control = data = None
     size = os.fstat(source.fileno()).st_size
+    transfer = 3 * timeout + size / FTP_MIN_RATE
+    key = ("gsiftp", host.lower(), port, dcau, prot)
+    context = credentials.client_context()
+    stamp = credential_stamp(credentials)
+    if keep:
+        control = _KEPT.take(key, stamp, timeout, usable=lambda c: (
+            dcau != "A" or c.delegated_left() >
+            transfer + DELEGATED_MIN_LIFETIME / 2))
     deadline = _Deadline(timeout, "set-up")
+    kept = False
     try:
-        control = _GSIControl(host, port, credentials.client_context(),
-                              timeout, deadline)
-        control.authenticate(credentials if dcau == "A" else None,
-                             lifetime)
-        control.command("TYPE I")
-        control.command("MODE S")
-        try:
-            control.command("DCAU " + dcau)
-            if dcau == "A":
-                control.command("PBSZ 1048576")
-                control.command("PROT " + prot)
-        except ftplib.error_perm as exc:
-            if dcau == "N":
-                raise _NeedsDCAU(one_line(str(exc), 200))
-            raise
+        if control is None:
+            control = _GSIControl(host, port, context, timeout, deadline)
+            _gsiftp_login(control, credentials, dcau, prot, lifetime)
+        else:
+            control.deadline = deadline
+            deadline.watch(control.sock)
         _ftp_mkdirs(control, target.rsplit("/", 1)[0])
-        deadline.restart(3 * timeout + size / FTP_MIN_RATE, "transfer")
+        deadline.restart(transfer, "transfer")
         try:
             data = control.passive()
         except ftplib.error_perm as exc:
@@ -3248,7 +3434,13 @@ def _gsiftp_put(host, port, target, source, credentials, timeout, dcau,
         data = None
         control.check(control.reply())               # 226
         _ftp_check_size(control, target, sent, where)
-        _gsiftp_quit(control)
+        if keep:
+            deadline.cancel()       # an expired one has shut it down
+            kept = not deadline.expired
+            if kept:
+                _KEPT.keep(key, control, stamp)
+        else:
+            _gsiftp_quit(control)
         return sent
     except _NeedsDCAU:
         _gsiftp_quit(control)
@@ -3269,15 +3461,34 @@ def _gsiftp_put(host, port, target, source, credentials, timeout, dcau,
         deadline.cancel()               # before the descriptors are freed
         if data is not None:
             data.close()
-        if control is not None:
+        if control is not None and not kept:
             control.close()
 
 
+def _gsiftp_login(control, credentials, dcau, prot, lifetime):
+    """GSI, login, binary stream mode and the data channel's protection
+    on a new control connection."""
+    control.authenticate(credentials if dcau == "A" else None, lifetime)
+    control.command("TYPE I")
+    control.command("MODE S")
+    try:
+        control.command("DCAU " + dcau)
+        if dcau == "A":
+            control.command("PBSZ 1048576")
+            control.command("PROT " + prot)
+    except ftplib.error_perm as exc:
+        if dcau == "N":
+            raise _NeedsDCAU(one_line(str(exc), 200))
+        raise
+
+
 def upload(url, source, credentials, timeout, dcau="auto",
-           allow_plain=False, delegate_to=None):
+           allow_plain=False, delegate_to=None, keep=False):
     """Put `source` at `url` (gsiftp://, ftp:// or ftps://) from its
     first byte: an open binary file, or the path of one.  `delegate_to`:
     the hosts a gsiftp upload may delegate a proxy to (upload_gsiftp).
+    `keep`: the control connection is kept for the next upload to the
+    same server (_KeptControls).
 
     Returns the number of bytes sent; raises TransientError (retry) or
     PermanentError (undeliverable).
@@ -3286,10 +3497,10 @@ def upload(url, source, credentials, timeout, dcau="auto",
     credentials.refresh()           # a renewed proxy serves uploads too
     if scheme == "gsiftp":
         return upload_gsiftp(url, source, credentials, timeout, dcau=dcau,
-                             delegate_to=delegate_to)
+                             delegate_to=delegate_to, keep=keep)
     if scheme in ("ftp", "ftps"):
         return upload_ftp(url, source, credentials, timeout,
-                          allow_plain=allow_plain)
+                          allow_plain=allow_plain, keep=keep)
     raise PermanentError("cannot upload to %r: unsupported scheme"
                          % one_line(public_url(url), 200))
 
@@ -3401,6 +3612,7 @@ class Worker:
     def close(self):
         for client in self.clients.values():
             client.close()
+        close_connections()
 
     def _flush_mark(self):
         try:
@@ -3415,6 +3627,7 @@ class Worker:
         if mark != self.flush_mark:         # --flush: all of post/ is due
             self.flush_mark = mark
             self.not_before.clear()
+        close_connections(idle=True)        # kept for uploads, idle too long
         if self.kind == KIND_REG:
             return self._overlapped_registrations(self._claims())
         handled = 0
@@ -3712,7 +3925,7 @@ class Worker:
                           self.options.timeout, dcau=self.options.dcau,
                           allow_plain=self.options.allow_plain_ftp,
                           delegate_to=[client.host] +
-                          self.options.delegate_to)
+                          self.options.delegate_to, keep=True)
         except TransientError as exc:
             if network_failure(exc):
                 self._storage_failed(server, exc)
@@ -3801,7 +4014,8 @@ class Worker:
             try:
                 destination, deadline = client.start_upload(
                     jobid, file_class, content_type)
-                msg.save_state(eexist_since=None)
+                if "eexist_since" in msg.state:
+                    msg.save_state(eexist_since=None)
                 return destination
             except JPPSFault as fault:
                 if fault.code == errno.EEXIST:
@@ -4076,6 +4290,7 @@ class Master:
                 for sig in (signal.SIGCHLD,) + WORKER_SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
                 self.wakeup.close()
+                forget_connections()            # the master's are its own
                 set_role("%s-%d" % (kind, slot))
                 set_process_name("jp_imp: " + {
                     KIND_REG: "reg", KIND_DUMP: "dump-%d" % slot,

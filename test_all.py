@@ -1909,12 +1909,15 @@ class FTPSFixture:
     `commands` lists every command line received (PASS arguments as
     "***"), `logins` the (user, password) pairs tried.  With tls=False
     the server has no TLS, as vsftpd with ssl_enable=NO; `users` maps
-    the only user names accepted to their passwords.
+    the only user names accepted to their passwords.  With `idle` (s), a
+    session silent that long is ended with 421, as vsftpd's
+    idle_session_timeout does; `idle_closed` counts them.
     """
 
     def __init__(self, pki, root, require_reuse=True, cert=None,
-                 implicit=False, tls=True, users=None):
+                 implicit=False, tls=True, users=None, idle=None):
         self.pki, self.root = pki, root
+        self.idle, self.idle_closed = idle, 0
         self.require_reuse = require_reuse
         self.implicit = implicit          # TLS from the first byte
         self.tls, self.users = tls, users
@@ -1984,7 +1987,7 @@ class FTPSFixture:
         return os.path.join(self.root, full.lstrip("/")), full
 
     def _session(self, conn):
-        conn.settimeout(TIMEOUT)
+        conn.settimeout(self.idle or TIMEOUT)
         state = {"conn": conn, "tls": None, "prot": "C", "cwd": "/",
                  "pasv": None, "user": None}
         try:
@@ -1997,7 +2000,14 @@ class FTPSFixture:
             self._reply(state, "220 FTPS fixture ready")
             reader = conn.makefile("rb")
             while True:
-                line = reader.readline()
+                try:
+                    line = reader.readline()
+                except socket.timeout:
+                    if self.idle:
+                        with self.lock:
+                            self.idle_closed += 1
+                        self._reply(state, "421 Timeout.")
+                    return
                 if not line:
                     return
                 cmd, _, arg = line.decode("utf-8", "replace").rstrip(
@@ -2233,10 +2243,12 @@ class VsftpdPeer:
     which url() addresses.  Needs root (vsftpd drops to the `ftp`
     account, which the Debian package creates).  Variants: tls=False
     (ssl_enable=NO), validate_cert=False (a client certificate is still
-    required, but proxies pass), cert=(cert, key) of the server.
+    required, but proxies pass), cert=(cert, key) of the server, idle
+    (idle_session_timeout, s).  The protocol log is `log`.
     """
 
-    def __init__(self, pki, tls=True, validate_cert=True, cert=None):
+    def __init__(self, pki, tls=True, validate_cert=True, cert=None,
+                 idle=300):
         if not shutil.which("vsftpd"):
             skip_or_fail("vsftpd is not installed")
         if os.geteuid() != 0:
@@ -2283,7 +2295,8 @@ class VsftpdPeer:
                 "ca_certs_file=" + pki.ca_cert,
                 "ssl_request_cert=YES", "require_cert=YES",
                 "validate_cert=%s" % ("YES" if validate_cert else "NO"),
-                "log_ftp_protocol=YES",
+                "log_ftp_protocol=YES", "xferlog_enable=YES",
+                "idle_session_timeout=%d" % idle,
                 "vsftpd_log_file=" + self.log, ""]))
         self.proc = subprocess.Popen(["vsftpd", conf],
                                      stdout=subprocess.DEVNULL,
@@ -3292,6 +3305,144 @@ class TestGridFTPUpload(unittest.TestCase):
         self.assertIn("[CLIENT]: DCAU A", log_text)
         self.assertIn("[CLIENT]: PROT P", log_text)
         self.assertFalse(os.path.exists(path))
+
+
+class TestConnectionReuse(FTPSCase):
+    """A worker keeps its upload control connection for the next upload
+    to the same server (keep=True), and opens a new one whenever the
+    kept one is gone, idle too long, of another credential or process."""
+
+    def setUp(self):
+        FTPSCase.setUp(self)
+        jp_importer._DCAU_DEMANDED.clear()
+        self.addCleanup(jp_importer.close_connections)
+        self.payload = payloads(self.dir, (10000,))[0][1]
+
+    def put(self, url, creds=None, **kw):
+        return jp_importer.upload(url, self.payload, creds or self.host, 10,
+                                  keep=True, **kw)
+
+    def test_worker_uploads_share_one_connection_closed_at_exit(self):
+        h = upload_harness(self)
+        for n in range(5):
+            jobid, path = write_dump(h, n)
+            h.jpps.register(jobid, USER_SUBJECT)
+            drop_message(h.dump, dump_message(jobid, path))
+        proc = h.once("-D", "1")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertEqual(len(h.jpps.committed), 5)
+        self.assertEqual((h.ftps.connections, len(h.ftps.logins),
+                          h.ftps.stores), (1, 1, 5))
+        self.assertEqual(h.ftps.commands.count("NOOP"), 4)
+        self.assertEqual(h.ftps.commands[-1], "QUIT")   # Worker.close
+
+    def test_vsftpd_one_connection_and_its_idle_timeout(self):
+        peer = VsftpdPeer(self.pki, idle=1)
+        self.addCleanup(peer.stop)
+        for n in range(4):
+            self.assertEqual(self.put(peer.url("r/%d" % n)), 10000)
+        self.assertEqual(read_text(peer.log).count("OK LOGIN"), 1)
+        self.assertEqual(sha256_of(peer.local("r/3")),
+                         sha256_of(self.payload))
+        # vsftpd ends the idle session; the next upload opens another.
+        wait_for(lambda: not child_pids(peer.proc.pid),
+                 what="vsftpd's idle timeout")
+        self.assertEqual(self.put(peer.url("r/after")), 10000)
+        self.assertEqual(read_text(peer.log).count("OK LOGIN"), 2)
+
+    def test_server_that_closed_the_idle_connection(self):
+        ftps = self.fixture(idle=0.3)
+        self.put(ftps.url("i/1"))
+        wait_for(lambda: ftps.idle_closed == 1, what="the fixture's 421")
+        self.assertEqual(self.put(ftps.url("i/2")), 10000)
+        self.assertEqual((ftps.connections, len(ftps.logins), ftps.stores),
+                         (2, 2, 2))
+        # A server that drops the connection at the check, without a
+        # word: also a new connection, and the upload goes through.
+        ftps.inject("stall", command="NOOP")
+        ftps.release()
+        self.assertEqual(self.put(ftps.url("i/3")), 10000)
+        self.assertEqual((ftps.connections, ftps.stores), (3, 3))
+
+    def test_idle_bound_credential_change_and_failures_close(self):
+        ftps = self.fixture()
+        self.put(ftps.url("c/1"))
+        self.put(ftps.url("c/2"))
+        self.assertEqual(ftps.connections, 1)
+        self.addCleanup(setattr, jp_importer, "CONTROL_IDLE",
+                        jp_importer.CONTROL_IDLE)
+        jp_importer.CONTROL_IDLE = 0
+        self.put(ftps.url("c/3"))               # idle > 0 s: a new one
+        jp_importer.CONTROL_IDLE = 60
+        self.assertEqual(ftps.connections, 2)
+        self.assertEqual(ftps.commands.count("QUIT"), 1)
+        self.host.load()                        # renewed (SIGHUP)
+        self.put(ftps.url("c/4"))
+        self.assertEqual((ftps.connections, ftps.commands.count("QUIT")),
+                         (3, 2))
+        proxy = jp_importer.Credentials(self.pki.proxy, self.pki.proxy,
+                                        self.pki.ca_dir)
+        self.put(ftps.url("c/5"), proxy)        # another credential
+        self.assertEqual(ftps.connections, 4)
+        ftps.inject("full")
+        with self.assertRaises(jp_importer.TransientError):
+            self.put(ftps.url("c/6"), proxy)    # the kept one, then closed
+        self.assertEqual(ftps.connections, 4)
+        self.put(ftps.url("c/7"), proxy)
+        self.assertEqual(ftps.connections, 5)
+        jp_importer.close_connections()
+        self.assertEqual(ftps.commands.count("QUIT"), 5)
+
+    def test_nothing_reused_across_processes(self):
+        ftps = self.fixture()
+        self.put(ftps.url("f/parent1"))
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                jp_importer.forget_connections()    # as Master.spawn
+                self.put(ftps.url("f/child"))
+                jp_importer.close_connections()
+                status = 0
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual(status, 0)
+        self.assertEqual((ftps.connections, ftps.stores), (2, 2))
+        self.put(ftps.url("f/parent2"))     # the parent's own, intact
+        self.assertEqual((ftps.connections, ftps.stores), (2, 3))
+        self.assertEqual(ftps.commands.count("QUIT"), 1)   # the child's
+
+    def test_gridftp_reuse_idle_timeout_and_delegation(self):
+        peer = GridFTPPeer(self.pki, extra=["-control-idle-timeout", "2"])
+        self.addCleanup(peer.stop)
+        proxy = jp_importer.Credentials(self.pki.proxy, self.pki.proxy,
+                                        self.pki.ca_dir)
+
+        def logins():
+            # A session writes its log when it ends.
+            wait_for(lambda: not peer.sessions(), what="sessions ended")
+            return peer.log_text().count("[CLIENT]: USER")
+        for n in range(3):
+            self.assertEqual(self.put(peer.url("g/n%d" % n), proxy,
+                                      dcau="N"), 10000)
+        self.assertEqual(logins(), 1)       # ended by its idle timeout
+        self.put(peer.url("g/n3"), proxy, dcau="N")
+        # DCAU A: the kept connection carries a proxy made for this
+        # host, reused while it has the transfer's limit plus 5 min left.
+        for n in range(2):
+            self.put(peer.url("g/a%d" % n), proxy, dcau="A",
+                     delegate_to=["localhost"])
+        with self.assertRaises(jp_importer.TransientError) as cm:
+            self.put(peer.url("g/refused"), proxy, dcau="A", delegate_to=[])
+        self.assertIn("--delegate-to", str(cm.exception))
+        # 3 x 100 s + 300 s: more than the 600 s proxy has left.
+        jp_importer.upload(peer.url("g/long"), self.payload, proxy, 100,
+                           dcau="A", delegate_to=["localhost"], keep=True)
+        jp_importer.close_connections()
+        self.assertEqual(logins(), 4)
+        self.assertEqual(sha256_of(os.path.join(peer.root, "g/long")),
+                         sha256_of(self.payload))
 
 
 class TestImporterProcesses(unittest.TestCase):

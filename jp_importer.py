@@ -962,6 +962,9 @@ class _HTTPReader:
         headers = {}
         while True:
             size -= len(line) + 2
+            if size < 0:
+                raise TransientError("response headers longer than %d "
+                                     "bytes refused" % HTTP_MAX_HEAD)
             line = self._line(size, "response header")
             if not line:
                 return version.decode("ascii", "replace"), int(code), \

@@ -3483,6 +3483,31 @@ class TestGSoapJPPSPeer(unittest.TestCase):
         self.assertIn("localhost", h.state(h.reg, name)["last_error"])
         self.assertEqual(len(self.peer.calls()), 1)
 
+    def test_delivered_messages_leave_no_descriptor_open(self):
+        # Their descriptors are closed by background threads (the close
+        # that frees an inode can wait for the disk): all of them by the
+        # end of the pass, not just the full batches.
+        h = self.h
+        for n in range(21):
+            drop_message(h.reg, registration(n))
+        worker = TestMigration.worker(self, h, jp_importer.KIND_REG, h.reg)
+
+        def open_messages():
+            fds = os.path.join("/proc", str(os.getpid()), "fd")
+            found = []
+            for fd in os.listdir(fds):
+                try:
+                    target = os.readlink(os.path.join(fds, fd))
+                except OSError:
+                    continue            # the listing's own descriptor
+                if target.startswith(h.reg):
+                    found.append(target)
+            return found
+        self.assertEqual(worker.run_pass(), 21)
+        self.assertEqual(worker.counts["delivered"], 21)
+        self.assertEqual(open_messages(), [])
+        self.assert_drained(h.reg)
+
     def test_strict_validation_and_the_fixtures_fault_shape(self):
         # What the importer's requests pass: gSOAP refuses what breaks
         # the WSDL, so the tests above prove our wire format.
@@ -7681,6 +7706,65 @@ class TestTransportLimits(FTPSCase):
                     "https://lb.example.org:9000/trickled", USER_SUBJECT)
                 self.assertIn("no answer to RegisterJob within 2s", error)
                 self.assertGreater(stats["sent"], 0)
+
+    def test_jpps_answer_framings_and_head_bounds(self):
+        ok = JPPSFixture.envelope("<jpelem:RegisterJobResponse>"
+                                  "</jpelem:RegisterJobResponse>").encode()
+        half = len(ok) // 2
+        framings = {
+            # (answer, the connection is kept for the next call)
+            "chunked after 100 Continue": (
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n%x;ext=1\r\n%s\r\n"
+                b"%x\r\n%s\r\n0\r\nX-Trailer: t\r\n\r\n"
+                % (half, ok[:half], len(ok) - half, ok[half:]), True),
+            "HTTP/1.0 to the end": (b"HTTP/1.0 200 OK\r\n\r\n" + ok,
+                                    False),
+            "bytes after the answer": (
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%sjunk"
+                % (len(ok), ok), False),
+            "Connection: close": (
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(ok), ok), False),
+            "headers beyond 64 kB": (
+                b"HTTP/1.1 200 OK\r\n" + b"X-Pad: %s\r\n" % (b"x" * 1000)
+                * 70 + b"Content-Length: %d\r\n\r\n%s" % (len(ok), ok),
+                None),
+            "Content-Length beyond the bound": (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2000000\r\n\r\n",
+                None)}
+        for name, (answer, kept) in sorted(framings.items()):
+            with self.subTest(framing=name):
+                def speak(conn, send, answer=answer, kept=kept):
+                    with self.pki.server_context().wrap_socket(
+                            conn, server_side=True) as tls:
+                        for _ in range(2):
+                            data = b""
+                            while b"Envelope>" not in data:
+                                chunk = tls.recv(65536)
+                                if not chunk:
+                                    return
+                                data += chunk
+                            send(tls, answer)
+                            if not kept:
+                                return
+                port, stats = self.hostile(speak)
+                client = jp_importer.JPPSClient(
+                    "https://localhost:%d" % port, self.host,
+                    timeout=self.TIMEOUT)
+                self.addCleanup(client.close)
+                for n in range(2):
+                    if kept is None:
+                        error = self.assert_in_time(
+                            jp_importer.TransientError, client.register_job,
+                            "https://lb.example.org:9000/f%d" % n,
+                            USER_SUBJECT)
+                        self.assertIn("refused", error)
+                        continue
+                    client.register_job("https://lb.example.org:9000/f%d"
+                                        % n, USER_SUBJECT)
+                if kept is not None:
+                    self.assertEqual(stats["connections"], 1 if kept else 2)
 
     def test_ftp_trickling_greeting_or_reply_meets_the_set_up_deadline(self):
         port, _ = self.hostile(lambda conn, send: self.trickle(

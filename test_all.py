@@ -7641,6 +7641,17 @@ class TestTransportLimits(FTPSCase):
                 pass
         return self.hostile(speak)
 
+    @staticmethod
+    def request_of(tls):
+        """A SOAP request read from `tls`; b"" when the client left."""
+        data = b""
+        while b"Envelope>" not in data:
+            chunk = tls.recv(65536)
+            if not chunk:
+                return b""
+            data += chunk
+        return data
+
     def assert_in_time(self, error, call, *args, **kw):
         """call() raises `error` within the deadline; its text."""
         started = time.monotonic()
@@ -7687,13 +7698,9 @@ class TestTransportLimits(FTPSCase):
         def answer(conn, send):
             with self.pki.server_context().wrap_socket(
                     conn, server_side=True) as tls:
-                data = b""
-                while b"Envelope>" not in data:
-                    chunk = tls.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-                self.trickle(tls, send, b"HTTP/1.1 200 OK\r\nX-Padding: .")
+                if self.request_of(tls):
+                    self.trickle(tls, send,
+                                 b"HTTP/1.1 200 OK\r\nX-Padding: .")
         for speak in (handshake, answer):
             with self.subTest(trickled=speak.__name__):
                 port, stats = self.hostile(speak)
@@ -7739,12 +7746,8 @@ class TestTransportLimits(FTPSCase):
                     with self.pki.server_context().wrap_socket(
                             conn, server_side=True) as tls:
                         for _ in range(2):
-                            data = b""
-                            while b"Envelope>" not in data:
-                                chunk = tls.recv(65536)
-                                if not chunk:
-                                    return
-                                data += chunk
+                            if not self.request_of(tls):
+                                return
                             send(tls, answer)
                             if not kept:
                                 return

@@ -3444,6 +3444,248 @@ class TestConnectionReuse(FTPSCase):
         self.assertEqual(sha256_of(os.path.join(peer.root, "g/long")),
                          sha256_of(self.payload))
 
+GSOAP_SERVICE = os.path.join(TESTDATA, "jpps_gsoap.c")
+GSOAP_WSDL = os.path.join(TESTDATA, "wsdl", "JobProvenancePS.wsdl")
+# wsdl2h's prefixes for the WSDL's namespaces: those of the real JPPS.
+GSOAP_TYPEMAP = ('jp = "%s"\njptype = "%s"\njpelem = "%s"\n'
+                 % (NS_JPSRV, NS_JPTYPE, NS_JPELEM))
+_GSOAP_BUILD = {}
+
+
+def gsoap_jpps_binary():
+    """Build testdata/jpps_gsoap.c once per run, its SOAP layer generated
+    from the project's WSDL by wsdl2h and soapcpp2 (nothing generated is
+    kept); return the program's path."""
+    if "path" in _GSOAP_BUILD:
+        return _GSOAP_BUILD["path"]
+    for tool in ("wsdl2h", "soapcpp2", "gcc", "pkg-config"):
+        if not shutil.which(tool):
+            skip_or_fail("%s is not installed (gsoap, libgsoap-dev, gcc, "
+                         "pkg-config)" % tool)
+    flags = run(["pkg-config", "--cflags", "--libs", "gsoapssl"])
+    if flags.returncode != 0:
+        skip_or_fail("gSOAP with OpenSSL (libgsoap-dev) is not installed")
+    build = tempfile.mkdtemp(prefix="jp-gsoap-build-")
+    atexit.register(shutil.rmtree, build, True)
+    typemap = os.path.join(build, "typemap.dat")
+    with open(typemap, "w") as f:
+        f.write(GSOAP_TYPEMAP)
+    program = os.path.join(build, "jpps_gsoap")
+    # The -D flags of pkg-config must be used as given: they change the
+    # layout of struct soap, which the library was built with.
+    for cmd in (["wsdl2h", "-c", "-t", typemap, "-o",
+                 os.path.join(build, "jpps.h"), GSOAP_WSDL],
+                ["soapcpp2", "-c", "-S", "-L", "-x", "-d", build,
+                 os.path.join(build, "jpps.h")],
+                ["gcc", "-O2", "-o", program, "-I", build, GSOAP_SERVICE,
+                 os.path.join(build, "soapC.c"),
+                 os.path.join(build, "soapServer.c")]
+                + flags.stdout.split() + ["-lssl", "-lcrypto", "-lpthread"]):
+        proc = run(cmd, cwd=build)
+        if proc.returncode != 0:
+            raise AssertionError("building the gSOAP JPPS failed: %s: %s"
+                                 % (" ".join(cmd[:2]),
+                                    (proc.stderr + proc.stdout)[-2000:]))
+    _GSOAP_BUILD["path"] = program
+    return program
+
+
+class GSoapJPPSPeer:
+    """A JPPS served by gSOAP, as the real one: testdata/jpps_gsoap.c.
+
+    A real-speed peer (one C process, a thread per keep-alive HTTPS
+    connection, strict WSDL validation of every request) for the
+    benchmark and for a check of our wire format by a second, independent
+    SOAP stack; the Python JPPSFixture stays for fault injection.
+    Destinations are under `dest_base`.  calls(op, result) reads the
+    peer's log: one JPPSCall per operation that reached the service,
+    fields "a", "b", "c" the request's (job, owner), (job, class, name)
+    or (destination), result "ok" or an errno.  log=False: no log (the
+    benchmark's setting).
+    """
+
+    def __init__(self, pki, dest_base="ftp://localhost:2811/jpps",
+                 cert=None, log=True):
+        binary = gsoap_jpps_binary()
+        self.pki = pki
+        self.dir = tempfile.mkdtemp(prefix="jp-gsoap-")
+        self.log = os.path.join(self.dir, "calls.log") if log else None
+        cert, key = cert or (pki.host_cert, pki.host_key)
+        self.proc = subprocess.Popen(
+            [binary, cert, key, pki.ca_dir, dest_base]
+            + ([self.log] if log else []),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            ready = select.select([self.proc.stdout], [], [], TIMEOUT)[0]
+            line = self.proc.stdout.readline() if ready else b""
+            if not line.strip().isdigit():
+                raise AssertionError("the gSOAP JPPS did not start: %s"
+                                     % self.proc.stderr.read(2000)
+                                     if self.proc.poll() is not None
+                                     else "no port within %ds" % TIMEOUT)
+        except BaseException:
+            self.stop()
+            raise
+        self.port = int(line)
+        self.url = "https://localhost:%d" % self.port
+
+    def calls(self, op=None, result=None):
+        out = []
+        with open(self.log, errors="replace") as f:
+            for line in f:
+                fields = line.rstrip("\n").split("\t")
+                call = JPPSCall(fields[0], {"a": [fields[3]],
+                                            "b": [fields[4]],
+                                            "c": [fields[5]]}, fields[2])
+                call.result = (fields[1] if fields[1] == "ok"
+                               else int(fields[1]))
+                if op in (None, call.op) and result in (None, call.result):
+                    out.append(call)
+        return out
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(TIMEOUT)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class TestGSoapJPPSPeer(unittest.TestCase):
+    """The importer against a JPPS served by gSOAP from our WSDL."""
+
+    def setUp(self):
+        self.h = ImporterHarness(self)
+        self.root = self.h.path("ftp-root")
+        os.mkdir(self.root, 0o700)
+        self.ftps = FTPSFixture(self.h.pki, self.root).start()
+        self.addCleanup(self.ftps.stop)
+        self.peer = GSoapJPPSPeer(self.h.pki,
+                                  dest_base=self.ftps.url("jpps"))
+        self.addCleanup(self.peer.stop)
+        self.h.jpps = self.peer           # -p of h.once() and h.args()
+
+    def assert_drained(self, maildir):
+        for sub in ("new", "work", "post", "undeliverable", "tmp", "state"):
+            self.assertEqual(listing(maildir, sub), [], sub)
+
+    def test_registrations_and_eexist_are_delivered(self):
+        h = self.h
+        for n in range(20):
+            drop_message(h.reg, registration(n))
+        drop_message(h.reg, registration(5))           # EEXIST: done too
+        owner = "/O=Grid/CN=Tom & <Jerry> \"q\""        # escaped as XML
+        drop_message(h.reg, registration(20, owner))
+        proc = h.once()
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assert_drained(h.reg)
+        self.assertIn("already registered", proc.stderr)
+        self.assertEqual(len(self.peer.calls("RegisterJob", "ok")), 21)
+        self.assertEqual([c.get("a") for c in self.peer.calls(
+            "RegisterJob", errno.EEXIST)],
+            ["https://lb.example.org:9000/job00005"])
+        last = self.peer.calls("RegisterJob", "ok")[-1]
+        self.assertEqual((last.get("a"), last.get("b"), last.identity),
+                         ("https://lb.example.org:9000/job00020", owner,
+                          HOST_SUBJECT))
+
+    def test_dump_delivered_through_start_and_commit_upload(self):
+        h = self.h
+        jobid, path = write_dump(h, 1, size=50000)
+        digest = sha256_of(path)
+        drop_message(h.dump, dump_message(jobid, path))
+        proc = h.once()
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assert_drained(h.dump)
+        # Unknown at first: the failsafe registration with the dump's
+        # owner, then the upload to the destination the peer gave.
+        self.assertEqual([(c.op, c.result) for c in self.peer.calls()],
+                         [("StartUpload", errno.ENOENT),
+                          ("GetJobAttributes", errno.ENOENT),
+                          ("RegisterJob", "ok"), ("StartUpload", "ok"),
+                          ("CommitUpload", "ok")])
+        self.assertEqual(self.peer.calls("RegisterJob")[0].get("b"),
+                         USER_SUBJECT)
+        start = self.peer.calls("StartUpload", "ok")[0]
+        self.assertEqual((start.get("b"), start.get("c")),
+                         ("urn:org.glite.jp.primary:lb", "(nil)"))
+        self.assertEqual(sha256_of(os.path.join(
+            self.root, "jpps", "data", "dump00001", "lb")), digest)
+        self.assertFalse(os.path.exists(path))
+
+    def test_proxy_client_accepted_untrusted_client_refused(self):
+        h = self.h
+        h.cert = h.key = h.pki.proxy
+        drop_message(h.reg, registration(1))
+        proc = h.once()
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assert_drained(h.reg)
+        self.assertEqual(self.peer.calls("RegisterJob", "ok")[0].identity,
+                         h.pki.proxy_subject)
+        h.cert, h.key = h.pki.rogue_cert, h.pki.rogue_key
+        name = drop_message(h.reg, registration(2))
+        h.once()
+        # Refused in the handshake (under TLS 1.3 the client may see it
+        # only as a broken pipe): postponed, never reaching the service.
+        self.assertEqual(listing(h.reg, "post"), [name])
+        self.assertIn("localhost", h.state(h.reg, name)["last_error"])
+        self.assertEqual(len(self.peer.calls()), 1)
+
+    def test_delivered_messages_leave_no_descriptor_open(self):
+        # Their descriptors are closed by background threads (the close
+        # that frees an inode can wait for the disk): all of them by the
+        # end of the pass, not just the full batches.
+        h = self.h
+        for n in range(21):
+            drop_message(h.reg, registration(n))
+        worker = TestMigration.worker(self, h, jp_importer.KIND_REG, h.reg)
+
+        def open_messages():
+            fds = os.path.join("/proc", str(os.getpid()), "fd")
+            found = []
+            for fd in os.listdir(fds):
+                try:
+                    target = os.readlink(os.path.join(fds, fd))
+                except OSError:
+                    continue            # the listing's own descriptor
+                if target.startswith(h.reg):
+                    found.append(target)
+            return found
+        self.assertEqual(worker.run_pass(), 21)
+        self.assertEqual(worker.counts["delivered"], 21)
+        self.assertEqual(open_messages(), [])
+        self.assert_drained(h.reg)
+
+    def test_strict_validation_and_the_fixtures_fault_shape(self):
+        # What the importer's requests pass: gSOAP refuses what breaks
+        # the WSDL, so the tests above prove our wire format.
+        for body in ("<jpelem:RegisterJob><jpelem:job>https://x/1</jpelem:job>"
+                     "<jpelem:owner>o</jpelem:owner></jpelem:RegisterJob>",
+                     "<jpelem:RegisterJob><job>https://x/1</job>"
+                     "</jpelem:RegisterJob>",
+                     "<jptype:RegisterJob><job>https://x/1</job><owner>o"
+                     "</owner></jptype:RegisterJob>"):
+            status, root = raw_soap(self.peer, body)
+            self.assertEqual((status, fault_of(root)[0]),
+                             (500, "SOAP-ENV:Client"), body)
+        self.assertEqual(self.peer.calls(), [])
+        # The Python fixture's fault detail is the one gSOAP writes.
+        body = ("<jpelem:RegisterJob><job>https://lb.example.org:9000/f"
+                "</job><owner>o</owner></jpelem:RegisterJob>")
+        fixture = JPPSFixture(self.h.pki).start()
+        self.addCleanup(fixture.stop)
+        shapes = []
+        for jpps in (self.peer, fixture):
+            raw_soap(jpps, body)
+            status, root = raw_soap(jpps, body)
+            detail = root.find(".//detail")
+            shapes.append((status, fault_of(root), [
+                (e.tag, e.get("{%s}type" % NS_XSI),
+                 [(c.tag, c.text) for c in e]) for e in detail]))
+        self.assertEqual(shapes[0], shapes[1])
+        self.assertEqual(shapes[0][1][2], errno.EEXIST)
+
 
 class TestImporterProcesses(unittest.TestCase):
 
@@ -7548,6 +7790,17 @@ class TestTransportLimits(FTPSCase):
                 pass
         return self.hostile(speak)
 
+    @staticmethod
+    def request_of(tls):
+        """A SOAP request read from `tls`; b"" when the client left."""
+        data = b""
+        while b"Envelope>" not in data:
+            chunk = tls.recv(65536)
+            if not chunk:
+                return b""
+            data += chunk
+        return data
+
     def assert_in_time(self, error, call, *args, **kw):
         """call() raises `error` within the deadline; its text."""
         started = time.monotonic()
@@ -7594,13 +7847,9 @@ class TestTransportLimits(FTPSCase):
         def answer(conn, send):
             with self.pki.server_context().wrap_socket(
                     conn, server_side=True) as tls:
-                data = b""
-                while b"Envelope>" not in data:
-                    chunk = tls.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-                self.trickle(tls, send, b"HTTP/1.1 200 OK\r\nX-Padding: .")
+                if self.request_of(tls):
+                    self.trickle(tls, send,
+                                 b"HTTP/1.1 200 OK\r\nX-Padding: .")
         for speak in (handshake, answer):
             with self.subTest(trickled=speak.__name__):
                 port, stats = self.hostile(speak)
@@ -7613,6 +7862,61 @@ class TestTransportLimits(FTPSCase):
                     "https://lb.example.org:9000/trickled", USER_SUBJECT)
                 self.assertIn("no answer to RegisterJob within 2s", error)
                 self.assertGreater(stats["sent"], 0)
+
+    def test_jpps_answer_framings_and_head_bounds(self):
+        ok = JPPSFixture.envelope("<jpelem:RegisterJobResponse>"
+                                  "</jpelem:RegisterJobResponse>").encode()
+        half = len(ok) // 2
+        framings = {
+            # (answer, the connection is kept for the next call)
+            "chunked after 100 Continue": (
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n%x;ext=1\r\n%s\r\n"
+                b"%x\r\n%s\r\n0\r\nX-Trailer: t\r\n\r\n"
+                % (half, ok[:half], len(ok) - half, ok[half:]), True),
+            "HTTP/1.0 to the end": (b"HTTP/1.0 200 OK\r\n\r\n" + ok,
+                                    False),
+            "bytes after the answer": (
+                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%sjunk"
+                % (len(ok), ok), False),
+            "Connection: close": (
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(ok), ok), False),
+            "headers beyond 64 kB": (
+                b"HTTP/1.1 200 OK\r\n" + b"X-Pad: %s\r\n" % (b"x" * 1000)
+                * 70 + b"Content-Length: %d\r\n\r\n%s" % (len(ok), ok),
+                None),
+            "Content-Length beyond the bound": (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2000000\r\n\r\n",
+                None)}
+        for name, (answer, kept) in sorted(framings.items()):
+            with self.subTest(framing=name):
+                def speak(conn, send, answer=answer, kept=kept):
+                    with self.pki.server_context().wrap_socket(
+                            conn, server_side=True) as tls:
+                        for _ in range(2):
+                            if not self.request_of(tls):
+                                return
+                            send(tls, answer)
+                            if not kept:
+                                return
+                port, stats = self.hostile(speak)
+                client = jp_importer.JPPSClient(
+                    "https://localhost:%d" % port, self.host,
+                    timeout=self.TIMEOUT)
+                self.addCleanup(client.close)
+                for n in range(2):
+                    if kept is None:
+                        error = self.assert_in_time(
+                            jp_importer.TransientError, client.register_job,
+                            "https://lb.example.org:9000/f%d" % n,
+                            USER_SUBJECT)
+                        self.assertIn("refused", error)
+                        continue
+                    client.register_job("https://lb.example.org:9000/f%d"
+                                        % n, USER_SUBJECT)
+                if kept is not None:
+                    self.assertEqual(stats["connections"], 1 if kept else 2)
 
     def test_ftp_trickling_greeting_or_reply_meets_the_set_up_deadline(self):
         port, _ = self.hostile(lambda conn, send: self.trickle(

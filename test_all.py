@@ -4409,6 +4409,9 @@ class TestOperatorRunning(unittest.TestCase):
         proc = h.start("--log", h.logfile)
         wait_for(lambda: "started" in read_text(h.logfile), what="the log")
         self.deliver_one(h, 1)
+        # The JPPS has it before the worker logs it: wait for the line.
+        wait_for(lambda: "registered" in read_text(h.logfile),
+                 what="the delivery logged")
         rotate = run(["logrotate", "-f", "-s", state, conf])
         self.assertEqual(rotate.returncode, 0, rotate.stderr)
         self.assertIn("registered", read_text(h.logfile + ".1"))

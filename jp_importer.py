@@ -153,6 +153,9 @@ UPLOAD_DEADLINE = 300.0     # the JPPS purges unfinished uploads after this
 COMMIT_BEFORE = 1000        # seconds asked for in StartUpload (ignored by
                             # the JPPS, sent as the original did)
 WARN_EXPIRY = 7 * 86400.0   # warn when the credential expires within this
+ONCE_RESTARTS = 2           # --once: a worker that died is restarted this
+                            # often, then the run ends with status 1 (its
+                            # message is recovered from work/ next time)
 RESTART_BACKOFF_MAX = 60.0  # a crashing worker is restarted at most this
                             # slowly, never in a tight fork loop
 ORIGINAL_IMPORTER = "glite-jp-importer"     # the C daemon we replace
@@ -4455,6 +4458,7 @@ class Master:
         self.finished = set()           # slots done (--once)
         self.wakeup = None
         self.report = None              # --once: pipe of the workers' counts
+        self.once_deaths = {}           # --once: slot -> workers that died
         self.expiry_checked = time.monotonic()  # of the last expiry check
 
     def spawn(self, slot):
@@ -4508,6 +4512,15 @@ class Master:
                             and os.WEXITSTATUS(status) == 0):
                 self.finished.add(slot)
                 continue
+            if self.options.once:
+                self.once_deaths[slot] = self.once_deaths.get(slot, 0) + 1
+                if self.once_deaths[slot] > ONCE_RESTARTS:
+                    # --once must end: a run that cannot is an error.
+                    log.error("%s worker (pid %d) died: %s; not restarted "
+                              "again (--once)", kind, pid,
+                              decode_wait_status(status))
+                    self.finished.add(slot)
+                    continue
             lived = time.monotonic() - self.started[slot]
             delay = 0.0 if lived > 60 else min(
                 RESTART_BACKOFF_MAX, max(1.0, 2 * self.backoff.get(slot, 0)))
@@ -4600,7 +4613,8 @@ class Master:
         if self.report:
             self.summary(time.monotonic() - started)
         log.info("stopped")
-        return 0
+        return 1 if any(n > ONCE_RESTARTS
+                        for n in self.once_deaths.values()) else 0
 
     def summary(self, seconds):
         """--once: one line with what became of the messages, summed over

@@ -3689,6 +3689,26 @@ class TestGSoapJPPSPeer(unittest.TestCase):
 
 class TestImporterProcesses(unittest.TestCase):
 
+    def test_once_ends_when_a_worker_keeps_dying(self):
+        """--once restarts a worker that died ONCE_RESTARTS times, then
+        ends with status 1 instead of restarting it forever."""
+        h = ImporterHarness(self)
+        drop_message(h.reg, registration(1))
+        code = ("import os, sys; sys.path.insert(0, %r); import jp_importer; "
+                "real = jp_importer.run_worker\n"
+                "def run_worker(kind, *args, **kw):\n"
+                "    if kind == jp_importer.KIND_DUMP: os._exit(3)\n"
+                "    return real(kind, *args, **kw)\n"
+                "jp_importer.run_worker = run_worker\n"
+                "sys.exit(jp_importer.main(sys.argv[1:]))" % HERE)
+        proc = run([sys.executable, "-c", code, "--once"] + h.args(),
+                   timeout=TIMEOUT)
+        self.assertEqual(proc.returncode, 1, proc.stderr)
+        self.assertEqual(proc.stderr.count("dump worker (pid"),
+                         jp_importer.ONCE_RESTARTS + 1, proc.stderr)
+        self.assertIn("not restarted again (--once)", proc.stderr)
+        self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 1)
+
     def test_sigkill_of_a_busy_worker_loses_nothing(self):
         h = ImporterHarness(self)
         h.jpps.inject("hang", "RegisterJob")

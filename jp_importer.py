@@ -3811,6 +3811,7 @@ class Worker:
             self.flush_mark = mark
             self.not_before.clear()
         close_connections(idle=True)        # kept for uploads, idle too long
+        self.apply_reload()                 # an idle worker too, at once
         try:
             if self.kind == KIND_REG:
                 return self._overlapped_registrations(self._claims())
@@ -3823,6 +3824,14 @@ class Worker:
             return handled
         finally:
             _Closer.flush()
+
+    def apply_reload(self):
+        """SIGHUP: the credential loaded again and the log reopened,
+        before the next message (one in hand keeps its connection)."""
+        if self.reload_requested:
+            self.reload_requested = False
+            reopen_logs()
+            self.credentials.reload()
 
     def _claims(self):
         """Claim, one at a time, every message there is to deliver now."""
@@ -3837,10 +3846,7 @@ class Worker:
                 for gone in set(self.left_alone).difference(names):
                     del self.left_alone[gone]
             for name in names:
-                if self.reload_requested:
-                    self.reload_requested = False
-                    reopen_logs()
-                    self.credentials.reload()
+                self.apply_reload()
                 if self.stop_requested:
                     return
                 if self.tried is not None and name in self.tried:

@@ -3804,6 +3804,9 @@ class TestImporterProcesses(unittest.TestCase):
         os.chmod(cred + ".new", 0o600)
         os.rename(cred + ".new", cred)
         proc.send_signal(signal.SIGHUP)
+        # The master and its three workers, each at once (idle or not).
+        wait_for(lambda: h.output().count("loaded: " + HOST_SUBJECT) == 4,
+                 what="the credential reloaded everywhere")
         drop_message(h.reg, registration(2))
         wait_for(lambda: len(h.jpps.ops("RegisterJob", "ok")) == 2,
                  what="second")

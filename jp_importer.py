@@ -2590,6 +2590,15 @@ class _KeptControls:
         conn.sock.settimeout(timeout)
         return conn
 
+    def keep_after(self, deadline, key, conn, stamp):
+        """After a whole upload: keep `conn` unless its `deadline` ran
+        out (and shut it down); whether it was kept."""
+        deadline.cancel()
+        if deadline.expired:
+            return False
+        self.keep(key, conn, stamp)
+        return True
+
     def keep(self, key, conn, stamp):
         kept = self._mine()
         old = kept.pop(key, None)
@@ -2875,10 +2884,7 @@ def upload_ftp(url, source, credentials, timeout, allow_plain=False,
             sent = _ftp_put(ftp, host, port, target, source, user, password,
                             allow_plain, where, size)
             if keep:
-                deadline.cancel()   # an expired one has shut it down
-                kept = not deadline.expired
-                if kept:
-                    _KEPT.keep(key, ftp, stamp)
+                kept = _KEPT.keep_after(deadline, key, ftp, stamp)
             else:
                 _ftp_goodbye(ftp)   # stored and checked: that is enough
             return sent
@@ -3618,10 +3624,7 @@ def _gsiftp_put(host, port, target, source, credentials, timeout, dcau,
         control.check(control.reply())               # 226
         _ftp_check_size(control, target, sent, where)
         if keep:
-            deadline.cancel()       # an expired one has shut it down
-            kept = not deadline.expired
-            if kept:
-                _KEPT.keep(key, control, stamp)
+            kept = _KEPT.keep_after(deadline, key, control, stamp)
         else:
             _gsiftp_quit(control)
         return sent

@@ -2683,6 +2683,34 @@ class TestImporterUploads(unittest.TestCase):
         self.assertEqual(len(h.jpps.committed), 1)
         self.assert_drained(h.dump)
 
+    def test_progress_lost_in_a_machine_crash_costs_time_not_the_dump(self):
+        h = upload_harness(self)
+        jobid, path = write_dump(h, 8)
+        h.jpps.register(jobid, USER_SUBJECT)
+        drop_message(h.dump, dump_message(jobid, path))
+        h.once()
+        self.assertEqual(len(h.jpps.committed), 1)
+        # Progress records are not synced: a crash of the machine right
+        # after the commit can leave the message and the file in place
+        # with the record empty.  StartUpload then meets EEXIST; once the
+        # JPPS upload deadline has passed, EEXIST proves the file stored.
+        jobid, path = write_dump(h, 8)
+        name = drop_message(h.dump, dump_message(jobid, path))
+        open(os.path.join(h.dump, "state", name), "wb").close()
+        h.once()
+        self.assertEqual(listing(h.dump, "post"), [name])
+        state = h.state(h.dump, name)
+        self.assertIn("eexist_since", state)
+        state["eexist_since"] = str(time.time() - 301)
+        state["next_retry"] = str(time.time())
+        jp_importer.Maildir(h.dump).init().write_state(name, state)
+        output = h.once().stderr
+        self.assertIn("already stored", output)
+        self.assertEqual(len(h.jpps.ops("StartUpload", "ok")), 1)
+        self.assertEqual(len(h.jpps.committed), 1)
+        self.assertFalse(os.path.exists(path))
+        self.assert_drained(h.dump)
+
 
 class FTPSCase(unittest.TestCase):
     """What the ftp:// transport tests share: a directory, the host

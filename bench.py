@@ -4,10 +4,51 @@
 Usage: python3 bench.py [--quick] [--runs N] [--json FILE] [WORKLOAD...]
 
 Workloads (all by default): registrations, dumps, uploads, end-to-end,
-startup.  Every figure is the median of several runs, and every comparison
-is a ratio against a baseline measured in the same run, because the
-machines are shared and noisy.  --quick runs small sizes once: a smoke
+startup.  Every figure is the median of several runs (3 by default), and
+every comparison is a ratio against a baseline measured in the same run,
+because the machines are shared and noisy: a ratio is the median of each
+round's own ratio, not the ratio of two medians, so that noise common to
+a round's two commands cancels.  --quick runs small sizes once: a smoke
 test that the benchmark works (it asserts no timing).
+
+registrations
+    jp_importer --once draining 20,000 registrations to the JPPS built
+    with gSOAP (test_all.GSoapJPPSPeer), against a bare keep-alive
+    http.client loop posting the same envelopes to the same JPPS.  The
+    Python JPPS fixture, slower than either client, would measure itself.
+dumps
+    lb_dump_exporter on generated dumps of about 10 kB a job (100 MB and
+    1 GB), grouped and interleaved (-x), against cp + sync of the same
+    file, an awk one-liner that splits by DG.JOBID, and the maildir
+    floor (MAILDIR_FLOOR): the exporter's file operations alone, with no
+    line read and no sync, which no exporter keeping the maildir
+    contract can beat on the machine.  Each command starts after a sync,
+    with the caches dropped (as root) and the dump read back in, in a
+    directory that ext4 places in a fresh block group (spread()): on
+    ext4 without a journal a new file next to many recently deleted ones
+    costs 200-500 us instead of 25 (recently_deleted() in
+    fs/ext4/ialloc.c), which would measure the previous workload.  Peak
+    RSS is the command's own, through a fork-and-exec trampoline
+    (child_run()), since Linux keeps a parent's peak across exec.
+uploads
+    a 256 MiB file with jp_importer.py --upload against curl --ssl-reqd
+    to vsftpd, and against globus-url-copy (same proxy) to
+    globus-gridftp-server, plain (-nodcau) and with -encrypt-data
+    (-dcpriv).  Each command is a whole process, the payload and the
+    servers' directories in memory (tmpfs), so that clients and wire are
+    compared, not the disk; "transport alone" takes each side's start-up
+    (the same command doing nothing) off its time, as a daemon's worker
+    pays none per upload.
+end-to-end
+    1,000 dumps of 10 kB from lb_dump_exporter through jp_importer -D 4
+    to the gSOAP JPPS and vsftpd, from the exporter's start until the
+    dump maildir is empty, against two ceilings of the same round: the
+    same importer's registrations/s (3,000 moved into its reg/new/ at
+    once), and BARE_PIPELINE, four stdlib processes doing only what a
+    dump costs the peers (StartUpload, MKD, STOR over a resumed TLS data
+    connection, CommitUpload) on kept connections.
+startup
+    the short-lived commands against python3 -c pass.
 
 Uses test_all.py's fixtures (PKI, JPPS fixture, FTPS fixture, real peers).
 Standard library only.

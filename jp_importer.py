@@ -219,7 +219,7 @@ class TransientError(Error):
     """May succeed later: timeouts, dropped connections, 4xx replies."""
 
 
-class NoAnswer(TransientError):
+class NoAnswerError(TransientError):
     """A server that did not answer in time: a storage outage, not a
     refusal (see Worker's back-off per storage server)."""
 
@@ -229,7 +229,7 @@ class PermanentError(Error):
     destination forbidden, untrusted or misnamed server."""
 
 
-class RetryLater(TransientError):
+class RetryLaterError(TransientError):
     """A transient failure that must not be retried before `delay` s."""
 
     def __init__(self, message, delay):
@@ -237,7 +237,7 @@ class RetryLater(TransientError):
         self.delay = delay
 
 
-class MalformedMessage(PermanentError):
+class MalformedMessageError(PermanentError):
     """A maildir message that cannot be understood; quarantined."""
 
 
@@ -246,7 +246,7 @@ class MaildirError(Error):
     the message is set aside unrecorded and tried again later."""
 
 
-class JPPSFault(Error):
+class JPPSFaultError(Error):
     """A SOAP fault from the JPPS, with the genericFault chain.
 
     `code` is the errno of the outermost genericFault, or None when the
@@ -879,7 +879,7 @@ def parse_generic_fault(elem):
 
 
 def parse_soap_response(op, body):
-    """The response element of `op`, or raise JPPSFault / TransientError.
+    """The response element of `op`, or raise JPPSFaultError / TransientError.
 
     Hostile input is refused before parsing: a DTD could declare entities
     (billion laughs), so any DOCTYPE or ENTITY declaration is an error.
@@ -914,7 +914,7 @@ def parse_soap_response(op, body):
                     break
         faultstring = _child_text(first, "faultstring") or "SOAP fault"
         code = chain[0][1] if chain else None
-        raise JPPSFault(one_line(faultstring, 200), code, chain)
+        raise JPPSFaultError(one_line(faultstring, 200), code, chain)
     if first.tag != "{%s}%sResponse" % (NS_JPELEM, op):
         raise TransientError("JPPS answered %s with %s"
                              % (op, one_line(first.tag, 100)))
@@ -1683,7 +1683,7 @@ class Maildir:
                         data = os.read(fd, MAX_MESSAGE)
                         named = parse_keyed(data)["file"]
                         candidates.discard(os.path.normpath(named))
-                except MalformedMessage:
+                except MalformedMessageError:
                     # Quarantined, maybe to be repaired: keep what it names.
                     for path in [c for c in candidates
                                  if os.fsencode(c) in data]:
@@ -1953,7 +1953,7 @@ class Message:
         self.outcome = None     # delivered, postponed or undeliverable
 
     def read(self):
-        """The message bytes; MalformedMessage when oversized."""
+        """The message bytes; MalformedMessageError when oversized."""
         if self._data is None:
             chunks, size = [], 0
             os.lseek(self.fd, 0, os.SEEK_SET)
@@ -1963,8 +1963,8 @@ class Message:
                     break
                 size += len(chunk)
                 if size > MAX_MESSAGE:
-                    raise MalformedMessage("message larger than %d bytes"
-                                           % MAX_MESSAGE)
+                    raise MalformedMessageError("message larger than %d bytes"
+                                                % MAX_MESSAGE)
                 chunks.append(chunk)
             self._data = b"".join(chunks)
         return self._data
@@ -2059,19 +2059,20 @@ class Message:
 
 def _decode_message(data):
     if b"\0" in data:
-        raise MalformedMessage("NUL byte in message")
+        raise MalformedMessageError("NUL byte in message")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise MalformedMessage("message is not UTF-8 (byte %d)" % exc.start)
+        raise MalformedMessageError("message is not UTF-8 (byte %d)"
+                                    % exc.start)
 
 
 def _valid_jobid(text):
     try:
         return parse_jobid(text)
     except ValueError as exc:
-        raise MalformedMessage("invalid jobid %r: %s"
-                               % (one_line(text, 100), exc))
+        raise MalformedMessageError("invalid jobid %r: %s"
+                                    % (one_line(text, 100), exc))
 
 
 def parse_registration(data):
@@ -2081,19 +2082,19 @@ def parse_registration(data):
     """
     text = _decode_message(data)
     if "\n" not in text:
-        raise MalformedMessage("registration without a newline between "
-                               "jobid and owner")
+        raise MalformedMessageError("registration without a newline between "
+                                    "jobid and owner")
     jobid, owner = text.split("\n", 1)
     owner = owner.rstrip("\r\n")
     if "\n" in owner:
-        raise MalformedMessage("registration owner spans several lines")
+        raise MalformedMessageError("registration owner spans several lines")
     if not owner.strip():
-        raise MalformedMessage("registration without an owner")
+        raise MalformedMessageError("registration without an owner")
     if CONTROL_RE.search(owner):
         # No DN has one, and XML cannot carry it: the JPPS refused the
         # request on every retry, for days.
-        raise MalformedMessage("registration owner %r has a control "
-                               "character" % owner[:200])
+        raise MalformedMessageError("registration owner %r has a control "
+                                    "character" % owner[:200])
     return _valid_jobid(jobid.rstrip("\r")), owner
 
 
@@ -2117,16 +2118,16 @@ def parse_keyed(data):
             continue
         parts = re.split(r"[ \t]+", line, maxsplit=1)
         if len(parts) < 2 or not parts[1].strip():
-            raise MalformedMessage("line %d: key %r without a value"
-                                   % (number, one_line(parts[0], 40)))
+            raise MalformedMessageError("line %d: key %r without a value"
+                                        % (number, one_line(parts[0], 40)))
         key, value = parts
         if key in ("jobid", "file", "jpps", "proxy"):
             if key in fields:
-                raise MalformedMessage("key %r given twice" % key)
+                raise MalformedMessageError("key %r given twice" % key)
             fields[key] = value
     for key in ("jobid", "file"):
         if key not in fields:
-            raise MalformedMessage("no %r line" % key)
+            raise MalformedMessageError("no %r line" % key)
     broken = ORIGINAL_EXPORTER_JPPS_BUG.match(fields["file"])
     if broken and "jpps" not in fields:
         # The original exporter's -j forgot the newline before "jpps";
@@ -2134,13 +2135,13 @@ def parse_keyed(data):
         fields["file"], fields["jpps"] = broken.groups()
     fields["jobid"] = _valid_jobid(fields["jobid"])
     if not os.path.isabs(fields["file"]):
-        raise MalformedMessage("file %r is not an absolute path"
-                               % one_line(fields["file"], 200))
+        raise MalformedMessageError("file %r is not an absolute path"
+                                    % one_line(fields["file"], 200))
     if "jpps" in fields:
         try:
             parse_endpoint(fields["jpps"])
         except ConfigError as exc:
-            raise MalformedMessage(str(exc))
+            raise MalformedMessageError(str(exc))
     return fields
 
 
@@ -2814,7 +2815,7 @@ def _ftp_error(exc, where, secure=True):
         return PermanentError("%s: our certificate was refused: %s"
                               % (where, text))
     if isinstance(exc, socket.timeout):
-        return NoAnswer("%s: no answer within the time limit" % where)
+        return NoAnswerError("%s: no answer within the time limit" % where)
     return TransientError("%s: %s" % (where, text))
 
 
@@ -2960,11 +2961,11 @@ def _ftp_goodbye(ftp):
 def _ftp_overrun(where, deadline, size):
     """The error for an upload phase that ran out of time."""
     if deadline.phase == "set-up":
-        return NoAnswer(
+        return NoAnswerError(
             "%s: no answer within the time limit (%gs, --timeout, for the "
             "greeting, TLS, login and directories)"
             % (where, deadline.seconds))
-    return NoAnswer(
+    return NoAnswerError(
         "%s: the upload of %d bytes did not finish within %.0fs (3 times "
         "--timeout plus %d kB/s)" % (where, size, deadline.seconds,
                                      FTP_MIN_RATE // 1024))
@@ -3530,7 +3531,7 @@ def upload_gsiftp(url, source, credentials, timeout, dcau="auto", prot="P",
         try:
             return _gsiftp_put(host, port, target, source, credentials,
                                timeout, mode, prot, where, lifetime, keep)
-        except _NeedsDCAU as exc:
+        except _NeedsDCAUError as exc:
             if dcau != "AUTO":
                 raise TransientError("%s demands data channel protection "
                                      "(%s) and --dcau is N" % (where, exc))
@@ -3549,7 +3550,7 @@ def upload_gsiftp(url, source, credentials, timeout, dcau="auto", prot="P",
             raise
 
 
-class _NeedsDCAU(Exception):
+class _NeedsDCAUError(Exception):
     """The server refuses an unprotected data channel."""
 
 
@@ -3591,7 +3592,7 @@ def _gsiftp_put(host, port, target, source, credentials, timeout, dcau,
             data = control.passive()
         except ftplib.error_perm as exc:
             if dcau == "N" and str(exc).startswith("534"):
-                raise _NeedsDCAU(one_line(str(exc), 200))
+                raise _NeedsDCAUError(one_line(str(exc), 200))
             raise
         sent = 0
         if dcau == "A":
@@ -3628,7 +3629,7 @@ def _gsiftp_put(host, port, target, source, credentials, timeout, dcau,
         else:
             _gsiftp_quit(control)
         return sent
-    except _NeedsDCAU:
+    except _NeedsDCAUError:
         _gsiftp_quit(control)
         raise
     except (ftplib.error_temp, ftplib.error_perm, ftplib.error_reply) as exc:
@@ -3664,7 +3665,7 @@ def _gsiftp_login(control, credentials, dcau, prot, lifetime):
             control.command("PROT " + prot)
     except ftplib.error_perm as exc:
         if dcau == "N":
-            raise _NeedsDCAU(one_line(str(exc), 200))
+            raise _NeedsDCAUError(one_line(str(exc), 200))
         raise
 
 
@@ -3714,7 +3715,7 @@ UNREACHABLE_ERRNOS = (errno.ECONNREFUSED, errno.ECONNRESET,
 def network_failure(exc):
     """Whether a TransientError of upload() came from the network: a
     time-out, no connection, a dropped one (not a reply, not TLS)."""
-    if isinstance(exc, NoAnswer):
+    if isinstance(exc, NoAnswerError):
         return True
     for _ in range(6):
         exc = exc.__cause__ or exc.__context__
@@ -3960,14 +3961,14 @@ class Worker:
         try:
             try:
                 return step(*args), None
-            except MalformedMessage as exc:
+            except MalformedMessageError as exc:
                 msg.give_up("malformed message: %s" % exc)
                 return ("moved to undeliverable/: malformed message: %s"
                         % exc, logging.ERROR)
             except PermanentError as exc:
                 msg.give_up(str(exc))
                 return "moved to undeliverable/: %s" % exc, logging.ERROR
-            except (TransientError, JPPSFault) as exc:
+            except (TransientError, JPPSFaultError) as exc:
                 return self._postpone(msg, exc)
             except MaildirError:
                 raise
@@ -4050,7 +4051,7 @@ class Worker:
     def _receive_registration(self):
         try:
             self.client().receive()
-        except JPPSFault as fault:
+        except JPPSFaultError as fault:
             if fault.code == errno.EEXIST:       # already there: success
                 return "already registered"
             raise
@@ -4139,10 +4140,10 @@ class Worker:
         down = self.storage_down.get(server)
         now = time.time()
         if down is not None and down["until"] > now:
-            exc = RetryLater("storage %s unreachable since %s; not tried "
-                             "before %s" % (server, format_time(
-                                 down["since"]), format_time(down["until"])),
-                             down["until"] - now)
+            exc = RetryLaterError(
+                "storage %s unreachable since %s; not tried before %s"
+                % (server, format_time(down["since"]),
+                   format_time(down["until"])), down["until"] - now)
             exc.quiet = True
             raise exc
 
@@ -4190,7 +4191,7 @@ class Worker:
         """
         try:
             client.commit_upload(destination)
-        except JPPSFault as fault:
+        except JPPSFaultError as fault:
             started = float(msg.state.get("upload_started") or 0)
             if fault.code != errno.ENOENT or \
                     time.time() - started > UPLOAD_DEADLINE - 60:
@@ -4212,7 +4213,7 @@ class Worker:
                 if "eexist_since" in msg.state:
                     msg.save_state(eexist_since=None)
                 return destination
-            except JPPSFault as fault:
+            except JPPSFaultError as fault:
                 if fault.code == errno.EEXIST:
                     return self._already_stored(msg, fault)
                 if fault.code in (errno.ENOENT, None) and failsafe and \
@@ -4235,8 +4236,9 @@ class Worker:
         if now - first > UPLOAD_DEADLINE:
             return None
         msg.save_state(eexist_since=str(first))
-        raise RetryLater("%s; checking again after the JPPS upload deadline"
-                         % fault, first + UPLOAD_DEADLINE + 10 - now)
+        raise RetryLaterError("%s; checking again after the JPPS upload "
+                              "deadline" % fault,
+                              first + UPLOAD_DEADLINE + 10 - now)
 
     def failsafe_register(self, client, jobid, source, start_fault):
         """Register a job the JPPS does not know (StartUpload ENOENT).
@@ -4250,7 +4252,7 @@ class Worker:
         try:
             client.get_job_attributes(jobid, [REGTIME_ATTR])
             exists = True
-        except JPPSFault as fault:
+        except JPPSFaultError as fault:
             if fault.code not in (errno.ENOENT, errno.EPERM, None):
                 raise
             exists = fault.code == errno.EPERM
@@ -4266,7 +4268,7 @@ class Worker:
                  "%s)", jobid, client.address, owner)
         try:
             client.register_job(jobid, owner)
-        except JPPSFault as fault:
+        except JPPSFaultError as fault:
             if fault.code != errno.EEXIST:
                 raise
         return True

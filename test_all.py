@@ -1303,7 +1303,7 @@ class TestImporterMessages(unittest.TestCase):
             b"jobid\thttps://lb/x\nfile\trelative\n": "absolute",
         }
         for data, reason in cases.items():
-            with self.assertRaises(jp_importer.MalformedMessage,
+            with self.assertRaises(jp_importer.MalformedMessageError,
                                    msg=data) as cm:
                 jp_importer.parse_keyed(data)
             self.assertIn(reason, str(cm.exception))
@@ -1311,7 +1311,7 @@ class TestImporterMessages(unittest.TestCase):
                              (b"https://lb/x\n", "owner"),
                              (b"https://lb/x\na\nb", "several lines"),
                              (b"nonsense\nowner", "jobid")):
-            with self.assertRaises(jp_importer.MalformedMessage) as cm:
+            with self.assertRaises(jp_importer.MalformedMessageError) as cm:
                 jp_importer.parse_registration(data)
             self.assertIn(reason, str(cm.exception))
 
@@ -1332,7 +1332,7 @@ class TestImporterSoapParsing(unittest.TestCase):
                 "<SOAP-ENV:Fault><faultcode>SOAP-ENV:Server</faultcode>"
                 "<faultstring>Oh, shit!</faultstring><detail>%s</detail>"
                 "</SOAP-ENV:Fault>" % (wrapper % detail))
-            with self.assertRaises(jp_importer.JPPSFault) as cm:
+            with self.assertRaises(jp_importer.JPPSFaultError) as cm:
                 jp_importer.parse_soap_response("StartUpload", body)
             self.assertEqual(cm.exception.code, errno.ENOENT)
             self.assertEqual([c[0] for c in cm.exception.chain], ["a", "b"])
@@ -1342,7 +1342,7 @@ class TestImporterSoapParsing(unittest.TestCase):
         body = self.envelope("<SOAP-ENV:Fault><faultcode>SOAP-ENV:Server"
                              "</faultcode><faultstring>boom</faultstring>"
                              "</SOAP-ENV:Fault>")
-        with self.assertRaises(jp_importer.JPPSFault) as cm:
+        with self.assertRaises(jp_importer.JPPSFaultError) as cm:
             jp_importer.parse_soap_response("RegisterJob", body)
         self.assertIsNone(cm.exception.code)
 
@@ -1366,7 +1366,7 @@ class TestImporterSoapParsing(unittest.TestCase):
         dest, commit = client.start_upload("https://lb:9000/a<&>",
                                            jp_importer.CLASS_LB, "text/lb")
         client.commit_upload(dest)
-        with self.assertRaises(jp_importer.JPPSFault) as cm:
+        with self.assertRaises(jp_importer.JPPSFaultError) as cm:
             client.get_job_attributes("https://lb:9000/a<&>",
                                       [REGTIME_ATTR])
         self.assertEqual(cm.exception.code, errno.EPERM)  # not the owner
@@ -1598,7 +1598,7 @@ class TestQueueQuarantine(unittest.TestCase):
 
     def test_owner_with_a_control_character_is_malformed(self):
         for owner in ("/CN=a\x01b", "/CN=a\rb", "/CN=\x1b[31m", "/CN=\x7f"):
-            with self.assertRaises(jp_importer.MalformedMessage) as cm:
+            with self.assertRaises(jp_importer.MalformedMessageError) as cm:
                 jp_importer.parse_registration(
                     ("https://lb/x\n" + owner).encode())
             self.assertIn("control character", str(cm.exception))

@@ -499,7 +499,13 @@ def der_name(data, start, end):
 
 
 class CertInfo:
-    """Subject, issuer and validity of one X.509 certificate (DER)."""
+    """Subject, issuer and validity of one X.509 certificate (DER).
+
+    `subject` and `issuer` are slash-form DNs, `not_before` and
+    `not_after` seconds since the epoch; `subject_der` is the subject
+    Name's DER content (for a proxy's subject) and `der` the whole
+    certificate.
+    """
 
     def __init__(self, der):
         _, cs, ce = der_read(der)
@@ -513,6 +519,7 @@ class CertInfo:
         self.not_before, self.not_after = (
             der_timegm(der, v) for v in validity)
         self.subject = der_name(der, fields[4][1], fields[4][2])
+        self.subject_der = der[fields[4][1]:fields[4][2]]
         self.der = der
 
 
@@ -2350,10 +2357,11 @@ def check_belongs(source, path, jobid, file_class):
 # Upload transports
 # ---------------------------------------------------------------------------
 
-# -- ftp:// and ftps://
+# -- shared by ftp://, ftps:// and gsiftp://
 
 UPLOAD_BLOCK = 256 * 1024      # read and sent at a time: files are streamed
 FTPS_IMPLICIT_PORT = 990
+UPLOAD_PORTS = {"ftp": 21, "ftps": FTPS_IMPLICIT_PORT, "gsiftp": 2811}
 FTP_MIN_RATE = 64 * 1024       # bytes/s: the slowest upload still waited for
 FTP_QUIT_WAIT = 5.0            # seconds for the goodbye after a refusal
 FTP_TICKET_WAIT = 2.0          # seconds for the server's TLS 1.3 verdict
@@ -2363,6 +2371,13 @@ CONTROL_IDLE = 60.0            # seconds a kept control connection may idle
 CONTROL_MAX_AGE = 3600.0       # and its age: servers drop TLS sessions at 2 h
 CONTROL_KEPT = 8               # control connections kept per process, at most
 CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+# Everything an upload can raise besides our own Error (cf. ftplib's
+# all_errors): _ftp_error() translates them.  ssl.CertificateError is a
+# ValueError, and so is the refusal of CR or LF in a command.
+UPLOAD_ERRORS = (ftplib.Error, ssl.SSLError, OSError, EOFError, ValueError)
+# The server's refusals: after one, the connection is still in step.
+FTP_REFUSALS = (ftplib.error_reply, ftplib.error_temp, ftplib.error_perm)
 
 
 def _check_reply_size(lines, size):
@@ -2375,9 +2390,10 @@ def _check_reply_size(lines, size):
             % (FTP_MAX_REPLY_LINES, FTP_MAX_REPLY // 1024))
 
 
-def _upload_destination(url, default_port):
+def _upload_destination(url):
     """(split URL, host, port, path) of an ftp://, ftps:// or gsiftp://
-    destination; PermanentError for one that cannot be used.
+    destination, the port by default that of its scheme (UPLOAD_PORTS);
+    PermanentError for one that cannot be used.
 
     Control characters (CR and LF above all), raw or percent-encoded, are
     refused: in a command on the control channel they would end it and
@@ -2390,7 +2406,7 @@ def _upload_destination(url, default_port):
             % public_url(url)))
     parts = urllib.parse.urlsplit(url)
     try:
-        port = parts.port or default_port
+        port = parts.port or UPLOAD_PORTS.get(parts.scheme.lower(), 21)
     except ValueError:
         raise PermanentError("bad port in %s" % one_line(public_url(url), 200))
     target = urllib.parse.unquote(parts.path)
@@ -2423,11 +2439,26 @@ class _SourceFile:
             self.opened.close()
 
 
-def _rewind(source):
-    """Every attempt sends from byte 0 (a pipe, for --upload, cannot be
-    rewound: it is sent as it comes)."""
+def _send_file(source, channel):
+    """Send file object `source` from its first byte with
+    `channel`.sendall(); return the bytes sent.  Every attempt sends
+    from byte 0 (a pipe, for --upload, cannot be rewound: it is sent as
+    it comes)."""
     if source.seekable():
         source.seek(0)
+    sent = 0
+    while True:
+        block = source.read(UPLOAD_BLOCK)
+        if not block:
+            return sent
+        channel.sendall(block)
+        sent += len(block)
+
+
+def _transfer_limit(size, timeout):
+    """Seconds the transfer of `size` bytes may take: 3 * `timeout`
+    plus the size at FTP_MIN_RATE."""
+    return 3 * timeout + size / FTP_MIN_RATE
 
 
 class _Deadline:
@@ -2545,24 +2576,51 @@ class _KeptControls:
     back after a whole upload; a failed upload closes its connection.
     At most CONTROL_KEPT are kept (the least recently used goes).
 
+    It also remembers the GridFTP servers that demanded a protected data
+    channel (demands_dcau(), with --dcau auto).
+
     A connection belongs to the process that opened it: in a forked
     child the parent's are only closed, never used nor ended (a QUIT or
     a TLS close_notify would end the parent's session; closing the
-    child's descriptors sends nothing).
+    child's descriptors sends nothing); the child also starts with no
+    DCAU demands of its own.
     """
 
     def __init__(self):
         self.pid = None
         self.kept = {}      # key -> (connection, last use, stamp)
+        # --dcau auto: (host, port) of the servers that refused DCAU N.
+        # Each costs a whole extra login when N is tried first every time.
+        self.dcau_demands = set()
 
     def _mine(self):
+        # The state of this process: a forked child drops its parent's.
         if self.pid != os.getpid():
             for conn, _, _ in self.kept.values():
                 conn.close()
             self.pid, self.kept = os.getpid(), {}
+            self.dcau_demands.clear()
         return self.kept
 
+    def demands_dcau(self, host, port):
+        """Whether the GridFTP server at `host`:`port` refused an
+        unprotected data channel in this process (and has not failed an
+        upload since)."""
+        self._mine()
+        return (host, port) in self.dcau_demands
+
+    def note_dcau(self, host, port, demanded):
+        """Remember that the server demands DCAU (`demanded`), or forget
+        it (an upload with DCAU A failed: N is tried first next time)."""
+        self._mine()
+        if demanded:
+            self.dcau_demands.add((host, port))
+        else:
+            self.dcau_demands.discard((host, port))
+
     def take(self, key, stamp, timeout, usable=None):
+        """The connection kept under `key`, checked with NOOP, or None
+        (see the class's description)."""
         self.close_idle()
         entry = self._mine().pop(key, None)
         if entry is None:
@@ -2579,8 +2637,7 @@ class _KeptControls:
         conn.sock.settimeout(min(timeout, FTP_QUIT_WAIT))
         try:
             conn.voidcmd("NOOP")
-        except (Error, ftplib.Error, ssl.SSLError, OSError, EOFError,
-                ValueError) as exc:
+        except UPLOAD_ERRORS + (Error,) as exc:
             log.debug("%s:%d: the kept connection is gone (%s); a new one",
                       conn.host, conn.port, one_line(str(exc), 200))
             check.cancel()
@@ -2601,6 +2658,9 @@ class _KeptControls:
         return True
 
     def keep(self, key, conn, stamp):
+        """Keep `conn` under `key`, made with credential `stamp`; the
+        connection it replaces and the least recently used one past
+        CONTROL_KEPT are ended."""
         kept = self._mine()
         old = kept.pop(key, None)
         if old is not None:
@@ -2619,6 +2679,7 @@ class _KeptControls:
             self._end(kept.pop(key)[0])
 
     def close_all(self):
+        """End every kept connection."""
         kept = self._mine()
         while kept:
             self._end(kept.popitem()[1][0])
@@ -2681,8 +2742,20 @@ class _FTPS(ftplib.FTP_TLS):
         self.implicit = implicit
         self.opened = time.monotonic()
 
+    @property
+    def secure(self):
+        """Whether the control connection is encrypted (TLS)."""
+        return isinstance(self.sock, ssl.SSLSocket)
+
     def goodbye(self):
-        _ftp_goodbye(self)
+        """QUIT, briefly: a polite end that must not hold up the caller;
+        errors do not matter."""
+        try:
+            if self.sock is not None:
+                self.sock.settimeout(min(self.timeout, FTP_QUIT_WAIT))
+                self.voidcmd("QUIT")
+        except UPLOAD_ERRORS:
+            pass
 
     def connect(self, host, port, timeout):
         # ftplib's connect, but watched before the greeting is read
@@ -2838,6 +2911,62 @@ def _ftp_mkdirs(ftp, directory):
             pass            # it exists (or cannot be made: STOR will say)
 
 
+def _upload_attempt(source, target, where, key, credentials, timeout, keep,
+                    new, login, store, usable=None):
+    """One upload attempt, the part every transport shares; the bytes
+    sent.
+
+    The connection is one kept under `key` (with `keep`; refused by
+    `usable` if given), else `new(deadline)`, which `login(conn)` then
+    connects and logs in.  The missing directories of `target` are made,
+    `store(conn)` sends file object `source` and returns the bytes sent,
+    and SIZE checks them.  The set-up (up to the directories) may take
+    `timeout` seconds in all, the transfer _transfer_limit().
+    After a whole upload the connection is kept (`keep`) or ended with
+    QUIT; after a failure it is closed, with QUIT first when the server
+    or we refused (the connection is still in step).
+    Raises TransientError, PermanentError or NoAnswerError (_ftp_error,
+    _ftp_overrun), naming the server by `where`.
+    """
+    size = os.fstat(source.fileno()).st_size
+    stamp = credential_stamp(credentials)
+    conn = _KEPT.take(key, stamp, timeout, usable) if keep else None
+    deadline = _Deadline(timeout, "set-up")
+    if conn is None:
+        conn = new(deadline)
+    else:
+        conn.deadline = deadline
+        deadline.watch(conn.sock)
+    kept = False
+    try:
+        if conn.sock is None:
+            login(conn)
+        _ftp_mkdirs(conn, target.rsplit("/", 1)[0])
+        deadline.restart(_transfer_limit(size, timeout), "transfer")
+        sent = store(conn)
+        _ftp_check_size(conn, target, sent, where)
+        if keep:
+            kept = _KEPT.keep_after(deadline, key, conn, stamp)
+        else:
+            conn.goodbye()          # stored and checked: that is enough
+        return sent
+    except Error:
+        if deadline.expired:
+            raise _ftp_overrun(where, deadline, size)
+        conn.goodbye()              # our own refusals: still in step
+        raise
+    except UPLOAD_ERRORS as exc:
+        if deadline.expired:
+            raise _ftp_overrun(where, deadline, size)
+        if isinstance(exc, FTP_REFUSALS):
+            conn.goodbye()          # a refusal: the connection is in step
+        raise _ftp_error(exc, where, conn.secure)
+    finally:
+        deadline.cancel()           # before the descriptors are freed
+        if not kept:
+            conn.close()
+
+
 def upload_ftp(url, source, credentials, timeout, allow_plain=False,
                keep=False):
     """Upload file object `source` to an ftp:// or ftps:// URL over TLS
@@ -2861,65 +2990,21 @@ def upload_ftp(url, source, credentials, timeout, allow_plain=False,
     that one then starts at MKD, its set-up limit the same.
     Returns the bytes sent, checked with SIZE where the server has it.
     """
-    implicit = url.split("://", 1)[0].lower() == "ftps"
-    parts, host, port, target = _upload_destination(
-        url, FTPS_IMPLICIT_PORT if implicit else 21)
+    parts, host, port, target = _upload_destination(url)
+    scheme = parts.scheme.lower()
     user = urllib.parse.unquote(parts.username or "anonymous")
     password = urllib.parse.unquote(parts.password or "")
     where = "ftp %s:%d" % (host, port)
-    key = ("ftps" if implicit else "ftp", host.lower(), port, user,
-           password, allow_plain)
+    key = (scheme, host.lower(), port, user, password, allow_plain)
     with _SourceFile(source) as source:
-        size = os.fstat(source.fileno()).st_size
         context = credentials.client_context()
-        stamp = credential_stamp(credentials)
-        ftp = _KEPT.take(key, stamp, timeout) if keep else None
-        deadline = _Deadline(timeout, "set-up")
-        if ftp is None:
-            ftp = _FTPS(context, timeout, deadline, implicit)
-        else:
-            ftp.deadline = deadline
-            deadline.watch(ftp.sock)
-        kept = False
-        try:
-            sent = _ftp_put(ftp, host, port, target, source, user, password,
-                            allow_plain, where, size)
-            if keep:
-                kept = _KEPT.keep_after(deadline, key, ftp, stamp)
-            else:
-                _ftp_goodbye(ftp)   # stored and checked: that is enough
-            return sent
-        except Error:
-            if deadline.expired:
-                raise _ftp_overrun(where, deadline, size)
-            _ftp_goodbye(ftp)       # our own refusals: still in step
-            raise
-        except (ftplib.Error, ssl.SSLError, ssl.CertificateError, OSError,
-                EOFError, ValueError) as exc:
-            if deadline.expired:
-                raise _ftp_overrun(where, deadline, size)
-            if isinstance(exc, (ftplib.error_reply, ftplib.error_temp,
-                                ftplib.error_perm)):
-                _ftp_goodbye(ftp)   # a refusal: the connection is in step
-            raise _ftp_error(exc, where,
-                             isinstance(ftp.sock, ssl.SSLSocket))
-        finally:
-            deadline.cancel()       # before the descriptors are freed
-            if not kept:
-                ftp.close()
-
-
-def _ftp_put(ftp, host, port, target, source, user, password, allow_plain,
-             where, size):
-    """The conversation of one upload_ftp attempt; the bytes sent.  A
-    connection already logged in (kept) starts at the directories."""
-    if ftp.sock is None:
-        _ftp_login(ftp, host, port, user, password, allow_plain, where)
-    _ftp_mkdirs(ftp, target.rsplit("/", 1)[0])
-    ftp.deadline.restart(3 * ftp.timeout + size / FTP_MIN_RATE, "transfer")
-    sent = _ftp_store(ftp, target, source)
-    _ftp_check_size(ftp, target, sent, where)
-    return sent
+        return _upload_attempt(
+            source, target, where, key, credentials, timeout, keep,
+            new=lambda deadline: _FTPS(context, timeout, deadline,
+                                       implicit=scheme == "ftps"),
+            login=lambda ftp: _ftp_login(ftp, host, port, user, password,
+                                         allow_plain, where),
+            store=lambda ftp: _ftp_store(ftp, target, source))
 
 
 def _ftp_login(ftp, host, port, user, password, allow_plain, where):
@@ -2948,16 +3033,6 @@ def _ftp_login(ftp, host, port, user, password, allow_plain, where):
         pass                                    # stream mode is the default
 
 
-def _ftp_goodbye(ftp):
-    """QUIT, briefly: a polite end that must not hold up the caller."""
-    try:
-        if ftp.sock is not None:
-            ftp.sock.settimeout(min(ftp.timeout, FTP_QUIT_WAIT))
-            ftp.voidcmd("QUIT")
-    except (ftplib.Error, ssl.SSLError, OSError, EOFError):
-        pass
-
-
 def _ftp_overrun(where, deadline, size):
     """The error for an upload phase that ran out of time."""
     if deadline.phase == "set-up":
@@ -2973,16 +3048,9 @@ def _ftp_overrun(where, deadline, size):
 
 def _ftp_store(ftp, target, source):
     """STOR `source` as `target` from its first byte; the bytes sent."""
-    sent = 0
-    _rewind(source)
     conn = ftp.transfercmd("STOR " + target)
     try:
-        while True:
-            block = source.read(UPLOAD_BLOCK)
-            if not block:
-                break
-            conn.sendall(block)
-            sent += len(block)
+        sent = _send_file(source, conn)
         if isinstance(conn, ssl.SSLSocket):
             # close_notify marks the end of the file.  A server that
             # closes without answering it is no failure: its reply to
@@ -3044,6 +3112,18 @@ DELEGATED_LIFETIME = 12 * 3600      # at most: see delegated_lifetime()
 DELEGATED_MIN_LIFETIME = 600        # covers the peers' clock differences
 PEM_KEY_RE = re.compile(rb"-----BEGIN (RSA )?PRIVATE KEY-----\s*(.+?)\s*"
                         rb"-----END (RSA )?PRIVATE KEY-----", re.S)
+
+
+def _handshake(tls, exchange):
+    """Drive the handshake of `tls`, an SSLObject on memory BIOs:
+    `exchange()` is called whenever it waits for the peer, to send what
+    it wrote and feed it the peer's answer."""
+    while True:
+        try:
+            tls.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            exchange()
 
 
 def der(tag, content):
@@ -3130,16 +3210,8 @@ def sign_proxy_request(request, cert_file, key_file, now=None,
     from it stay limited; data transfers take it.
     """
     now = time.time() if now is None else now
-    with open(cert_file, "rb") as f:
-        signer = base64.b64decode(b"".join(PEM_CERT_RE.search(
-            f.read(1024 * 1024)).group(1).split()))
-    info = CertInfo(signer)
-    _, s, e = der_read(signer)
-    tbs = der_children(signer, s, e)[0]
-    fields = der_children(signer, tbs[1], tbs[2])
-    if fields[0][0] == 0xa0:
-        fields = fields[1:]
-    subject = signer[fields[4][1]:fields[4][2]]
+    info = read_pem_certificates(cert_file)[0]
+    subject = info.subject_der
     _, s, e = der_read(request)
     cri = der_children(request, s, e)[0]
     spki = der_children(request, cri[1], cri[2])[2]
@@ -3198,17 +3270,15 @@ class _DataTLS:
                                 password=b"")           # never a prompt
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = context.wrap_bio(self.incoming, self.outgoing)
-        while True:
-            try:
-                self.tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                self._flush()
-                self._receive()
+        _handshake(self.tls, self._exchange)
         self._flush()
         if self.tls.getpeercert(binary_form=True) != delegated:
             raise TransientError("the GridFTP data channel peer is not the "
                                  "proxy we delegated; refusing it")
+
+    def _exchange(self):
+        self._flush()
+        self._receive()
 
     def _flush(self):
         data = self.outgoing.read()
@@ -3263,32 +3333,45 @@ class _GSIControl:
     whole handshake flight, so FTP_MAX_REPLY, not ftplib's 8 kB).
     """
 
-    def __init__(self, host, port, context, timeout, deadline):
-        self.host, self.port, self.timeout = host, port, timeout
-        self.deadline = deadline
-        self.sock = socket.create_connection((host, port), timeout)
-        deadline.watch(self.sock)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.file = self.sock.makefile("rb")
-        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self.incoming, self.outgoing,
-                                    server_hostname=host)
-        self.protected = False
+    def __init__(self, context, timeout, deadline):
+        self.context, self.timeout, self.deadline = context, timeout, deadline
+        self.host = self.port = self.sock = self.file = None
+        self.secure = False             # authenticated: commands wrapped
         self.delegated = None
         self.opened = time.monotonic()
 
+    def connect(self, host, port):
+        """Connect to `host`:`port`; the server is verified with `host`
+        in authenticate()."""
+        self.host, self.port = host, port
+        self.sock = socket.create_connection((host, port), self.timeout)
+        self.deadline.watch(self.sock)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.file = self.sock.makefile("rb")
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = self.context.wrap_bio(self.incoming, self.outgoing,
+                                         server_hostname=host)
+
     def goodbye(self):
-        self.sock.settimeout(min(self.timeout, FTP_QUIT_WAIT))
-        _gsiftp_quit(self)
+        """QUIT, briefly, on a logged-in connection; errors do not
+        matter."""
+        if self.secure:
+            self.sock.settimeout(min(self.timeout, FTP_QUIT_WAIT))
+            try:
+                self.command("QUIT")
+            except UPLOAD_ERRORS:
+                pass
 
     def delegated_left(self):
         """Seconds the proxy delegated on this connection is valid."""
         return CertInfo(self.delegated).not_after - time.time()
 
     def close(self):
+        """Close the connection (nothing is sent)."""
         for thing in (self.file, self.sock):
             try:
-                thing.close()
+                if thing is not None:
+                    thing.close()
             except OSError:
                 pass
 
@@ -3315,7 +3398,7 @@ class _GSIControl:
                 return lines
 
     def reply(self):
-        """(code, text) of the next reply, unwrapped when protected."""
+        """(code, text) of the next reply, unwrapped once authenticated."""
         lines = self._read_reply_lines()
         code = lines[0][:3]
         if code in ("631", "632", "633"):
@@ -3339,20 +3422,25 @@ class _GSIControl:
             except ssl.SSLWantReadError:
                 return data
 
+    def send(self, line):
+        """Send one command, wrapped once authenticated; its reply is
+        left for reply().  ValueError for a line with CR or LF."""
+        if "\r" in line or "\n" in line:      # as ftplib's putline
+            raise ValueError("CR or LF in an FTP command refused")
+        if self.secure:
+            self.tls.write((line + "\r\n").encode("utf-8"))
+            self._send_line("ENC " + base64.b64encode(
+                self.outgoing.read()).decode("ascii"))
+        else:
+            self._send_line(line)
+
     def command(self, line, expect="2"):
         """Send one command (wrapped once authenticated); its reply text.
 
         Raises ftplib's error_temp (4xx) or error_perm (5xx), as ftplib
         would, and error_reply for a code other than `expect`.
         """
-        if "\r" in line or "\n" in line:      # as ftplib's putline
-            raise ValueError("CR or LF in an FTP command refused")
-        if self.protected:
-            self.tls.write((line + "\r\n").encode("utf-8"))
-            self._send_line("ENC " + base64.b64encode(
-                self.outgoing.read()).decode("ascii"))
-        else:
-            self._send_line(line)
+        self.send(line)
         return self.check(self.reply(), expect)
 
     @staticmethod
@@ -3377,15 +3465,7 @@ class _GSIControl:
         """
         self.check(self.reply())                          # 220 welcome
         self.command("AUTH GSSAPI", "3")                   # 334
-        reply = None
-        while True:
-            try:
-                self.tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                reply = self._adat(self.outgoing.read())
-                if reply[0] != "335":
-                    raise self._refused(reply)
+        _handshake(self.tls, self._adat_flight)
         # TLS 1.3: our last flight is still to be sent, and the server
         # answers it with one byte, 0x00, before it takes the flag.
         pending = self.outgoing.read()
@@ -3415,9 +3495,15 @@ class _GSIControl:
             reply = self._adat(self.outgoing.read())
         if reply[0] != "235":
             raise self._refused(reply)
-        self.protected = True
+        self.secure = True
         self.command("USER :globus-mapping:", "3")
         self.command("PASS dummy")
+
+    def _adat_flight(self):
+        """Send our handshake records in ADAT; the answer must be 335."""
+        reply = self._adat(self.outgoing.read())
+        if reply[0] != "335":
+            raise self._refused(reply)
 
     def _adat(self, token):
         """Send an ADAT token; the reply, its own token fed to TLS."""
@@ -3461,26 +3547,12 @@ class _GSIControl:
         return data
 
 
-# --dcau auto: servers that refused DCAU N in this process (host, port).
-# Each costs a whole extra login when N is tried first every time.
-_DCAU_DEMANDED = set()
-
-
-def _gsiftp_quit(control):
-    """QUIT on a logged-in control connection; errors do not matter."""
-    if control is not None and control.protected:
-        try:
-            control.command("QUIT")
-        except (ftplib.Error, ssl.SSLError, OSError, EOFError):
-            pass
-
-
 def delegated_lifetime(size, timeout):
     """Seconds a proxy delegated for one upload is valid: the time the
-    upload may take (as upload_ftp's limit), at least
-    DELEGATED_MIN_LIFETIME, at most DELEGATED_LIFETIME."""
+    upload may take (_transfer_limit), at least DELEGATED_MIN_LIFETIME,
+    at most DELEGATED_LIFETIME."""
     return int(min(DELEGATED_LIFETIME, max(DELEGATED_MIN_LIFETIME, math.ceil(
-        3 * timeout + size / FTP_MIN_RATE))))
+        _transfer_limit(size, timeout)))))
 
 
 def upload_gsiftp(url, source, credentials, timeout, dcau="auto", prot="P",
@@ -3507,7 +3579,7 @@ def upload_gsiftp(url, source, credentials, timeout, dcau="auto", prot="P",
     it stays valid (_gsiftp_put).
     Returns the bytes sent, checked with SIZE.
     """
-    _, host, port, target = _upload_destination(url, 2811)
+    _, host, port, target = _upload_destination(url)
     dcau = str(dcau).upper()
     if dcau not in ("AUTO", "A", "N"):
         raise PermanentError("unknown DCAU policy %r" % dcau)
@@ -3523,14 +3595,12 @@ def upload_gsiftp(url, source, credentials, timeout, dcau="auto", prot="P",
     if dcau == "A" and untrusted:
         raise TransientError("%s: --dcau A needs %s" % (where, untrusted))
     if dcau == "AUTO":
-        mode = "A" if (host, port) in _DCAU_DEMANDED and not untrusted \
+        mode = "A" if _KEPT.demands_dcau(host, port) and not untrusted \
             else "N"
     with _SourceFile(source) as source:
-        lifetime = delegated_lifetime(os.fstat(source.fileno()).st_size,
-                                      timeout)
         try:
             return _gsiftp_put(host, port, target, source, credentials,
-                               timeout, mode, prot, where, lifetime, keep)
+                               timeout, mode, prot, where, keep)
         except _NeedsDCAUError as exc:
             if dcau != "AUTO":
                 raise TransientError("%s demands data channel protection "
@@ -3541,23 +3611,25 @@ def upload_gsiftp(url, source, credentials, timeout, dcau="auto", prot="P",
                                      % (where, exc, untrusted))
             log.info("%s demands data channel protection (%s): DCAU A",
                      where, exc)
-            _DCAU_DEMANDED.add((host, port))
+            _KEPT.note_dcau(host, port, True)
             return _gsiftp_put(host, port, target, source, credentials,
-                               timeout, "A", prot, where, lifetime, keep)
+                               timeout, "A", prot, where, keep)
         except Error:
             if dcau == "AUTO":
-                _DCAU_DEMANDED.discard((host, port))   # N first next time
+                _KEPT.note_dcau(host, port, False)  # N first next time
             raise
 
 
-class _NeedsDCAUError(Exception):
-    """The server refuses an unprotected data channel."""
+class _NeedsDCAUError(TransientError):
+    """The server refuses an unprotected data channel (upload_gsiftp
+    then tries DCAU A, or gives this reason)."""
 
 
 def _gsiftp_put(host, port, target, source, credentials, timeout, dcau,
-                prot, where, lifetime, keep=False):
-    """One GridFTP upload attempt with a fixed DCAU mode, from byte 0;
-    with A, a proxy valid `lifetime` seconds is delegated.
+                prot, where, keep=False):
+    """One GridFTP upload attempt with a fixed DCAU mode, from byte 0
+    (_upload_attempt); with A, a proxy valid delegated_lifetime() is
+    delegated.
 
     With `keep`, a kept connection in the same mode serves, and this one
     is kept.  With A, the host is in the key (the caller has checked it
@@ -3566,95 +3638,26 @@ def _gsiftp_put(host, port, target, source, credentials, timeout, dcau,
     plus DELEGATED_MIN_LIFETIME / 2 (the peers' clock differences) to
     run; then a new connection delegates a new one.
     """
-    _rewind(source)
-    control = data = None
     size = os.fstat(source.fileno()).st_size
-    transfer = 3 * timeout + size / FTP_MIN_RATE
-    key = ("gsiftp", host.lower(), port, dcau, prot)
+    transfer = _transfer_limit(size, timeout)
     context = credentials.client_context()
-    stamp = credential_stamp(credentials)
-    if keep:
-        control = _KEPT.take(key, stamp, timeout, usable=lambda c: (
-            dcau != "A" or c.delegated_left() >
-            transfer + DELEGATED_MIN_LIFETIME / 2))
-    deadline = _Deadline(timeout, "set-up")
-    kept = False
-    try:
-        if control is None:
-            control = _GSIControl(host, port, context, timeout, deadline)
-            _gsiftp_login(control, credentials, dcau, prot, lifetime)
-        else:
-            control.deadline = deadline
-            deadline.watch(control.sock)
-        _ftp_mkdirs(control, target.rsplit("/", 1)[0])
-        deadline.restart(transfer, "transfer")
-        try:
-            data = control.passive()
-        except ftplib.error_perm as exc:
-            if dcau == "N" and str(exc).startswith("534"):
-                raise _NeedsDCAUError(one_line(str(exc), 200))
-            raise
-        sent = 0
-        if dcau == "A":
-            # The Globus server answers STOR only after the data
-            # channel handshake: send it, shake hands, then read.
-            control.tls.write(("STOR %s\r\n" % target).encode("utf-8"))
-            control._send_line("ENC " + base64.b64encode(
-                control.outgoing.read()).decode("ascii"))
-            channel = _DataTLS(data, credentials, control.delegated,
-                               control)
-            if prot == "C":
-                channel.clear_channel()
-            if channel.preliminary is None:
-                control.check(control.reply(), "1")
-            if prot == "C":
-                channel = data
-        else:
-            control.command("STOR " + target, "1")
-            channel = data
-        while True:
-            block = source.read(UPLOAD_BLOCK)
-            if not block:
-                break
-            channel.sendall(block)
-            sent += len(block)
-        if isinstance(channel, _DataTLS):
-            channel.finish()
-        data.close()
-        data = None
-        control.check(control.reply())               # 226
-        _ftp_check_size(control, target, sent, where)
-        if keep:
-            kept = _KEPT.keep_after(deadline, key, control, stamp)
-        else:
-            _gsiftp_quit(control)
-        return sent
-    except _NeedsDCAUError:
-        _gsiftp_quit(control)
-        raise
-    except (ftplib.error_temp, ftplib.error_perm, ftplib.error_reply) as exc:
-        _gsiftp_quit(control)           # the server answered: still in step
-        raise _ftp_error(exc, where, control.protected)
-    except Error:
-        if deadline.expired:
-            raise _ftp_overrun(where, deadline, size)
-        raise
-    except (ftplib.Error, ssl.SSLError, ssl.CertificateError, OSError,
-            EOFError, ValueError) as exc:
-        if deadline.expired:
-            raise _ftp_overrun(where, deadline, size)
-        raise _ftp_error(exc, where)
-    finally:
-        deadline.cancel()               # before the descriptors are freed
-        if data is not None:
-            data.close()
-        if control is not None and not kept:
-            control.close()
+    return _upload_attempt(
+        source, target, where, ("gsiftp", host.lower(), port, dcau, prot),
+        credentials, timeout, keep,
+        new=lambda deadline: _GSIControl(context, timeout, deadline),
+        login=lambda control: _gsiftp_login(
+            control, host, port, credentials, dcau, prot,
+            delegated_lifetime(size, timeout)),
+        store=lambda control: _gsiftp_store(
+            control, target, source, credentials, dcau, prot),
+        usable=lambda control: dcau != "A" or control.delegated_left() >
+        transfer + DELEGATED_MIN_LIFETIME / 2)
 
 
-def _gsiftp_login(control, credentials, dcau, prot, lifetime):
-    """GSI, login, binary stream mode and the data channel's protection
-    on a new control connection."""
+def _gsiftp_login(control, host, port, credentials, dcau, prot, lifetime):
+    """Connect, GSI, login, binary stream mode and the data channel's
+    protection on a new control connection."""
+    control.connect(host, port)
     control.authenticate(credentials if dcau == "A" else None, lifetime)
     control.command("TYPE I")
     control.command("MODE S")
@@ -3667,6 +3670,40 @@ def _gsiftp_login(control, credentials, dcau, prot, lifetime):
         if dcau == "N":
             raise _NeedsDCAUError(one_line(str(exc), 200))
         raise
+
+
+def _gsiftp_store(control, target, source, credentials, dcau, prot):
+    """PASV and STOR `source` as `target` on the data channel `dcau`
+    and `prot` ask for; the bytes sent."""
+    try:
+        data = control.passive()
+    except ftplib.error_perm as exc:
+        if dcau == "N" and str(exc).startswith("534"):
+            raise _NeedsDCAUError(one_line(str(exc), 200))
+        raise
+    try:
+        if dcau == "A":
+            # The Globus server answers STOR only after the data
+            # channel handshake: send it, shake hands, then read.
+            control.send("STOR " + target)
+            channel = _DataTLS(data, credentials, control.delegated,
+                               control)
+            if prot == "C":
+                channel.clear_channel()
+            if channel.preliminary is None:
+                control.check(control.reply(), "1")
+            if prot == "C":
+                channel = data
+        else:
+            control.command("STOR " + target, "1")
+            channel = data
+        sent = _send_file(source, channel)
+        if isinstance(channel, _DataTLS):
+            channel.finish()
+    finally:
+        data.close()
+    control.check(control.reply())               # 226
+    return sent
 
 
 def upload(url, source, credentials, timeout, dcau="auto",
@@ -3700,8 +3737,7 @@ def storage_server(url):
     except ValueError:
         port = None
     if port is None:
-        port = {"gsiftp": 2811, "ftps": FTPS_IMPLICIT_PORT}.get(
-            parts.scheme.lower(), 21)
+        port = UPLOAD_PORTS.get(parts.scheme.lower(), 21)
     return "%s:%d" % (parts.hostname, port)
 
 

@@ -2958,7 +2958,7 @@ class TestGridFTPUpload(unittest.TestCase):
         cls.secure.stop()
 
     def setUp(self):
-        jp_importer._DCAU_DEMANDED.clear()      # --dcau auto starts with N
+        jp_importer._KEPT.dcau_demands.clear()      # --dcau auto starts with N
         self.dir = tempfile.mkdtemp(prefix="jp-gsiftp-test-")
         self.addCleanup(shutil.rmtree, self.dir, True)
         self.proxy = jp_importer.Credentials(self.pki.proxy, self.pki.proxy,
@@ -3314,7 +3314,7 @@ class TestConnectionReuse(FTPSCase):
 
     def setUp(self):
         FTPSCase.setUp(self)
-        jp_importer._DCAU_DEMANDED.clear()
+        jp_importer._KEPT.dcau_demands.clear()
         self.addCleanup(jp_importer.close_connections)
         self.payload = payloads(self.dir, (10000,))[0][1]
 
@@ -7348,8 +7348,8 @@ class TestCredentialsHardening(unittest.TestCase):
         p = pki()
         secure = GridFTPPeer(p, encrypt_data=True)
         self.addCleanup(secure.stop)
-        jp_importer._DCAU_DEMANDED.clear()
-        self.addCleanup(jp_importer._DCAU_DEMANDED.clear)
+        jp_importer._KEPT.dcau_demands.clear()
+        self.addCleanup(jp_importer._KEPT.dcau_demands.clear)
         # The JPPS is https://localhost:P; its destinations name the same
         # server by address: another host as far as trust goes.
         by_address = "gsiftp://127.0.0.1:%d%s/chain" % (secure.port,

@@ -349,14 +349,6 @@ def soap_datetime(t):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def unlink_quietly(path):
     try:
         os.unlink(path)
@@ -4241,23 +4233,32 @@ class Worker:
 
     def start_upload(self, msg, client, jobid, source, file_class,
                      content_type, failsafe):
-        """The destination URL, or None when the file is already stored."""
-        for round_ in (1, 2):
-            try:
-                destination, deadline = client.start_upload(
-                    jobid, file_class, content_type)
-                if "eexist_since" in msg.state:
-                    msg.save_state(eexist_since=None)
-                return destination
-            except JPPSFaultError as fault:
-                if fault.code == errno.EEXIST:
-                    return self._already_stored(msg, fault)
-                if fault.code in (errno.ENOENT, None) and failsafe and \
-                        round_ == 1 and self.failsafe_register(
-                            client, jobid, source, fault):
-                    continue
+        """StartUpload of `jobid`'s file: the destination URL, or None
+        when the file is already stored (_already_stored).  With
+        `failsafe`, a job the JPPS does not know is registered
+        (failsafe_register) and StartUpload asked once more."""
+        try:
+            return self._start_upload(msg, client, jobid, file_class,
+                                      content_type)
+        except JPPSFaultError as fault:
+            if fault.code not in (errno.ENOENT, None) or not failsafe or \
+                    not self.failsafe_register(client, jobid, source, fault):
                 raise
-        raise AssertionError("not reached")
+        return self._start_upload(msg, client, jobid, file_class,
+                                  content_type)
+
+    def _start_upload(self, msg, client, jobid, file_class, content_type):
+        """One StartUpload call, as start_upload() describes it."""
+        try:
+            destination, _ = client.start_upload(jobid, file_class,
+                                                 content_type)
+        except JPPSFaultError as fault:
+            if fault.code == errno.EEXIST:
+                return self._already_stored(msg, fault)
+            raise
+        if "eexist_since" in msg.state:
+            msg.save_state(eexist_since=None)
+        return destination
 
     def _already_stored(self, msg, fault):
         """StartUpload EEXIST: an upload in progress, or a stored file.
@@ -4777,9 +4778,6 @@ def daemonize(keep_stderr=False):
 
 # -- logging ---------------------------------------------------------------
 
-_ROLE = {"role": "master"}
-
-
 class _Formatter(logging.Formatter):
     """One record, one line: control characters in the message escaped
     (a message name, a DN or a server's text cannot forge a log line)."""
@@ -4790,13 +4788,28 @@ class _Formatter(logging.Formatter):
 
 
 class _RoleFilter(logging.Filter):
+    """Gives every record the `role` of this process, for the format:
+    "master", or a worker's kind and slot ("dump-1")."""
+
+    def __init__(self, role="master"):
+        logging.Filter.__init__(self)
+        self.role = role
+
     def filter(self, record):
-        record.role = _ROLE["role"]
+        record.role = self.role
         return True
 
 
+def _role_filters():
+    """The _RoleFilter of each of our log handlers."""
+    return [f for handler in log.handlers for f in handler.filters
+            if isinstance(f, _RoleFilter)]
+
+
 def set_role(role):
-    _ROLE["role"] = role
+    """Name this process's part in its log lines from now on."""
+    for role_filter in _role_filters():
+        role_filter.role = role
 
 
 def setup_logging(logfile=None, use_syslog=False, level=None):
@@ -4805,6 +4818,7 @@ def setup_logging(logfile=None, use_syslog=False, level=None):
     # line per message is logged, and the frame walk was a tenth of the
     # local work of a registration.
     logging._srcfile = None
+    roles = [f.role for f in _role_filters()]
     for handler in list(log.handlers):
         log.removeHandler(handler)
     if logfile:
@@ -4821,7 +4835,7 @@ def setup_logging(logfile=None, use_syslog=False, level=None):
         fmt = "%(asctime)s " + PROG + "[%(process)d] %(role)s: " \
             "%(levelname)s %(message)s"
     handler.setFormatter(_Formatter(fmt))
-    handler.addFilter(_RoleFilter())
+    handler.addFilter(_RoleFilter(*roles[:1]))    # the role set before
     log.addHandler(handler)
     if level is not None:           # else as set before (--log-level)
         log.setLevel(level)

@@ -5191,6 +5191,15 @@ class TestOperatorWatching(unittest.TestCase):
                          output)
         self.assertEqual(len(h.jpps.ops("StartUpload")), 4)
 
+    def test_log_lines_name_the_process(self):
+        h = ImporterHarness(self)
+        drop_message(h.reg, registration(0))
+        proc = h.once()
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertRegex(proc.stderr, r"\] registration-0: INFO registration "
+                         r"https://\S+: registered")
+        self.assertRegex(proc.stderr, r"\] master: INFO --once: 1 delivered")
+
 
 # ---------------------------------------------------------------------------
 # The demonstration (python3 test_all.py --demo)

@@ -259,6 +259,7 @@ class JPPSFaultError(Error):
         Error.__init__(self, self.describe())
 
     def describe(self):
+        """The fault in one line: errno name, faultstring, then the chain."""
         parts = ["%s: %s" % (errno.errorcode.get(self.code, self.code),
                              self.faultstring) if self.code is not None
                  else self.faultstring]
@@ -278,6 +279,7 @@ NETWORK_ERRORS = (socket.timeout, OSError, EOFError,
 
 
 def signame(sig):
+    """"SIGTERM" for signal number `sig`; "signal 99" for an unknown one."""
     try:
         return signal.Signals(sig).name
     except ValueError:
@@ -308,6 +310,7 @@ _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def _escape(match):
+    """printable()'s re.sub callback: the escape of one character."""
     code = ord(match.group())
     if 0xdc80 <= code <= 0xdcff:            # surrogateescape: the byte
         code -= 0xdc00
@@ -329,6 +332,7 @@ def public_url(url):
 
 
 def format_time(t):
+    """Local time `t` (seconds since the epoch): 2010-06-21 11:30:28."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
@@ -350,6 +354,7 @@ def soap_datetime(t):
 
 
 def unlink_quietly(path):
+    """Remove `path`; a file that is gone already is no error."""
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -458,6 +463,7 @@ def der_children(data, start, end):
 
 
 def der_oid(raw):
+    """The dotted text of an OBJECT IDENTIFIER's content: "2.5.4.3"."""
     first = raw[0]
     parts, value = [first // 40 if first < 80 else 2,
                     first % 40 if first < 80 else first - 80], 0
@@ -603,6 +609,8 @@ def private_file_problem(path, uid, follow=True):
 
 
 def find_ca_dir(ca_dir=None, environ=None):
+    """The CA directory: `ca_dir` (-C), else $X509_CERT_DIR, else
+    DEFAULT_CA_DIR; ConfigError when it does not exist."""
     env = os.environ if environ is None else environ
     path = ca_dir or env.get("X509_CERT_DIR") or DEFAULT_CA_DIR
     if not os.path.isdir(path):
@@ -671,6 +679,8 @@ class Credentials:
 
     @classmethod
     def from_options(cls, cert=None, key=None, ca_dir=None):
+        """The credentials -c, -k and -C name, or the environment and
+        the defaults (find_credentials(), find_ca_dir()); not loaded yet."""
         cert_file, key_file, where = find_credentials(cert, key)
         credentials = cls(os.path.abspath(cert_file),
                           os.path.abspath(key_file), find_ca_dir(ca_dir))
@@ -680,6 +690,8 @@ class Credentials:
         return credentials
 
     def _file_stamp(self):
+        """What changes when the files are renewed: inode, mtime and size
+        of the certificate and the key, and the CA directory's mtime."""
         stamp = []
         for path in (self.cert_file, self.key_file):
             st = os.stat(path)
@@ -767,6 +779,8 @@ class Credentials:
             self.reload()
 
     def reload(self):
+        """load() again (SIGHUP); an unusable file is logged and the
+        credential loaded before is kept (ConfigError if there is none)."""
         try:
             self.load()
             log.info("credential %s loaded: %s, valid until %s",
@@ -838,6 +852,7 @@ def grid_identity(certs):
 
 
 def set_minimum_tls(context):
+    """Make `context` refuse TLS before 1.2."""
     if hasattr(ssl, "TLSVersion"):                               # novm
         context.minimum_version = ssl.TLSVersion.TLSv1_2          # novm
     else:
@@ -850,6 +865,7 @@ def set_minimum_tls(context):
 # ---------------------------------------------------------------------------
 
 def _local(tag):
+    """The local part of an ElementTree tag: "Body" of "{ns}Body"."""
     return tag.rpartition("}")[2]
 
 
@@ -932,6 +948,10 @@ class _HTTPReader:
         self.buffer = b""
 
     def _more(self, what):
+        """Read what comes into the buffer, within the deadline (else
+        socket.timeout); `what` is the part awaited.  At the end of the
+        connection: http.client's RemoteDisconnected (nothing came) or
+        IncompleteRead."""
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise socket.timeout("call timeout")
@@ -952,6 +972,8 @@ class _HTTPReader:
         self.buffer += data
 
     def _line(self, limit, what):
+        """The next line, without its CR LF; TransientError past `limit`
+        bytes (`what` names the line)."""
         while True:
             end = self.buffer.find(b"\n")
             if end >= 0:
@@ -988,12 +1010,14 @@ class _HTTPReader:
                 headers[name.strip().lower()] = value.strip()
 
     def exactly(self, size):
+        """The next `size` bytes."""
         while len(self.buffer) < size:
             self._more("body")
         body, self.buffer = self.buffer[:size], self.buffer[size:]
         return body
 
     def chunked(self):
+        """A chunked body, joined; TransientError past MAX_RESPONSE bytes."""
         parts, total = [], 0
         while True:
             line = self._line(1024, "chunk size line")
@@ -1015,6 +1039,8 @@ class _HTTPReader:
                 raise http.client.HTTPException("no CRLF after a chunk")
 
     def to_end(self):
+        """The body up to the end of the connection; TransientError past
+        MAX_RESPONSE bytes."""
         while True:
             if len(self.buffer) > MAX_RESPONSE:
                 raise TransientError("response larger than %d bytes"
@@ -1062,6 +1088,7 @@ class JPPSClient:
         self._disconnect()
 
     def _disconnect(self):
+        """Close the connection; the next call opens a new one."""
         if self._sock is not None:
             try:
                 self._sock.close()
@@ -1070,6 +1097,8 @@ class JPPSClient:
             self._sock = None
 
     def _end_call(self):
+        """Stop the call's time limit; a connection it shut down is
+        closed."""
         limit, self._limit = self._limit, None
         if limit is not None:
             limit.cancel()                # before a descriptor is freed
@@ -1194,6 +1223,7 @@ class JPPSClient:
             raise self._network_error(exc, op)
 
     def _where(self):
+        """"JPPS host:port", for messages."""
         return "JPPS %s:%d" % (self.host, self.port)
 
     def _network_error(self, exc, op):
@@ -1266,6 +1296,7 @@ class JPPSClient:
     # -- operations --------------------------------------------------------
 
     def register_job(self, job, owner):
+        """RegisterJob: `job` (a jobid) for owner DN `owner`."""
         self.call("RegisterJob", "<job>%s</job><owner>%s</owner>"
                   % (escape(job), escape(owner)))
 
@@ -1291,10 +1322,13 @@ class JPPSClient:
         return destination, _child_text(resp, "commitBefore")
 
     def commit_upload(self, destination):
+        """CommitUpload of `destination`, the URL start_upload() gave."""
         self.call("CommitUpload", "<destination>%s</destination>"
                   % escape(destination))
 
     def get_job_attributes(self, jobid, attributes):
+        """GetJobAttributes: (name, value element) of each value of
+        `attributes` the JPPS has for `jobid`."""
         resp = self.call("GetJobAttributes", "<jobid>%s</jobid>%s" % (
             escape(jobid), "".join("<attributes>%s</attributes>"
                                    % escape(a) for a in attributes)))
@@ -1391,6 +1425,7 @@ NOT_A_MESSAGE_ERRNOS = (errno.ELOOP, errno.ENXIO, errno.ENODEV, errno.EACCES,
 
 
 def _file_kind(mode):
+    """What a file of stat mode `mode` is, for a message: "a FIFO"."""
     for test, kind in ((stat.S_ISLNK, "a symbolic link"),
                        (stat.S_ISDIR, "a directory"),
                        (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
@@ -1402,6 +1437,8 @@ def _file_kind(mode):
 
 
 def _name_order(name):
+    """Sort key of a maildir name: by the seconds and sequence of its
+    "<seconds>_<n>." prefix, names without one last."""
     match = NAME_ORDER_RE.match(name)
     if match:
         return (int(match.group(1)), int(match.group(2)), name)
@@ -1463,6 +1500,7 @@ class Maildir:
         self.quarantined = 0        # by this process (the --once summary)
 
     def path(self, sub, name):
+        """The path of `name` in subdirectory `sub`."""
         return self._prefix[sub] + name       # hot: no os.path.join
 
     def init(self, create=True, allow_shared=False):
@@ -1854,6 +1892,8 @@ class Maildir:
 
     @staticmethod
     def _peek_jobid(path):
+        """The jobid in the message file at `path` (its "jobid" line, or
+        a first line that is one), or "?"; a link or FIFO is not read."""
         try:                    # what is put aside may be a FIFO or a link
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
                          | os.O_NOCTTY)
@@ -1897,6 +1937,7 @@ class _Closer:
 
     @classmethod
     def close(cls, fd):
+        """Close descriptor `fd` in the background."""
         if cls._pid != os.getpid():
             cls._pid = os.getpid()
             cls._batch = []
@@ -1924,6 +1965,7 @@ class _Closer:
 
     @classmethod
     def flush(cls):
+        """Return when every descriptor handed over is closed."""
         if cls._pid == os.getpid():
             if cls._batch:
                 cls._queue.put(cls._batch)
@@ -1970,6 +2012,7 @@ class Message:
 
     @property
     def attempts(self):
+        """The number of attempts made so far (from the state file)."""
         try:
             return int(self.state.get("attempts", "0"))
         except ValueError:
@@ -2057,6 +2100,8 @@ class Message:
 # ---------------------------------------------------------------------------
 
 def _decode_message(data):
+    """The text of a message's bytes; MalformedMessageError for a NUL
+    byte or bytes that are not UTF-8."""
     if b"\0" in data:
         raise MalformedMessageError("NUL byte in message")
     try:
@@ -2067,6 +2112,7 @@ def _decode_message(data):
 
 
 def _valid_jobid(text):
+    """parse_jobid(), raising MalformedMessageError for a bad jobid."""
     try:
         return parse_jobid(text)
     except ValueError as exc:
@@ -2188,6 +2234,7 @@ OPEN_DIR_FLAGS = OPEN_FILE_FLAGS | getattr(os, "O_DIRECTORY", 0)
 
 
 def _trusted_owner(uid):
+    """Whether uid `uid` may own our directories: root or us."""
     return uid in (0, os.geteuid())
 
 
@@ -2251,6 +2298,9 @@ def open_directory(path, allow_shared=False):
 
 
 def _check_directory_open(fd, where, allow_shared):
+    """Refuse the open directory `fd` (named `where`) unless owned by
+    root or us and not writable by others (sticky excepted);
+    PermanentError says why.  `allow_shared` accepts any."""
     st = os.fstat(fd)
     if allow_shared:
         return
@@ -2531,6 +2581,7 @@ class _Deadline:
         self._start(seconds, phase)
 
     def watch(self, sock):
+        """Shut `sock` down too when the limit passes (at once if it has)."""
         with self._cond:
             self.fds.add(sock.fileno())
             if self.expired:
@@ -2538,6 +2589,7 @@ class _Deadline:
 
     @staticmethod
     def _shut(fd):
+        """Shut down both ways the connection of descriptor `fd`."""
         try:
             dup = socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM)
         except OSError:
@@ -2550,6 +2602,7 @@ class _Deadline:
             dup.close()
 
     def cancel(self):
+        """Stop the limit (before the watched sockets are closed)."""
         with self._cond:
             self._live.discard(self)
 
@@ -2586,7 +2639,8 @@ class _KeptControls:
         self.dcau_demands = set()
 
     def _mine(self):
-        # The state of this process: a forked child drops its parent's.
+        """The kept connections of this process: a forked child closes
+        its parent's and forgets their servers' DCAU demands."""
         if self.pid != os.getpid():
             for conn, _, _ in self.kept.values():
                 conn.close()
@@ -2750,7 +2804,9 @@ class _FTPS(ftplib.FTP_TLS):
             pass
 
     def connect(self, host, port, timeout):
-        # ftplib's connect, but watched before the greeting is read
+        """Connect to `host`:`port`, TLS at once when implicit; the
+        greeting.  ftplib's connect, but the socket is watched by the
+        deadline before the greeting is read."""
         self.host, self.port, self.timeout = host, port, timeout
         sock = socket.create_connection((host, port), timeout)
         self.deadline.watch(sock)
@@ -2763,7 +2819,8 @@ class _FTPS(ftplib.FTP_TLS):
         return self.welcome
 
     def getmultiline(self):
-        # ftplib's, bounded: it joins lines for as long as they come
+        """ftplib's, bounded by _check_reply_size(): ftplib joins lines
+        for as long as they come."""
         lines = [self.getline()]
         if lines[0][3:4] == "-":
             code, size = lines[0][:3], len(lines[0])
@@ -2777,12 +2834,17 @@ class _FTPS(ftplib.FTP_TLS):
         return "\n".join(lines)
 
     def auth(self):
+        """AUTH TLS; with TLS 1.3, the server's verdict on our certificate
+        is awaited too (_await_verdict)."""
         resp = ftplib.FTP_TLS.auth(self)
         if self.sock.version() == "TLSv1.3":
             self._await_verdict()
         return resp
 
     def _await_verdict(self):
+        """After AUTH TLS, wait briefly for the server's first TLS
+        records: its refusal of our certificate (an alert) raises
+        ssl.SSLError here, not a reset later."""
         # TLS 1.3 ends the client's handshake before the server has
         # judged our certificate: a refusal comes as an alert after it.
         # A command sent meanwhile makes the closing server reset the
@@ -2807,6 +2869,9 @@ class _FTPS(ftplib.FTP_TLS):
         raise EOFError("connection closed after the TLS handshake")
 
     def ntransfercmd(self, cmd, rest=None):
+        """ftplib's, the data connection watched by the deadline, with
+        TCP_NODELAY and, under PROT P, the control connection's TLS
+        session resumed."""
         session = None
         if self._prot_p:
             session = self.sock.session
@@ -3128,10 +3193,12 @@ def der(tag, content):
 
 
 def der_int(value):
+    """The DER INTEGER of a non-negative int."""
     return der(0x02, value.to_bytes((value.bit_length() + 8) // 8, "big"))
 
 
 def der_oid_encode(text):
+    """The DER OBJECT IDENTIFIER of dotted text (der_oid's inverse)."""
     arcs = [int(a) for a in text.split(".")]
     out = bytearray([40 * arcs[0] + arcs[1]])
     for arc in arcs[2:]:
@@ -3145,6 +3212,8 @@ def der_oid_encode(text):
 
 
 def der_time(t):
+    """The DER time of `t`: UTCTime before 2050, GeneralizedTime from
+    then on (RFC 5280 4.1.2.5)."""
     stamp = time.gmtime(t)
     if stamp.tm_year < 2050:                        # RFC 5280 4.1.2.5
         return der(0x17, time.strftime("%y%m%d%H%M%SZ", stamp).encode())
@@ -3269,15 +3338,20 @@ class _DataTLS:
                                  "proxy we delegated; refusing it")
 
     def _exchange(self):
+        """One handshake round: send our records, read the peer's."""
         self._flush()
         self._receive()
 
     def _flush(self):
+        """Send what TLS has written."""
         data = self.outgoing.read()
         if data:
             self.sock.sendall(data)
 
     def _receive(self):
+        """Feed TLS what the data connection brings.  With `control`, a
+        reply there is read first: 4xx and 5xx raise, a 1xx is kept as
+        `preliminary`."""
         if self.control is not None and self.preliminary is None:
             ready = select.select([self.sock, self.control.sock], [], [],
                                   self.sock.gettimeout())[0]
@@ -3306,10 +3380,12 @@ class _DataTLS:
         self._flush()
 
     def sendall(self, block):
+        """Send `block`, encrypted."""
         self.tls.write(block)
         self._flush()
 
     def finish(self):
+        """End TLS (close_notify): the end of the file."""
         try:
             self.tls.unwrap()
         except (ssl.SSLWantReadError, ssl.SSLError):
@@ -3370,6 +3446,7 @@ class _GSIControl:
     # -- wire -------------------------------------------------------------
 
     def _send_line(self, line):
+        """Send `line` as it is."""
         self.sock.sendall(line.encode("ascii") + b"\r\n")
 
     def _read_reply_lines(self):
@@ -3407,6 +3484,7 @@ class _GSIControl:
         return code, text
 
     def _read_plain(self):
+        """What TLS has decrypted so far."""
         data = b""
         while True:
             try:
@@ -3437,6 +3515,9 @@ class _GSIControl:
 
     @staticmethod
     def check(reply, expect="2"):
+        """The text of `reply`, a (code, text), when its code starts with
+        `expect`; else ftplib's error_temp (4xx), error_perm (5xx) or
+        error_reply."""
         code, text = reply
         if code.startswith(expect):
             return text
@@ -3507,6 +3588,7 @@ class _GSIControl:
         return code, text
 
     def _refused(self, reply):
+        """The error for a refused GSI handshake: permanent for a 5xx."""
         code, text = reply
         if code[0] == "5":
             return PermanentError("GSI authentication refused by %s:%d: %s"
@@ -3517,9 +3599,11 @@ class _GSIControl:
     # -- what _ftp_mkdirs and _ftp_check_size use of ftplib.FTP --------------
 
     def voidcmd(self, line):
+        """command(), as ftplib names it."""
         return self.command(line)
 
     def size(self, target):
+        """The size of `target` (SIZE), or None when the reply is not 213."""
         text = self.command("SIZE " + target)
         return int(text.split()[1]) if text.startswith("213") else None
 
@@ -3825,11 +3909,13 @@ class Worker:
         return client
 
     def close(self):
+        """Close the JPPS connections and the kept upload connections."""
         for client in self.clients.values():
             client.close()
         close_connections()
 
     def _flush_mark(self):
+        """The mtime of state/.flush (touched by --flush), or None."""
         try:
             return os.stat(self.maildir.path(STATE_DIR,
                                              FLUSH_MARK)).st_mtime_ns
@@ -3969,6 +4055,8 @@ class Worker:
         return handled
 
     def _due(self, name):
+        """Whether message `name` may be tried now (its retry time has
+        come)."""
         now = time.time()
         if self.not_before.get(name, 0) > now:
             return False
@@ -4067,6 +4155,7 @@ class Worker:
     # -- the three kinds ----------------------------------------------------
 
     def deliver_registration(self, msg):
+        """Register the job of registration message `msg`; the outcome."""
         self._send_registration(msg)
         return self._receive_registration()
 
@@ -4086,12 +4175,15 @@ class Worker:
         return "registered"
 
     def deliver_dump(self, msg):
+        """Upload and commit the LB dump message `msg` names; the outcome."""
         fields = parse_keyed(msg.read())
         msg.jobid = fields["jobid"]
         return self.deliver_file(msg, fields, CLASS_LB, TYPE_LB,
                                  failsafe=True)
 
     def deliver_sandbox(self, msg):
+        """Upload and commit the sandbox tarball message `msg` names; the
+        outcome."""
         fields = parse_keyed(msg.read())
         msg.jobid = fields["jobid"]
         return self.deliver_file(msg, fields, CLASS_SANDBOX, TYPE_SANDBOX,
@@ -4382,6 +4474,7 @@ class Wakeup:
         self.signals = []
 
     def handler(self, sig, frame):
+        """The signal handler: record `sig` and wake wait()."""
         self.signals.append(sig)
         try:
             os.write(self.write_fd, b"s")
@@ -4389,6 +4482,7 @@ class Wakeup:
             pass
 
     def install(self, signals):
+        """Handle each of `signals` with handler()."""
         for sig in signals:
             signal.signal(sig, self.handler)
 
@@ -4407,10 +4501,12 @@ class Wakeup:
             pass
 
     def take(self):
+        """The signals received since the last take(), in order."""
         sigs, self.signals[:] = list(self.signals), []
         return sigs
 
     def close(self):
+        """Close the pipe."""
         os.close(self.read_fd)
         os.close(self.write_fd)
 
@@ -4510,6 +4606,7 @@ class Master:
         self.expiry_checked = time.monotonic()  # of the last expiry check
 
     def spawn(self, slot):
+        """Fork the worker of `slot`; in the child, run it to the end."""
         kind, maildir = self.slots[slot]
         master_pid = os.getpid()
         # Blocked over the fork: a TERM in the new worker before it has
@@ -4545,6 +4642,9 @@ class Master:
         self.started[slot] = time.monotonic()
 
     def reap(self, stopping):
+        """Collect the workers that ended; unless `stopping` (or a --once
+        worker is done), schedule their restart: at once for one that
+        ran a minute, else after a doubling back-off."""
         while self.children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -4589,6 +4689,8 @@ class Master:
                         format_time(self.credentials.not_after), warning)
 
     def housekeeping(self):
+        """The master's periodic chores: the credential's expiry (daily)
+        and the maildirs' stale and orphan files."""
         if time.monotonic() - self.expiry_checked > 86400:
             self.credentials.refresh()
             self.warn_expiry()
@@ -4683,6 +4785,7 @@ class Master:
                  "%.1fs", totals[0], totals[1], totals[2], seconds)
 
     def signal_children(self, sig):
+        """Send `sig` to every worker."""
         for pid in list(self.children):
             try:
                 os.kill(pid, sig)
@@ -4702,6 +4805,8 @@ class PidFile:
         self.fd = None
 
     def acquire(self):
+        """Open and lock the pid file; ConfigError when another
+        jp_importer holds it.  Returns self."""
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT |
                               os.O_NOFOLLOW, 0o644)
@@ -4731,6 +4836,7 @@ class PidFile:
         os.fsync(self.fd)
 
     def remove(self):
+        """Remove the pid file and close it."""
         unlink_quietly(self.path)
         os.close(self.fd)
 
@@ -4783,6 +4889,7 @@ class _Formatter(logging.Formatter):
     (a message name, a DN or a server's text cannot forge a log line)."""
 
     def formatMessage(self, record):
+        """The record formatted, its message made printable()."""
         record.message = printable(record.message)
         return logging.Formatter.formatMessage(self, record)
 
@@ -4862,6 +4969,7 @@ def syslog_error():
 
 
 def reopen_logs():
+    """Reopen the log file (after logrotate moved it away)."""
     for handler in log.handlers:
         if isinstance(handler, logging.FileHandler):
             handler.acquire()
@@ -4891,6 +4999,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def default_pidfile():
+    """The pid file without -i: in /var/run for root, else in the home
+    directory."""
     if os.geteuid() == 0:
         return "/var/run/glite-jpimporter.pid"
     return os.path.join(os.path.expanduser("~"), "glite_jpimporter.pid")
@@ -4931,6 +5041,8 @@ class Options:
 
 
 def _number(opt, value, low=None, high=None, integer=False):
+    """The number `value` given to option `opt` (an int with `integer`),
+    within `low` and `high` when given; getopt.GetoptError if not."""
     try:
         number = int(value) if integer else float(value)
     except ValueError:
@@ -4944,6 +5056,8 @@ def _number(opt, value, low=None, high=None, integer=False):
 
 
 def _check_endpoint(opt, value):
+    """getopt.GetoptError unless `value` (given to `opt`) is a JPPS
+    address."""
     try:
         parse_endpoint(value)
     except ConfigError as exc:
@@ -5044,6 +5158,7 @@ def parse_args(argv):
 
 
 def usage(stream):
+    """Write the usage text (the module docstring) to `stream`."""
     stream.write(__doc__ % {
         "prog": PROG, "cadir": DEFAULT_CA_DIR, "jpps": DEFAULT_JPPS,
         "reg": DEFAULT_REG_MDIR, "dump": DEFAULT_DUMP_MDIR,
@@ -5062,6 +5177,8 @@ def file_directories(o):
 
 
 def open_maildirs(o, create=True):
+    """{kind: Maildir} of the three maildirs of options `o`, checked
+    and, with `create`, made."""
     return dict((kind, Maildir(os.path.abspath(path)).init(
         create, o.allow_shared_dirs))
         for kind, path in ((KIND_REG, o.reg_mdir), (KIND_DUMP, o.dump_mdir),
@@ -5069,6 +5186,7 @@ def open_maildirs(o, create=True):
 
 
 def maildir_paths(o):
+    """(kind, path) of each of the three maildirs of options `o`."""
     return ((KIND_REG, o.reg_mdir), (KIND_DUMP, o.dump_mdir),
             (KIND_SANDBOX, o.sandbox_mdir))
 
@@ -5169,6 +5287,8 @@ def status_report(o, now=None):
 
 
 def print_status(o, stream):
+    """Write the --status report (status_report()) as text to
+    `stream`."""
     now = time.time()
     report = status_report(o, now)
     daemon = report["daemon"]
@@ -5313,6 +5433,8 @@ def requeue_or_delete(o):
 
 
 def _jobid_forms(text):
+    """The normal form of `text` as a jobid, in a list; none if it is
+    not one."""
     try:
         return [parse_jobid(text)]
     except ValueError:
@@ -5393,6 +5515,7 @@ def to_stdout(write):
 
 
 def pidfile_owner(pidfile):
+    """The pid written in the locked `pidfile` (a PidFile), 0 if none."""
     try:
         os.lseek(pidfile.fd, 0, os.SEEK_SET)
         return int(os.read(pidfile.fd, 32).strip() or 0)

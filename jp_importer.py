@@ -3715,7 +3715,7 @@ def _gsiftp_put(host, port, target, source, credentials, timeout, dcau,
     run; then a new connection delegates a new one.
     """
     size = os.fstat(source.fileno()).st_size
-    transfer = _transfer_limit(size, timeout)
+    needed = _transfer_limit(size, timeout) + DELEGATED_MIN_LIFETIME / 2
     context = credentials.client_context()
     return _upload_attempt(
         source, target, where, ("gsiftp", host.lower(), port, dcau, prot),
@@ -3726,8 +3726,7 @@ def _gsiftp_put(host, port, target, source, credentials, timeout, dcau,
             delegated_lifetime(size, timeout)),
         store=lambda control: _gsiftp_store(
             control, target, source, credentials, dcau, prot),
-        usable=lambda control: dcau != "A" or control.delegated_left() >
-        transfer + DELEGATED_MIN_LIFETIME / 2)
+        usable=lambda conn: dcau != "A" or conn.delegated_left() > needed)
 
 
 def _gsiftp_login(control, host, port, credentials, dcau, prot, lifetime):

@@ -219,7 +219,7 @@ class TransientError(Error):
     """May succeed later: timeouts, dropped connections, 4xx replies."""
 
 
-class NoAnswer(TransientError):
+class NoAnswerError(TransientError):
     """A server that did not answer in time: a storage outage, not a
     refusal (see Worker's back-off per storage server)."""
 
@@ -229,7 +229,7 @@ class PermanentError(Error):
     destination forbidden, untrusted or misnamed server."""
 
 
-class RetryLater(TransientError):
+class RetryLaterError(TransientError):
     """A transient failure that must not be retried before `delay` s."""
 
     def __init__(self, message, delay):
@@ -237,7 +237,7 @@ class RetryLater(TransientError):
         self.delay = delay
 
 
-class MalformedMessage(PermanentError):
+class MalformedMessageError(PermanentError):
     """A maildir message that cannot be understood; quarantined."""
 
 
@@ -246,7 +246,7 @@ class MaildirError(Error):
     the message is set aside unrecorded and tried again later."""
 
 
-class JPPSFault(Error):
+class JPPSFaultError(Error):
     """A SOAP fault from the JPPS, with the genericFault chain.
 
     `code` is the errno of the outermost genericFault, or None when the
@@ -259,6 +259,7 @@ class JPPSFault(Error):
         Error.__init__(self, self.describe())
 
     def describe(self):
+        """The fault in one line: errno name, faultstring, then the chain."""
         parts = ["%s: %s" % (errno.errorcode.get(self.code, self.code),
                              self.faultstring) if self.code is not None
                  else self.faultstring]
@@ -278,6 +279,7 @@ NETWORK_ERRORS = (socket.timeout, OSError, EOFError,
 
 
 def signame(sig):
+    """"SIGTERM" for signal number `sig`; "signal 99" for an unknown one."""
     try:
         return signal.Signals(sig).name
     except ValueError:
@@ -308,6 +310,7 @@ _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def _escape(match):
+    """printable()'s re.sub callback: the escape of one character."""
     code = ord(match.group())
     if 0xdc80 <= code <= 0xdcff:            # surrogateescape: the byte
         code -= 0xdc00
@@ -329,6 +332,7 @@ def public_url(url):
 
 
 def format_time(t):
+    """Local time `t` (seconds since the epoch): 2010-06-21 11:30:28."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
@@ -349,15 +353,8 @@ def soap_datetime(t):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def unlink_quietly(path):
+    """Remove `path`; a file that is gone already is no error."""
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -471,6 +468,7 @@ def der_children(data, start, end):
 
 
 def der_oid(raw):
+    """The dotted text of an OBJECT IDENTIFIER's content: "2.5.4.3"."""
     first = raw[0]
     parts, value = [first // 40 if first < 80 else 2,
                     first % 40 if first < 80 else first - 80], 0
@@ -504,7 +502,13 @@ def der_name(data, start, end):
 
 
 class CertInfo:
-    """Subject, issuer and validity of one X.509 certificate (DER)."""
+    """Subject, issuer and validity of one X.509 certificate (DER).
+
+    `subject` and `issuer` are slash-form DNs, `not_before` and
+    `not_after` seconds since the epoch; `subject_der` is the subject
+    Name's DER content (for a proxy's subject) and `der` the whole
+    certificate.
+    """
 
     def __init__(self, der):
         _, cs, ce = der_read(der)
@@ -518,6 +522,7 @@ class CertInfo:
         self.not_before, self.not_after = (
             der_timegm(der, v) for v in validity)
         self.subject = der_name(der, fields[4][1], fields[4][2])
+        self.subject_der = der[fields[4][1]:fields[4][2]]
         self.der = der
 
 
@@ -609,6 +614,8 @@ def private_file_problem(path, uid, follow=True):
 
 
 def find_ca_dir(ca_dir=None, environ=None):
+    """The CA directory: `ca_dir` (-C), else $X509_CERT_DIR, else
+    DEFAULT_CA_DIR; ConfigError when it does not exist."""
     env = os.environ if environ is None else environ
     path = ca_dir or env.get("X509_CERT_DIR") or DEFAULT_CA_DIR
     if not os.path.isdir(path):
@@ -677,6 +684,8 @@ class Credentials:
 
     @classmethod
     def from_options(cls, cert=None, key=None, ca_dir=None):
+        """The credentials -c, -k and -C name, or the environment and
+        the defaults (find_credentials(), find_ca_dir()); not loaded yet."""
         cert_file, key_file, where = find_credentials(cert, key)
         credentials = cls(os.path.abspath(cert_file),
                           os.path.abspath(key_file), find_ca_dir(ca_dir))
@@ -686,6 +695,8 @@ class Credentials:
         return credentials
 
     def _file_stamp(self):
+        """What changes when the files are renewed: inode, mtime and size
+        of the certificate and the key, and the CA directory's mtime."""
         stamp = []
         for path in (self.cert_file, self.key_file):
             st = os.stat(path)
@@ -773,6 +784,8 @@ class Credentials:
             self.reload()
 
     def reload(self):
+        """load() again (SIGHUP); an unusable file is logged and the
+        credential loaded before is kept (ConfigError if there is none)."""
         try:
             self.load()
             log.info("credential %s loaded: %s, valid until %s",
@@ -844,6 +857,7 @@ def grid_identity(certs):
 
 
 def set_minimum_tls(context):
+    """Make `context` refuse TLS before 1.2."""
     if hasattr(ssl, "TLSVersion"):                               # novm
         context.minimum_version = ssl.TLSVersion.TLSv1_2          # novm
     else:
@@ -856,6 +870,7 @@ def set_minimum_tls(context):
 # ---------------------------------------------------------------------------
 
 def _local(tag):
+    """The local part of an ElementTree tag: "Body" of "{ns}Body"."""
     return tag.rpartition("}")[2]
 
 
@@ -884,7 +899,7 @@ def parse_generic_fault(elem):
 
 
 def parse_soap_response(op, body):
-    """The response element of `op`, or raise JPPSFault / TransientError.
+    """The response element of `op`, or raise JPPSFaultError / TransientError.
 
     Hostile input is refused before parsing: a DTD could declare entities
     (billion laughs), so any DOCTYPE or ENTITY declaration is an error.
@@ -919,7 +934,7 @@ def parse_soap_response(op, body):
                     break
         faultstring = _child_text(first, "faultstring") or "SOAP fault"
         code = chain[0][1] if chain else None
-        raise JPPSFault(one_line(faultstring, 200), code, chain)
+        raise JPPSFaultError(one_line(faultstring, 200), code, chain)
     if first.tag != "{%s}%sResponse" % (NS_JPELEM, op):
         raise TransientError("JPPS answered %s with %s"
                              % (op, one_line(first.tag, 100)))
@@ -938,6 +953,10 @@ class _HTTPReader:
         self.buffer = b""
 
     def _more(self, what):
+        """Read what comes into the buffer, within the deadline (else
+        socket.timeout); `what` is the part awaited.  At the end of the
+        connection: http.client's RemoteDisconnected (nothing came) or
+        IncompleteRead."""
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise socket.timeout("call timeout")
@@ -958,6 +977,8 @@ class _HTTPReader:
         self.buffer += data
 
     def _line(self, limit, what):
+        """The next line, without its CR LF; TransientError past `limit`
+        bytes (`what` names the line)."""
         while True:
             end = self.buffer.find(b"\n")
             if end >= 0:
@@ -994,12 +1015,14 @@ class _HTTPReader:
                 headers[name.strip().lower()] = value.strip()
 
     def exactly(self, size):
+        """The next `size` bytes."""
         while len(self.buffer) < size:
             self._more("body")
         body, self.buffer = self.buffer[:size], self.buffer[size:]
         return body
 
     def chunked(self):
+        """A chunked body, joined; TransientError past MAX_RESPONSE bytes."""
         parts, total = [], 0
         while True:
             line = self._line(1024, "chunk size line")
@@ -1021,6 +1044,8 @@ class _HTTPReader:
                 raise http.client.HTTPException("no CRLF after a chunk")
 
     def to_end(self):
+        """The body up to the end of the connection; TransientError past
+        MAX_RESPONSE bytes."""
         while True:
             if len(self.buffer) > MAX_RESPONSE:
                 raise TransientError("response larger than %d bytes"
@@ -1068,6 +1093,7 @@ class JPPSClient:
         self._disconnect()
 
     def _disconnect(self):
+        """Close the connection; the next call opens a new one."""
         if self._sock is not None:
             try:
                 self._sock.close()
@@ -1076,6 +1102,8 @@ class JPPSClient:
             self._sock = None
 
     def _end_call(self):
+        """Stop the call's time limit; a connection it shut down is
+        closed."""
         limit, self._limit = self._limit, None
         if limit is not None:
             limit.cancel()                # before a descriptor is freed
@@ -1200,6 +1228,7 @@ class JPPSClient:
             raise self._network_error(exc, op)
 
     def _where(self):
+        """"JPPS host:port", for messages."""
         return "JPPS %s:%d" % (self.host, self.port)
 
     def _network_error(self, exc, op):
@@ -1272,6 +1301,7 @@ class JPPSClient:
     # -- operations --------------------------------------------------------
 
     def register_job(self, job, owner):
+        """RegisterJob: `job` (a jobid) for owner DN `owner`."""
         self.call("RegisterJob", "<job>%s</job><owner>%s</owner>"
                   % (escape(job), escape(owner)))
 
@@ -1297,10 +1327,13 @@ class JPPSClient:
         return destination, _child_text(resp, "commitBefore")
 
     def commit_upload(self, destination):
+        """CommitUpload of `destination`, the URL start_upload() gave."""
         self.call("CommitUpload", "<destination>%s</destination>"
                   % escape(destination))
 
     def get_job_attributes(self, jobid, attributes):
+        """GetJobAttributes: (name, value element) of each value of
+        `attributes` the JPPS has for `jobid`."""
         resp = self.call("GetJobAttributes", "<jobid>%s</jobid>%s" % (
             escape(jobid), "".join("<attributes>%s</attributes>"
                                    % escape(a) for a in attributes)))
@@ -1397,6 +1430,7 @@ NOT_A_MESSAGE_ERRNOS = (errno.ELOOP, errno.ENXIO, errno.ENODEV, errno.EACCES,
 
 
 def _file_kind(mode):
+    """What a file of stat mode `mode` is, for a message: "a FIFO"."""
     for test, kind in ((stat.S_ISLNK, "a symbolic link"),
                        (stat.S_ISDIR, "a directory"),
                        (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
@@ -1408,6 +1442,8 @@ def _file_kind(mode):
 
 
 def _name_order(name):
+    """Sort key of a maildir name: by the seconds and sequence of its
+    "<seconds>_<n>." prefix, names without one last."""
     match = NAME_ORDER_RE.match(name)
     if match:
         return (int(match.group(1)), int(match.group(2)), name)
@@ -1469,6 +1505,7 @@ class Maildir:
         self.quarantined = 0        # by this process (the --once summary)
 
     def path(self, sub, name):
+        """The path of `name` in subdirectory `sub`."""
         return self._prefix[sub] + name       # hot: no os.path.join
 
     def init(self, create=True, allow_shared=False):
@@ -1689,7 +1726,7 @@ class Maildir:
                         data = os.read(fd, MAX_MESSAGE)
                         named = parse_keyed(data)["file"]
                         candidates.discard(os.path.normpath(named))
-                except MalformedMessage:
+                except MalformedMessageError:
                     # Quarantined, maybe to be repaired: keep what it names.
                     for path in [c for c in candidates
                                  if os.fsencode(c) in data]:
@@ -1861,6 +1898,8 @@ class Maildir:
 
     @staticmethod
     def _peek_jobid(path):
+        """The jobid in the message file at `path` (its "jobid" line, or
+        a first line that is one), or "?"; a link or FIFO is not read."""
         try:                    # what is put aside may be a FIFO or a link
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
                          | os.O_NOCTTY)
@@ -1904,6 +1943,7 @@ class _Closer:
 
     @classmethod
     def close(cls, fd):
+        """Close descriptor `fd` in the background."""
         if cls._pid != os.getpid():
             cls._pid = os.getpid()
             cls._batch = []
@@ -1931,6 +1971,7 @@ class _Closer:
 
     @classmethod
     def flush(cls):
+        """Return when every descriptor handed over is closed."""
         if cls._pid == os.getpid():
             if cls._batch:
                 cls._queue.put(cls._batch)
@@ -1959,7 +2000,7 @@ class Message:
         self.outcome = None     # delivered, postponed or undeliverable
 
     def read(self):
-        """The message bytes; MalformedMessage when oversized."""
+        """The message bytes; MalformedMessageError when oversized."""
         if self._data is None:
             chunks, size = [], 0
             os.lseek(self.fd, 0, os.SEEK_SET)
@@ -1969,14 +2010,15 @@ class Message:
                     break
                 size += len(chunk)
                 if size > MAX_MESSAGE:
-                    raise MalformedMessage("message larger than %d bytes"
-                                           % MAX_MESSAGE)
+                    raise MalformedMessageError("message larger than %d bytes"
+                                                % MAX_MESSAGE)
                 chunks.append(chunk)
             self._data = b"".join(chunks)
         return self._data
 
     @property
     def attempts(self):
+        """The number of attempts made so far (from the state file)."""
         try:
             return int(self.state.get("attempts", "0"))
         except ValueError:
@@ -2073,20 +2115,24 @@ class Message:
 # ---------------------------------------------------------------------------
 
 def _decode_message(data):
+    """The text of a message's bytes; MalformedMessageError for a NUL
+    byte or bytes that are not UTF-8."""
     if b"\0" in data:
-        raise MalformedMessage("NUL byte in message")
+        raise MalformedMessageError("NUL byte in message")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise MalformedMessage("message is not UTF-8 (byte %d)" % exc.start)
+        raise MalformedMessageError("message is not UTF-8 (byte %d)"
+                                    % exc.start)
 
 
 def _valid_jobid(text):
+    """parse_jobid(), raising MalformedMessageError for a bad jobid."""
     try:
         return parse_jobid(text)
     except ValueError as exc:
-        raise MalformedMessage("invalid jobid %r: %s"
-                               % (one_line(text, 100), exc))
+        raise MalformedMessageError("invalid jobid %r: %s"
+                                    % (one_line(text, 100), exc))
 
 
 def parse_registration(data):
@@ -2096,19 +2142,19 @@ def parse_registration(data):
     """
     text = _decode_message(data)
     if "\n" not in text:
-        raise MalformedMessage("registration without a newline between "
-                               "jobid and owner")
+        raise MalformedMessageError("registration without a newline between "
+                                    "jobid and owner")
     jobid, owner = text.split("\n", 1)
     owner = owner.rstrip("\r\n")
     if "\n" in owner:
-        raise MalformedMessage("registration owner spans several lines")
+        raise MalformedMessageError("registration owner spans several lines")
     if not owner.strip():
-        raise MalformedMessage("registration without an owner")
+        raise MalformedMessageError("registration without an owner")
     if CONTROL_RE.search(owner):
         # No DN has one, and XML cannot carry it: the JPPS refused the
         # request on every retry, for days.
-        raise MalformedMessage("registration owner %r has a control "
-                               "character" % owner[:200])
+        raise MalformedMessageError("registration owner %r has a control "
+                                    "character" % owner[:200])
     return _valid_jobid(jobid.rstrip("\r")), owner
 
 
@@ -2132,16 +2178,16 @@ def parse_keyed(data):
             continue
         parts = re.split(r"[ \t]+", line, maxsplit=1)
         if len(parts) < 2 or not parts[1].strip():
-            raise MalformedMessage("line %d: key %r without a value"
-                                   % (number, one_line(parts[0], 40)))
+            raise MalformedMessageError("line %d: key %r without a value"
+                                        % (number, one_line(parts[0], 40)))
         key, value = parts
         if key in ("jobid", "file", "jpps", "proxy"):
             if key in fields:
-                raise MalformedMessage("key %r given twice" % key)
+                raise MalformedMessageError("key %r given twice" % key)
             fields[key] = value
     for key in ("jobid", "file"):
         if key not in fields:
-            raise MalformedMessage("no %r line" % key)
+            raise MalformedMessageError("no %r line" % key)
     broken = ORIGINAL_EXPORTER_JPPS_BUG.match(fields["file"])
     if broken and "jpps" not in fields:
         # The original exporter's -j forgot the newline before "jpps";
@@ -2149,13 +2195,13 @@ def parse_keyed(data):
         fields["file"], fields["jpps"] = broken.groups()
     fields["jobid"] = _valid_jobid(fields["jobid"])
     if not os.path.isabs(fields["file"]):
-        raise MalformedMessage("file %r is not an absolute path"
-                               % one_line(fields["file"], 200))
+        raise MalformedMessageError("file %r is not an absolute path"
+                                    % one_line(fields["file"], 200))
     if "jpps" in fields:
         try:
             parse_endpoint(fields["jpps"])
         except ConfigError as exc:
-            raise MalformedMessage(str(exc))
+            raise MalformedMessageError(str(exc))
     return fields
 
 
@@ -2203,6 +2249,7 @@ OPEN_DIR_FLAGS = OPEN_FILE_FLAGS | getattr(os, "O_DIRECTORY", 0)
 
 
 def _trusted_owner(uid):
+    """Whether uid `uid` may own our directories: root or us."""
     return uid in (0, os.geteuid())
 
 
@@ -2266,6 +2313,9 @@ def open_directory(path, allow_shared=False):
 
 
 def _check_directory_open(fd, where, allow_shared):
+    """Refuse the open directory `fd` (named `where`) unless owned by
+    root or us and not writable by others (sticky excepted);
+    PermanentError says why.  `allow_shared` accepts any."""
     st = os.fstat(fd)
     if allow_shared:
         return
@@ -2364,10 +2414,11 @@ def check_belongs(source, path, jobid, file_class):
 # Upload transports
 # ---------------------------------------------------------------------------
 
-# -- ftp:// and ftps://
+# -- shared by ftp://, ftps:// and gsiftp://
 
 UPLOAD_BLOCK = 256 * 1024      # read and sent at a time: files are streamed
 FTPS_IMPLICIT_PORT = 990
+UPLOAD_PORTS = {"ftp": 21, "ftps": FTPS_IMPLICIT_PORT, "gsiftp": 2811}
 FTP_MIN_RATE = 64 * 1024       # bytes/s: the slowest upload still waited for
 FTP_QUIT_WAIT = 5.0            # seconds for the goodbye after a refusal
 FTP_TICKET_WAIT = 2.0          # seconds for the server's TLS 1.3 verdict
@@ -2377,6 +2428,13 @@ CONTROL_IDLE = 60.0            # seconds a kept control connection may idle
 CONTROL_MAX_AGE = 3600.0       # and its age: servers drop TLS sessions at 2 h
 CONTROL_KEPT = 8               # control connections kept per process, at most
 CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+# Everything an upload can raise besides our own Error (cf. ftplib's
+# all_errors): _ftp_error() translates them.  ssl.CertificateError is a
+# ValueError, and so is the refusal of CR or LF in a command.
+UPLOAD_ERRORS = (ftplib.Error, ssl.SSLError, OSError, EOFError, ValueError)
+# The server's refusals: after one, the connection is still in step.
+FTP_REFUSALS = (ftplib.error_reply, ftplib.error_temp, ftplib.error_perm)
 
 
 def _check_reply_size(lines, size):
@@ -2389,9 +2447,10 @@ def _check_reply_size(lines, size):
             % (FTP_MAX_REPLY_LINES, FTP_MAX_REPLY // 1024))
 
 
-def _upload_destination(url, default_port):
+def _upload_destination(url):
     """(split URL, host, port, path) of an ftp://, ftps:// or gsiftp://
-    destination; PermanentError for one that cannot be used.
+    destination, the port by default that of its scheme (UPLOAD_PORTS);
+    PermanentError for one that cannot be used.
 
     Control characters (CR and LF above all), raw or percent-encoded, are
     refused: in a command on the control channel they would end it and
@@ -2404,7 +2463,7 @@ def _upload_destination(url, default_port):
             % public_url(url)))
     parts = urllib.parse.urlsplit(url)
     try:
-        port = parts.port or default_port
+        port = parts.port or UPLOAD_PORTS.get(parts.scheme.lower(), 21)
     except ValueError:
         raise PermanentError("bad port in %s" % one_line(public_url(url), 200))
     target = urllib.parse.unquote(parts.path)
@@ -2437,11 +2496,26 @@ class _SourceFile:
             self.opened.close()
 
 
-def _rewind(source):
-    """Every attempt sends from byte 0 (a pipe, for --upload, cannot be
-    rewound: it is sent as it comes)."""
+def _send_file(source, channel):
+    """Send file object `source` from its first byte with
+    `channel`.sendall(); return the bytes sent.  Every attempt sends
+    from byte 0 (a pipe, for --upload, cannot be rewound: it is sent as
+    it comes)."""
     if source.seekable():
         source.seek(0)
+    sent = 0
+    while True:
+        block = source.read(UPLOAD_BLOCK)
+        if not block:
+            return sent
+        channel.sendall(block)
+        sent += len(block)
+
+
+def _transfer_limit(size, timeout):
+    """Seconds the transfer of `size` bytes may take: 3 * `timeout`
+    plus the size at FTP_MIN_RATE."""
+    return 3 * timeout + size / FTP_MIN_RATE
 
 
 class _Deadline:
@@ -2522,6 +2596,7 @@ class _Deadline:
         self._start(seconds, phase)
 
     def watch(self, sock):
+        """Shut `sock` down too when the limit passes (at once if it has)."""
         with self._cond:
             self.fds.add(sock.fileno())
             if self.expired:
@@ -2529,6 +2604,7 @@ class _Deadline:
 
     @staticmethod
     def _shut(fd):
+        """Shut down both ways the connection of descriptor `fd`."""
         try:
             dup = socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM)
         except OSError:
@@ -2541,6 +2617,7 @@ class _Deadline:
             dup.close()
 
     def cancel(self):
+        """Stop the limit (before the watched sockets are closed)."""
         with self._cond:
             self._live.discard(self)
 
@@ -2559,24 +2636,52 @@ class _KeptControls:
     back after a whole upload; a failed upload closes its connection.
     At most CONTROL_KEPT are kept (the least recently used goes).
 
+    It also remembers the GridFTP servers that demanded a protected data
+    channel (demands_dcau(), with --dcau auto).
+
     A connection belongs to the process that opened it: in a forked
     child the parent's are only closed, never used nor ended (a QUIT or
     a TLS close_notify would end the parent's session; closing the
-    child's descriptors sends nothing).
+    child's descriptors sends nothing); the child also starts with no
+    DCAU demands of its own.
     """
 
     def __init__(self):
         self.pid = None
         self.kept = {}      # key -> (connection, last use, stamp)
+        # --dcau auto: (host, port) of the servers that refused DCAU N.
+        # Each costs a whole extra login when N is tried first every time.
+        self.dcau_demands = set()
 
     def _mine(self):
+        """The kept connections of this process: a forked child closes
+        its parent's and forgets their servers' DCAU demands."""
         if self.pid != os.getpid():
             for conn, _, _ in self.kept.values():
                 conn.close()
             self.pid, self.kept = os.getpid(), {}
+            self.dcau_demands.clear()
         return self.kept
 
+    def demands_dcau(self, host, port):
+        """Whether the GridFTP server at `host`:`port` refused an
+        unprotected data channel in this process (and has not failed an
+        upload since)."""
+        self._mine()
+        return (host, port) in self.dcau_demands
+
+    def note_dcau(self, host, port, demanded):
+        """Remember that the server demands DCAU (`demanded`), or forget
+        it (an upload with DCAU A failed: N is tried first next time)."""
+        self._mine()
+        if demanded:
+            self.dcau_demands.add((host, port))
+        else:
+            self.dcau_demands.discard((host, port))
+
     def take(self, key, stamp, timeout, usable=None):
+        """The connection kept under `key`, checked with NOOP, or None
+        (see the class's description)."""
         self.close_idle()
         entry = self._mine().pop(key, None)
         if entry is None:
@@ -2593,8 +2698,7 @@ class _KeptControls:
         conn.sock.settimeout(min(timeout, FTP_QUIT_WAIT))
         try:
             conn.voidcmd("NOOP")
-        except (Error, ftplib.Error, ssl.SSLError, OSError, EOFError,
-                ValueError) as exc:
+        except UPLOAD_ERRORS + (Error,) as exc:
             log.debug("%s:%d: the kept connection is gone (%s); a new one",
                       conn.host, conn.port, one_line(str(exc), 200))
             check.cancel()
@@ -2615,6 +2719,9 @@ class _KeptControls:
         return True
 
     def keep(self, key, conn, stamp):
+        """Keep `conn` under `key`, made with credential `stamp`; the
+        connection it replaces and the least recently used one past
+        CONTROL_KEPT are ended."""
         kept = self._mine()
         old = kept.pop(key, None)
         if old is not None:
@@ -2633,6 +2740,7 @@ class _KeptControls:
             self._end(kept.pop(key)[0])
 
     def close_all(self):
+        """End every kept connection."""
         kept = self._mine()
         while kept:
             self._end(kept.popitem()[1][0])
@@ -2695,11 +2803,25 @@ class _FTPS(ftplib.FTP_TLS):
         self.implicit = implicit
         self.opened = time.monotonic()
 
+    @property
+    def secure(self):
+        """Whether the control connection is encrypted (TLS)."""
+        return isinstance(self.sock, ssl.SSLSocket)
+
     def goodbye(self):
-        _ftp_goodbye(self)
+        """QUIT, briefly: a polite end that must not hold up the caller;
+        errors do not matter."""
+        try:
+            if self.sock is not None:
+                self.sock.settimeout(min(self.timeout, FTP_QUIT_WAIT))
+                self.voidcmd("QUIT")
+        except UPLOAD_ERRORS:
+            pass
 
     def connect(self, host, port, timeout):
-        # ftplib's connect, but watched before the greeting is read
+        """Connect to `host`:`port`, TLS at once when implicit; the
+        greeting.  ftplib's connect, but the socket is watched by the
+        deadline before the greeting is read."""
         self.host, self.port, self.timeout = host, port, timeout
         sock = socket.create_connection((host, port), timeout)
         self.deadline.watch(sock)
@@ -2712,7 +2834,8 @@ class _FTPS(ftplib.FTP_TLS):
         return self.welcome
 
     def getmultiline(self):
-        # ftplib's, bounded: it joins lines for as long as they come
+        """ftplib's, bounded by _check_reply_size(): ftplib joins lines
+        for as long as they come."""
         lines = [self.getline()]
         if lines[0][3:4] == "-":
             code, size = lines[0][:3], len(lines[0])
@@ -2726,12 +2849,17 @@ class _FTPS(ftplib.FTP_TLS):
         return "\n".join(lines)
 
     def auth(self):
+        """AUTH TLS; with TLS 1.3, the server's verdict on our certificate
+        is awaited too (_await_verdict)."""
         resp = ftplib.FTP_TLS.auth(self)
         if self.sock.version() == "TLSv1.3":
             self._await_verdict()
         return resp
 
     def _await_verdict(self):
+        """After AUTH TLS, wait briefly for the server's first TLS
+        records: its refusal of our certificate (an alert) raises
+        ssl.SSLError here, not a reset later."""
         # TLS 1.3 ends the client's handshake before the server has
         # judged our certificate: a refusal comes as an alert after it.
         # A command sent meanwhile makes the closing server reset the
@@ -2756,6 +2884,9 @@ class _FTPS(ftplib.FTP_TLS):
         raise EOFError("connection closed after the TLS handshake")
 
     def ntransfercmd(self, cmd, rest=None):
+        """ftplib's, the data connection watched by the deadline, with
+        TCP_NODELAY and, under PROT P, the control connection's TLS
+        session resumed."""
         session = None
         if self._prot_p:
             session = self.sock.session
@@ -2829,7 +2960,7 @@ def _ftp_error(exc, where, secure=True):
         return PermanentError("%s: our certificate was refused: %s"
                               % (where, text))
     if isinstance(exc, socket.timeout):
-        return NoAnswer("%s: no answer within the time limit" % where)
+        return NoAnswerError("%s: no answer within the time limit" % where)
     return TransientError("%s: %s" % (where, text))
 
 
@@ -2850,6 +2981,62 @@ def _ftp_mkdirs(ftp, directory):
             ftp.voidcmd("MKD " + prefix + "/".join(parts[:i + 1]))
         except ftplib.error_perm:
             pass            # it exists (or cannot be made: STOR will say)
+
+
+def _upload_attempt(source, target, where, key, credentials, timeout, keep,
+                    new, login, store, usable=None):
+    """One upload attempt, the part every transport shares; the bytes
+    sent.
+
+    The connection is one kept under `key` (with `keep`; refused by
+    `usable` if given), else `new(deadline)`, which `login(conn)` then
+    connects and logs in.  The missing directories of `target` are made,
+    `store(conn)` sends file object `source` and returns the bytes sent,
+    and SIZE checks them.  The set-up (up to the directories) may take
+    `timeout` seconds in all, the transfer _transfer_limit().
+    After a whole upload the connection is kept (`keep`) or ended with
+    QUIT; after a failure it is closed, with QUIT first when the server
+    or we refused (the connection is still in step).
+    Raises TransientError, PermanentError or NoAnswerError (_ftp_error,
+    _ftp_overrun), naming the server by `where`.
+    """
+    size = os.fstat(source.fileno()).st_size
+    stamp = credential_stamp(credentials)
+    conn = _KEPT.take(key, stamp, timeout, usable) if keep else None
+    deadline = _Deadline(timeout, "set-up")
+    if conn is None:
+        conn = new(deadline)
+    else:
+        conn.deadline = deadline
+        deadline.watch(conn.sock)
+    kept = False
+    try:
+        if conn.sock is None:
+            login(conn)
+        _ftp_mkdirs(conn, target.rsplit("/", 1)[0])
+        deadline.restart(_transfer_limit(size, timeout), "transfer")
+        sent = store(conn)
+        _ftp_check_size(conn, target, sent, where)
+        if keep:
+            kept = _KEPT.keep_after(deadline, key, conn, stamp)
+        else:
+            conn.goodbye()          # stored and checked: that is enough
+        return sent
+    except Error:
+        if deadline.expired:
+            raise _ftp_overrun(where, deadline, size)
+        conn.goodbye()              # our own refusals: still in step
+        raise
+    except UPLOAD_ERRORS as exc:
+        if deadline.expired:
+            raise _ftp_overrun(where, deadline, size)
+        if isinstance(exc, FTP_REFUSALS):
+            conn.goodbye()          # a refusal: the connection is in step
+        raise _ftp_error(exc, where, conn.secure)
+    finally:
+        deadline.cancel()           # before the descriptors are freed
+        if not kept:
+            conn.close()
 
 
 def upload_ftp(url, source, credentials, timeout, allow_plain=False,
@@ -2875,65 +3062,21 @@ def upload_ftp(url, source, credentials, timeout, allow_plain=False,
     that one then starts at MKD, its set-up limit the same.
     Returns the bytes sent, checked with SIZE where the server has it.
     """
-    implicit = url.split("://", 1)[0].lower() == "ftps"
-    parts, host, port, target = _upload_destination(
-        url, FTPS_IMPLICIT_PORT if implicit else 21)
+    parts, host, port, target = _upload_destination(url)
+    scheme = parts.scheme.lower()
     user = urllib.parse.unquote(parts.username or "anonymous")
     password = urllib.parse.unquote(parts.password or "")
     where = "ftp %s:%d" % (host, port)
-    key = ("ftps" if implicit else "ftp", host.lower(), port, user,
-           password, allow_plain)
+    key = (scheme, host.lower(), port, user, password, allow_plain)
     with _SourceFile(source) as source:
-        size = os.fstat(source.fileno()).st_size
         context = credentials.client_context()
-        stamp = credential_stamp(credentials)
-        ftp = _KEPT.take(key, stamp, timeout) if keep else None
-        deadline = _Deadline(timeout, "set-up")
-        if ftp is None:
-            ftp = _FTPS(context, timeout, deadline, implicit)
-        else:
-            ftp.deadline = deadline
-            deadline.watch(ftp.sock)
-        kept = False
-        try:
-            sent = _ftp_put(ftp, host, port, target, source, user, password,
-                            allow_plain, where, size)
-            if keep:
-                kept = _KEPT.keep_after(deadline, key, ftp, stamp)
-            else:
-                _ftp_goodbye(ftp)   # stored and checked: that is enough
-            return sent
-        except Error:
-            if deadline.expired:
-                raise _ftp_overrun(where, deadline, size)
-            _ftp_goodbye(ftp)       # our own refusals: still in step
-            raise
-        except (ftplib.Error, ssl.SSLError, ssl.CertificateError, OSError,
-                EOFError, ValueError) as exc:
-            if deadline.expired:
-                raise _ftp_overrun(where, deadline, size)
-            if isinstance(exc, (ftplib.error_reply, ftplib.error_temp,
-                                ftplib.error_perm)):
-                _ftp_goodbye(ftp)   # a refusal: the connection is in step
-            raise _ftp_error(exc, where,
-                             isinstance(ftp.sock, ssl.SSLSocket))
-        finally:
-            deadline.cancel()       # before the descriptors are freed
-            if not kept:
-                ftp.close()
-
-
-def _ftp_put(ftp, host, port, target, source, user, password, allow_plain,
-             where, size):
-    """The conversation of one upload_ftp attempt; the bytes sent.  A
-    connection already logged in (kept) starts at the directories."""
-    if ftp.sock is None:
-        _ftp_login(ftp, host, port, user, password, allow_plain, where)
-    _ftp_mkdirs(ftp, target.rsplit("/", 1)[0])
-    ftp.deadline.restart(3 * ftp.timeout + size / FTP_MIN_RATE, "transfer")
-    sent = _ftp_store(ftp, target, source)
-    _ftp_check_size(ftp, target, sent, where)
-    return sent
+        return _upload_attempt(
+            source, target, where, key, credentials, timeout, keep,
+            new=lambda deadline: _FTPS(context, timeout, deadline,
+                                       implicit=scheme == "ftps"),
+            login=lambda ftp: _ftp_login(ftp, host, port, user, password,
+                                         allow_plain, where),
+            store=lambda ftp: _ftp_store(ftp, target, source))
 
 
 def _ftp_login(ftp, host, port, user, password, allow_plain, where):
@@ -2962,24 +3105,14 @@ def _ftp_login(ftp, host, port, user, password, allow_plain, where):
         pass                                    # stream mode is the default
 
 
-def _ftp_goodbye(ftp):
-    """QUIT, briefly: a polite end that must not hold up the caller."""
-    try:
-        if ftp.sock is not None:
-            ftp.sock.settimeout(min(ftp.timeout, FTP_QUIT_WAIT))
-            ftp.voidcmd("QUIT")
-    except (ftplib.Error, ssl.SSLError, OSError, EOFError):
-        pass
-
-
 def _ftp_overrun(where, deadline, size):
     """The error for an upload phase that ran out of time."""
     if deadline.phase == "set-up":
-        return NoAnswer(
+        return NoAnswerError(
             "%s: no answer within the time limit (%gs, --timeout, for the "
             "greeting, TLS, login and directories)"
             % (where, deadline.seconds))
-    return NoAnswer(
+    return NoAnswerError(
         "%s: the upload of %d bytes did not finish within %.0fs (3 times "
         "--timeout plus %d kB/s)" % (where, size, deadline.seconds,
                                      FTP_MIN_RATE // 1024))
@@ -2987,16 +3120,9 @@ def _ftp_overrun(where, deadline, size):
 
 def _ftp_store(ftp, target, source):
     """STOR `source` as `target` from its first byte; the bytes sent."""
-    sent = 0
-    _rewind(source)
     conn = ftp.transfercmd("STOR " + target)
     try:
-        while True:
-            block = source.read(UPLOAD_BLOCK)
-            if not block:
-                break
-            conn.sendall(block)
-            sent += len(block)
+        sent = _send_file(source, conn)
         if isinstance(conn, ssl.SSLSocket):
             # close_notify marks the end of the file.  A server that
             # closes without answering it is no failure: its reply to
@@ -3060,6 +3186,18 @@ PEM_KEY_RE = re.compile(rb"-----BEGIN (RSA )?PRIVATE KEY-----\s*(.+?)\s*"
                         rb"-----END (RSA )?PRIVATE KEY-----", re.S)
 
 
+def _handshake(tls, exchange):
+    """Drive the handshake of `tls`, an SSLObject on memory BIOs:
+    `exchange()` is called whenever it waits for the peer, to send what
+    it wrote and feed it the peer's answer."""
+    while True:
+        try:
+            tls.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            exchange()
+
+
 def der(tag, content):
     """One DER TLV."""
     n = len(content)
@@ -3070,10 +3208,12 @@ def der(tag, content):
 
 
 def der_int(value):
+    """The DER INTEGER of a non-negative int."""
     return der(0x02, value.to_bytes((value.bit_length() + 8) // 8, "big"))
 
 
 def der_oid_encode(text):
+    """The DER OBJECT IDENTIFIER of dotted text (der_oid's inverse)."""
     arcs = [int(a) for a in text.split(".")]
     out = bytearray([40 * arcs[0] + arcs[1]])
     for arc in arcs[2:]:
@@ -3087,6 +3227,8 @@ def der_oid_encode(text):
 
 
 def der_time(t):
+    """The DER time of `t`: UTCTime before 2050, GeneralizedTime from
+    then on (RFC 5280 4.1.2.5)."""
     stamp = time.gmtime(t)
     if stamp.tm_year < 2050:                        # RFC 5280 4.1.2.5
         return der(0x17, time.strftime("%y%m%d%H%M%SZ", stamp).encode())
@@ -3144,16 +3286,8 @@ def sign_proxy_request(request, cert_file, key_file, now=None,
     from it stay limited; data transfers take it.
     """
     now = time.time() if now is None else now
-    with open(cert_file, "rb") as f:
-        signer = base64.b64decode(b"".join(PEM_CERT_RE.search(
-            f.read(1024 * 1024)).group(1).split()))
-    info = CertInfo(signer)
-    _, s, e = der_read(signer)
-    tbs = der_children(signer, s, e)[0]
-    fields = der_children(signer, tbs[1], tbs[2])
-    if fields[0][0] == 0xa0:
-        fields = fields[1:]
-    subject = signer[fields[4][1]:fields[4][2]]
+    info = read_pem_certificates(cert_file)[0]
+    subject = info.subject_der
     _, s, e = der_read(request)
     cri = der_children(request, s, e)[0]
     spki = der_children(request, cri[1], cri[2])[2]
@@ -3212,24 +3346,27 @@ class _DataTLS:
                                 password=b"")           # never a prompt
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = context.wrap_bio(self.incoming, self.outgoing)
-        while True:
-            try:
-                self.tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                self._flush()
-                self._receive()
+        _handshake(self.tls, self._exchange)
         self._flush()
         if self.tls.getpeercert(binary_form=True) != delegated:
             raise TransientError("the GridFTP data channel peer is not the "
                                  "proxy we delegated; refusing it")
 
+    def _exchange(self):
+        """One handshake round: send our records, read the peer's."""
+        self._flush()
+        self._receive()
+
     def _flush(self):
+        """Send what TLS has written."""
         data = self.outgoing.read()
         if data:
             self.sock.sendall(data)
 
     def _receive(self):
+        """Feed TLS what the data connection brings.  With `control`, a
+        reply there is read first: 4xx and 5xx raise, a 1xx is kept as
+        `preliminary`."""
         if self.control is not None and self.preliminary is None:
             ready = select.select([self.sock, self.control.sock], [], [],
                                   self.sock.gettimeout())[0]
@@ -3258,10 +3395,12 @@ class _DataTLS:
         self._flush()
 
     def sendall(self, block):
+        """Send `block`, encrypted."""
         self.tls.write(block)
         self._flush()
 
     def finish(self):
+        """End TLS (close_notify): the end of the file."""
         try:
             self.tls.unwrap()
         except (ssl.SSLWantReadError, ssl.SSLError):
@@ -3277,38 +3416,52 @@ class _GSIControl:
     whole handshake flight, so FTP_MAX_REPLY, not ftplib's 8 kB).
     """
 
-    def __init__(self, host, port, context, timeout, deadline):
-        self.host, self.port, self.timeout = host, port, timeout
-        self.deadline = deadline
-        self.sock = socket.create_connection((host, port), timeout)
-        deadline.watch(self.sock)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.file = self.sock.makefile("rb")
-        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self.incoming, self.outgoing,
-                                    server_hostname=host)
-        self.protected = False
+    def __init__(self, context, timeout, deadline):
+        self.context, self.timeout, self.deadline = context, timeout, deadline
+        self.host = self.port = self.sock = self.file = None
+        self.secure = False             # authenticated: commands wrapped
         self.delegated = None
         self.opened = time.monotonic()
 
+    def connect(self, host, port):
+        """Connect to `host`:`port`; the server is verified with `host`
+        in authenticate()."""
+        self.host, self.port = host, port
+        self.sock = socket.create_connection((host, port), self.timeout)
+        self.deadline.watch(self.sock)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.file = self.sock.makefile("rb")
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = self.context.wrap_bio(self.incoming, self.outgoing,
+                                         server_hostname=host)
+
     def goodbye(self):
-        self.sock.settimeout(min(self.timeout, FTP_QUIT_WAIT))
-        _gsiftp_quit(self)
+        """QUIT, briefly, on a logged-in connection; errors do not
+        matter."""
+        if self.secure:
+            self.sock.settimeout(min(self.timeout, FTP_QUIT_WAIT))
+            try:
+                self.command("QUIT")
+            except UPLOAD_ERRORS:
+                pass
 
     def delegated_left(self):
         """Seconds the proxy delegated on this connection is valid."""
         return CertInfo(self.delegated).not_after - time.time()
 
     def close(self):
+        """Close the connection (nothing is sent)."""
         for thing in (self.file, self.sock):
             try:
-                thing.close()
+                if thing is not None:
+                    thing.close()
             except OSError:
                 pass
 
     # -- wire -------------------------------------------------------------
 
     def _send_line(self, line):
+        """Send `line` as it is."""
         self.sock.sendall(line.encode("ascii") + b"\r\n")
 
     def _read_reply_lines(self):
@@ -3329,7 +3482,7 @@ class _GSIControl:
                 return lines
 
     def reply(self):
-        """(code, text) of the next reply, unwrapped when protected."""
+        """(code, text) of the next reply, unwrapped once authenticated."""
         lines = self._read_reply_lines()
         code = lines[0][:3]
         if code in ("631", "632", "633"):
@@ -3346,6 +3499,7 @@ class _GSIControl:
         return code, text
 
     def _read_plain(self):
+        """What TLS has decrypted so far."""
         data = b""
         while True:
             try:
@@ -3353,24 +3507,32 @@ class _GSIControl:
             except ssl.SSLWantReadError:
                 return data
 
+    def send(self, line):
+        """Send one command, wrapped once authenticated; its reply is
+        left for reply().  ValueError for a line with CR or LF."""
+        if "\r" in line or "\n" in line:      # as ftplib's putline
+            raise ValueError("CR or LF in an FTP command refused")
+        if self.secure:
+            self.tls.write((line + "\r\n").encode("utf-8"))
+            self._send_line("ENC " + base64.b64encode(
+                self.outgoing.read()).decode("ascii"))
+        else:
+            self._send_line(line)
+
     def command(self, line, expect="2"):
         """Send one command (wrapped once authenticated); its reply text.
 
         Raises ftplib's error_temp (4xx) or error_perm (5xx), as ftplib
         would, and error_reply for a code other than `expect`.
         """
-        if "\r" in line or "\n" in line:      # as ftplib's putline
-            raise ValueError("CR or LF in an FTP command refused")
-        if self.protected:
-            self.tls.write((line + "\r\n").encode("utf-8"))
-            self._send_line("ENC " + base64.b64encode(
-                self.outgoing.read()).decode("ascii"))
-        else:
-            self._send_line(line)
+        self.send(line)
         return self.check(self.reply(), expect)
 
     @staticmethod
     def check(reply, expect="2"):
+        """The text of `reply`, a (code, text), when its code starts with
+        `expect`; else ftplib's error_temp (4xx), error_perm (5xx) or
+        error_reply."""
         code, text = reply
         if code.startswith(expect):
             return text
@@ -3391,15 +3553,7 @@ class _GSIControl:
         """
         self.check(self.reply())                          # 220 welcome
         self.command("AUTH GSSAPI", "3")                   # 334
-        reply = None
-        while True:
-            try:
-                self.tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                reply = self._adat(self.outgoing.read())
-                if reply[0] != "335":
-                    raise self._refused(reply)
+        _handshake(self.tls, self._adat_flight)
         # TLS 1.3: our last flight is still to be sent, and the server
         # answers it with one byte, 0x00, before it takes the flag.
         pending = self.outgoing.read()
@@ -3429,9 +3583,15 @@ class _GSIControl:
             reply = self._adat(self.outgoing.read())
         if reply[0] != "235":
             raise self._refused(reply)
-        self.protected = True
+        self.secure = True
         self.command("USER :globus-mapping:", "3")
         self.command("PASS dummy")
+
+    def _adat_flight(self):
+        """Send our handshake records in ADAT; the answer must be 335."""
+        reply = self._adat(self.outgoing.read())
+        if reply[0] != "335":
+            raise self._refused(reply)
 
     def _adat(self, token):
         """Send an ADAT token; the reply, its own token fed to TLS."""
@@ -3443,6 +3603,7 @@ class _GSIControl:
         return code, text
 
     def _refused(self, reply):
+        """The error for a refused GSI handshake: permanent for a 5xx."""
         code, text = reply
         if code[0] == "5":
             return PermanentError("GSI authentication refused by %s:%d: %s"
@@ -3453,9 +3614,11 @@ class _GSIControl:
     # -- what _ftp_mkdirs and _ftp_check_size use of ftplib.FTP --------------
 
     def voidcmd(self, line):
+        """command(), as ftplib names it."""
         return self.command(line)
 
     def size(self, target):
+        """The size of `target` (SIZE), or None when the reply is not 213."""
         text = self.command("SIZE " + target)
         return int(text.split()[1]) if text.startswith("213") else None
 
@@ -3475,26 +3638,12 @@ class _GSIControl:
         return data
 
 
-# --dcau auto: servers that refused DCAU N in this process (host, port).
-# Each costs a whole extra login when N is tried first every time.
-_DCAU_DEMANDED = set()
-
-
-def _gsiftp_quit(control):
-    """QUIT on a logged-in control connection; errors do not matter."""
-    if control is not None and control.protected:
-        try:
-            control.command("QUIT")
-        except (ftplib.Error, ssl.SSLError, OSError, EOFError):
-            pass
-
-
 def delegated_lifetime(size, timeout):
     """Seconds a proxy delegated for one upload is valid: the time the
-    upload may take (as upload_ftp's limit), at least
-    DELEGATED_MIN_LIFETIME, at most DELEGATED_LIFETIME."""
+    upload may take (_transfer_limit), at least DELEGATED_MIN_LIFETIME,
+    at most DELEGATED_LIFETIME."""
     return int(min(DELEGATED_LIFETIME, max(DELEGATED_MIN_LIFETIME, math.ceil(
-        3 * timeout + size / FTP_MIN_RATE))))
+        _transfer_limit(size, timeout)))))
 
 
 def upload_gsiftp(url, source, credentials, timeout, dcau="auto", prot="P",
@@ -3521,7 +3670,7 @@ def upload_gsiftp(url, source, credentials, timeout, dcau="auto", prot="P",
     it stays valid (_gsiftp_put).
     Returns the bytes sent, checked with SIZE.
     """
-    _, host, port, target = _upload_destination(url, 2811)
+    _, host, port, target = _upload_destination(url)
     dcau = str(dcau).upper()
     if dcau not in ("AUTO", "A", "N"):
         raise PermanentError("unknown DCAU policy %r" % dcau)
@@ -3537,15 +3686,13 @@ def upload_gsiftp(url, source, credentials, timeout, dcau="auto", prot="P",
     if dcau == "A" and untrusted:
         raise TransientError("%s: --dcau A needs %s" % (where, untrusted))
     if dcau == "AUTO":
-        mode = "A" if (host, port) in _DCAU_DEMANDED and not untrusted \
+        mode = "A" if _KEPT.demands_dcau(host, port) and not untrusted \
             else "N"
     with _SourceFile(source) as source:
-        lifetime = delegated_lifetime(os.fstat(source.fileno()).st_size,
-                                      timeout)
         try:
             return _gsiftp_put(host, port, target, source, credentials,
-                               timeout, mode, prot, where, lifetime, keep)
-        except _NeedsDCAU as exc:
+                               timeout, mode, prot, where, keep)
+        except _NeedsDCAUError as exc:
             if dcau != "AUTO":
                 raise TransientError("%s demands data channel protection "
                                      "(%s) and --dcau is N" % (where, exc))
@@ -3555,23 +3702,25 @@ def upload_gsiftp(url, source, credentials, timeout, dcau="auto", prot="P",
                                      % (where, exc, untrusted))
             log.info("%s demands data channel protection (%s): DCAU A",
                      where, exc)
-            _DCAU_DEMANDED.add((host, port))
+            _KEPT.note_dcau(host, port, True)
             return _gsiftp_put(host, port, target, source, credentials,
-                               timeout, "A", prot, where, lifetime, keep)
+                               timeout, "A", prot, where, keep)
         except Error:
             if dcau == "AUTO":
-                _DCAU_DEMANDED.discard((host, port))   # N first next time
+                _KEPT.note_dcau(host, port, False)  # N first next time
             raise
 
 
-class _NeedsDCAU(Exception):
-    """The server refuses an unprotected data channel."""
+class _NeedsDCAUError(TransientError):
+    """The server refuses an unprotected data channel (upload_gsiftp
+    then tries DCAU A, or gives this reason)."""
 
 
 def _gsiftp_put(host, port, target, source, credentials, timeout, dcau,
-                prot, where, lifetime, keep=False):
-    """One GridFTP upload attempt with a fixed DCAU mode, from byte 0;
-    with A, a proxy valid `lifetime` seconds is delegated.
+                prot, where, keep=False):
+    """One GridFTP upload attempt with a fixed DCAU mode, from byte 0
+    (_upload_attempt); with A, a proxy valid delegated_lifetime() is
+    delegated.
 
     With `keep`, a kept connection in the same mode serves, and this one
     is kept.  With A, the host is in the key (the caller has checked it
@@ -3580,41 +3729,53 @@ def _gsiftp_put(host, port, target, source, credentials, timeout, dcau,
     plus DELEGATED_MIN_LIFETIME / 2 (the peers' clock differences) to
     run; then a new connection delegates a new one.
     """
-    _rewind(source)
-    control = data = None
     size = os.fstat(source.fileno()).st_size
-    transfer = 3 * timeout + size / FTP_MIN_RATE
-    key = ("gsiftp", host.lower(), port, dcau, prot)
+    needed = _transfer_limit(size, timeout) + DELEGATED_MIN_LIFETIME / 2
     context = credentials.client_context()
-    stamp = credential_stamp(credentials)
-    if keep:
-        control = _KEPT.take(key, stamp, timeout, usable=lambda c: (
-            dcau != "A" or c.delegated_left() >
-            transfer + DELEGATED_MIN_LIFETIME / 2))
-    deadline = _Deadline(timeout, "set-up")
-    kept = False
+    return _upload_attempt(
+        source, target, where, ("gsiftp", host.lower(), port, dcau, prot),
+        credentials, timeout, keep,
+        new=lambda deadline: _GSIControl(context, timeout, deadline),
+        login=lambda control: _gsiftp_login(
+            control, host, port, credentials, dcau, prot,
+            delegated_lifetime(size, timeout)),
+        store=lambda control: _gsiftp_store(
+            control, target, source, credentials, dcau, prot),
+        usable=lambda conn: dcau != "A" or conn.delegated_left() > needed)
+
+
+def _gsiftp_login(control, host, port, credentials, dcau, prot, lifetime):
+    """Connect, GSI, login, binary stream mode and the data channel's
+    protection on a new control connection."""
+    control.connect(host, port)
+    control.authenticate(credentials if dcau == "A" else None, lifetime)
+    control.command("TYPE I")
+    control.command("MODE S")
     try:
-        if control is None:
-            control = _GSIControl(host, port, context, timeout, deadline)
-            _gsiftp_login(control, credentials, dcau, prot, lifetime)
-        else:
-            control.deadline = deadline
-            deadline.watch(control.sock)
-        _ftp_mkdirs(control, target.rsplit("/", 1)[0])
-        deadline.restart(transfer, "transfer")
-        try:
-            data = control.passive()
-        except ftplib.error_perm as exc:
-            if dcau == "N" and str(exc).startswith("534"):
-                raise _NeedsDCAU(one_line(str(exc), 200))
-            raise
-        sent = 0
+        control.command("DCAU " + dcau)
+        if dcau == "A":
+            control.command("PBSZ 1048576")
+            control.command("PROT " + prot)
+    except ftplib.error_perm as exc:
+        if dcau == "N":
+            raise _NeedsDCAUError(one_line(str(exc), 200))
+        raise
+
+
+def _gsiftp_store(control, target, source, credentials, dcau, prot):
+    """PASV and STOR `source` as `target` on the data channel `dcau`
+    and `prot` ask for; the bytes sent."""
+    try:
+        data = control.passive()
+    except ftplib.error_perm as exc:
+        if dcau == "N" and str(exc).startswith("534"):
+            raise _NeedsDCAUError(one_line(str(exc), 200))
+        raise
+    try:
         if dcau == "A":
             # The Globus server answers STOR only after the data
             # channel handshake: send it, shake hands, then read.
-            control.tls.write(("STOR %s\r\n" % target).encode("utf-8"))
-            control._send_line("ENC " + base64.b64encode(
-                control.outgoing.read()).decode("ascii"))
+            control.send("STOR " + target)
             channel = _DataTLS(data, credentials, control.delegated,
                                control)
             if prot == "C":
@@ -3626,61 +3787,13 @@ def _gsiftp_put(host, port, target, source, credentials, timeout, dcau,
         else:
             control.command("STOR " + target, "1")
             channel = data
-        while True:
-            block = source.read(UPLOAD_BLOCK)
-            if not block:
-                break
-            channel.sendall(block)
-            sent += len(block)
+        sent = _send_file(source, channel)
         if isinstance(channel, _DataTLS):
             channel.finish()
-        data.close()
-        data = None
-        control.check(control.reply())               # 226
-        _ftp_check_size(control, target, sent, where)
-        if keep:
-            kept = _KEPT.keep_after(deadline, key, control, stamp)
-        else:
-            _gsiftp_quit(control)
-        return sent
-    except _NeedsDCAU:
-        _gsiftp_quit(control)
-        raise
-    except (ftplib.error_temp, ftplib.error_perm, ftplib.error_reply) as exc:
-        _gsiftp_quit(control)           # the server answered: still in step
-        raise _ftp_error(exc, where, control.protected)
-    except Error:
-        if deadline.expired:
-            raise _ftp_overrun(where, deadline, size)
-        raise
-    except (ftplib.Error, ssl.SSLError, ssl.CertificateError, OSError,
-            EOFError, ValueError) as exc:
-        if deadline.expired:
-            raise _ftp_overrun(where, deadline, size)
-        raise _ftp_error(exc, where)
     finally:
-        deadline.cancel()               # before the descriptors are freed
-        if data is not None:
-            data.close()
-        if control is not None and not kept:
-            control.close()
-
-
-def _gsiftp_login(control, credentials, dcau, prot, lifetime):
-    """GSI, login, binary stream mode and the data channel's protection
-    on a new control connection."""
-    control.authenticate(credentials if dcau == "A" else None, lifetime)
-    control.command("TYPE I")
-    control.command("MODE S")
-    try:
-        control.command("DCAU " + dcau)
-        if dcau == "A":
-            control.command("PBSZ 1048576")
-            control.command("PROT " + prot)
-    except ftplib.error_perm as exc:
-        if dcau == "N":
-            raise _NeedsDCAU(one_line(str(exc), 200))
-        raise
+        data.close()
+    control.check(control.reply())               # 226
+    return sent
 
 
 def upload(url, source, credentials, timeout, dcau="auto",
@@ -3714,8 +3827,7 @@ def storage_server(url):
     except ValueError:
         port = None
     if port is None:
-        port = {"gsiftp": 2811, "ftps": FTPS_IMPLICIT_PORT}.get(
-            parts.scheme.lower(), 21)
+        port = UPLOAD_PORTS.get(parts.scheme.lower(), 21)
     return "%s:%d" % (parts.hostname, port)
 
 
@@ -3729,7 +3841,7 @@ UNREACHABLE_ERRNOS = (errno.ECONNREFUSED, errno.ECONNRESET,
 def network_failure(exc):
     """Whether a TransientError of upload() came from the network: a
     time-out, no connection, a dropped one (not a reply, not TLS)."""
-    if isinstance(exc, NoAnswer):
+    if isinstance(exc, NoAnswerError):
         return True
     for _ in range(6):
         exc = exc.__cause__ or exc.__context__
@@ -3811,11 +3923,13 @@ class Worker:
         return client
 
     def close(self):
+        """Close the JPPS connections and the kept upload connections."""
         for client in self.clients.values():
             client.close()
         close_connections()
 
     def _flush_mark(self):
+        """The mtime of state/.flush (touched by --flush), or None."""
         try:
             return os.stat(self.maildir.path(STATE_DIR,
                                              FLUSH_MARK)).st_mtime_ns
@@ -3955,6 +4069,8 @@ class Worker:
         return handled
 
     def _due(self, name):
+        """Whether message `name` may be tried now (its retry time has
+        come)."""
         now = time.time()
         if self.not_before.get(name, 0) > now:
             return False
@@ -3975,14 +4091,14 @@ class Worker:
         try:
             try:
                 return step(*args), None
-            except MalformedMessage as exc:
+            except MalformedMessageError as exc:
                 msg.give_up("malformed message: %s" % exc)
                 return ("moved to undeliverable/: malformed message: %s"
                         % exc, logging.ERROR)
             except PermanentError as exc:
                 msg.give_up(str(exc))
                 return "moved to undeliverable/: %s" % exc, logging.ERROR
-            except (TransientError, JPPSFault) as exc:
+            except (TransientError, JPPSFaultError) as exc:
                 return self._postpone(msg, exc)
             except MaildirError:
                 raise
@@ -4053,6 +4169,7 @@ class Worker:
     # -- the three kinds ----------------------------------------------------
 
     def deliver_registration(self, msg):
+        """Register the job of registration message `msg`; the outcome."""
         self._send_registration(msg)
         return self._receive_registration()
 
@@ -4065,19 +4182,22 @@ class Worker:
     def _receive_registration(self):
         try:
             self.client().receive()
-        except JPPSFault as fault:
+        except JPPSFaultError as fault:
             if fault.code == errno.EEXIST:       # already there: success
                 return "already registered"
             raise
         return "registered"
 
     def deliver_dump(self, msg):
+        """Upload and commit the LB dump message `msg` names; the outcome."""
         fields = parse_keyed(msg.read())
         msg.jobid = fields["jobid"]
         return self.deliver_file(msg, fields, CLASS_LB, TYPE_LB,
                                  failsafe=True)
 
     def deliver_sandbox(self, msg):
+        """Upload and commit the sandbox tarball message `msg` names; the
+        outcome."""
         fields = parse_keyed(msg.read())
         msg.jobid = fields["jobid"]
         return self.deliver_file(msg, fields, CLASS_SANDBOX, TYPE_SANDBOX,
@@ -4154,10 +4274,10 @@ class Worker:
         down = self.storage_down.get(server)
         now = time.time()
         if down is not None and down["until"] > now:
-            exc = RetryLater("storage %s unreachable since %s; not tried "
-                             "before %s" % (server, format_time(
-                                 down["since"]), format_time(down["until"])),
-                             down["until"] - now)
+            exc = RetryLaterError(
+                "storage %s unreachable since %s; not tried before %s"
+                % (server, format_time(down["since"]),
+                   format_time(down["until"])), down["until"] - now)
             exc.quiet = True
             raise exc
 
@@ -4205,7 +4325,7 @@ class Worker:
         """
         try:
             client.commit_upload(destination)
-        except JPPSFault as fault:
+        except JPPSFaultError as fault:
             started = float(msg.state.get("upload_started") or 0)
             if fault.code != errno.ENOENT or \
                     time.time() - started > UPLOAD_DEADLINE - 60:
@@ -4219,23 +4339,32 @@ class Worker:
 
     def start_upload(self, msg, client, jobid, source, file_class,
                      content_type, failsafe):
-        """The destination URL, or None when the file is already stored."""
-        for round_ in (1, 2):
-            try:
-                destination, deadline = client.start_upload(
-                    jobid, file_class, content_type)
-                if "eexist_since" in msg.state:
-                    msg.save_state(eexist_since=None)
-                return destination
-            except JPPSFault as fault:
-                if fault.code == errno.EEXIST:
-                    return self._already_stored(msg, fault)
-                if fault.code in (errno.ENOENT, None) and failsafe and \
-                        round_ == 1 and self.failsafe_register(
-                            client, jobid, source, fault):
-                    continue
+        """StartUpload of `jobid`'s file: the destination URL, or None
+        when the file is already stored (_already_stored).  With
+        `failsafe`, a job the JPPS does not know is registered
+        (failsafe_register) and StartUpload asked once more."""
+        try:
+            return self._start_upload(msg, client, jobid, file_class,
+                                      content_type)
+        except JPPSFaultError as fault:
+            if fault.code not in (errno.ENOENT, None) or not failsafe or \
+                    not self.failsafe_register(client, jobid, source, fault):
                 raise
-        raise AssertionError("not reached")
+        return self._start_upload(msg, client, jobid, file_class,
+                                  content_type)
+
+    def _start_upload(self, msg, client, jobid, file_class, content_type):
+        """One StartUpload call, as start_upload() describes it."""
+        try:
+            destination, _ = client.start_upload(jobid, file_class,
+                                                 content_type)
+        except JPPSFaultError as fault:
+            if fault.code == errno.EEXIST:
+                return self._already_stored(msg, fault)
+            raise
+        if "eexist_since" in msg.state:
+            msg.save_state(eexist_since=None)
+        return destination
 
     def _already_stored(self, msg, fault):
         """StartUpload EEXIST: an upload in progress, or a stored file.
@@ -4250,8 +4379,9 @@ class Worker:
         if now - first > UPLOAD_DEADLINE:
             return None
         msg.save_state(eexist_since=str(first))
-        raise RetryLater("%s; checking again after the JPPS upload deadline"
-                         % fault, first + UPLOAD_DEADLINE + 10 - now)
+        raise RetryLaterError("%s; checking again after the JPPS upload "
+                              "deadline" % fault,
+                              first + UPLOAD_DEADLINE + 10 - now)
 
     def failsafe_register(self, client, jobid, source, start_fault):
         """Register a job the JPPS does not know (StartUpload ENOENT).
@@ -4265,7 +4395,7 @@ class Worker:
         try:
             client.get_job_attributes(jobid, [REGTIME_ATTR])
             exists = True
-        except JPPSFault as fault:
+        except JPPSFaultError as fault:
             if fault.code not in (errno.ENOENT, errno.EPERM, None):
                 raise
             exists = fault.code == errno.EPERM
@@ -4281,7 +4411,7 @@ class Worker:
                  "%s)", jobid, client.address, owner)
         try:
             client.register_job(jobid, owner)
-        except JPPSFault as fault:
+        except JPPSFaultError as fault:
             if fault.code != errno.EEXIST:
                 raise
         return True
@@ -4358,6 +4488,7 @@ class Wakeup:
         self.signals = []
 
     def handler(self, sig, frame):
+        """The signal handler: record `sig` and wake wait()."""
         self.signals.append(sig)
         try:
             os.write(self.write_fd, b"s")
@@ -4365,6 +4496,7 @@ class Wakeup:
             pass
 
     def install(self, signals):
+        """Handle each of `signals` with handler()."""
         for sig in signals:
             signal.signal(sig, self.handler)
 
@@ -4383,10 +4515,12 @@ class Wakeup:
             pass
 
     def take(self):
+        """The signals received since the last take(), in order."""
         sigs, self.signals[:] = list(self.signals), []
         return sigs
 
     def close(self):
+        """Close the pipe."""
         os.close(self.read_fd)
         os.close(self.write_fd)
 
@@ -4486,6 +4620,7 @@ class Master:
         self.expiry_checked = time.monotonic()  # of the last expiry check
 
     def spawn(self, slot):
+        """Fork the worker of `slot`; in the child, run it to the end."""
         kind, maildir = self.slots[slot]
         master_pid = os.getpid()
         # Blocked over the fork: a TERM in the new worker before it has
@@ -4521,6 +4656,9 @@ class Master:
         self.started[slot] = time.monotonic()
 
     def reap(self, stopping):
+        """Collect the workers that ended; unless `stopping` (or a --once
+        worker is done), schedule their restart: at once for one that
+        ran a minute, else after a doubling back-off."""
         while self.children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -4565,6 +4703,8 @@ class Master:
                         format_time(self.credentials.not_after), warning)
 
     def housekeeping(self):
+        """The master's periodic chores: the credential's expiry (daily)
+        and the maildirs' stale and orphan files."""
         if time.monotonic() - self.expiry_checked > 86400:
             self.credentials.refresh()
             self.warn_expiry()
@@ -4659,6 +4799,7 @@ class Master:
                  "%.1fs", totals[0], totals[1], totals[2], seconds)
 
     def signal_children(self, sig):
+        """Send `sig` to every worker."""
         for pid in list(self.children):
             try:
                 os.kill(pid, sig)
@@ -4678,6 +4819,8 @@ class PidFile:
         self.fd = None
 
     def acquire(self):
+        """Open and lock the pid file; ConfigError when another
+        jp_importer holds it.  Returns self."""
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT |
                               os.O_NOFOLLOW, 0o644)
@@ -4707,6 +4850,7 @@ class PidFile:
         os.fsync(self.fd)
 
     def remove(self):
+        """Remove the pid file and close it."""
         unlink_quietly(self.path)
         os.close(self.fd)
 
@@ -4754,26 +4898,39 @@ def daemonize(keep_stderr=False):
 
 # -- logging ---------------------------------------------------------------
 
-_ROLE = {"role": "master"}
-
-
 class _Formatter(logging.Formatter):
     """One record, one line: control characters in the message escaped
     (a message name, a DN or a server's text cannot forge a log line)."""
 
     def formatMessage(self, record):
+        """The record formatted, its message made printable()."""
         record.message = printable(record.message)
         return logging.Formatter.formatMessage(self, record)
 
 
 class _RoleFilter(logging.Filter):
+    """Gives every record the `role` of this process, for the format:
+    "master", or a worker's kind and slot ("dump-1")."""
+
+    def __init__(self, role="master"):
+        logging.Filter.__init__(self)
+        self.role = role
+
     def filter(self, record):
-        record.role = _ROLE["role"]
+        record.role = self.role
         return True
 
 
+def _role_filters():
+    """The _RoleFilter of each of our log handlers."""
+    return [f for handler in log.handlers for f in handler.filters
+            if isinstance(f, _RoleFilter)]
+
+
 def set_role(role):
-    _ROLE["role"] = role
+    """Name this process's part in its log lines from now on."""
+    for role_filter in _role_filters():
+        role_filter.role = role
 
 
 def setup_logging(logfile=None, use_syslog=False, level=None):
@@ -4782,6 +4939,7 @@ def setup_logging(logfile=None, use_syslog=False, level=None):
     # line per message is logged, and the frame walk was a tenth of the
     # local work of a registration.
     logging._srcfile = None
+    roles = [f.role for f in _role_filters()]
     for handler in list(log.handlers):
         log.removeHandler(handler)
     if logfile:
@@ -4798,7 +4956,7 @@ def setup_logging(logfile=None, use_syslog=False, level=None):
         fmt = "%(asctime)s " + PROG + "[%(process)d] %(role)s: " \
             "%(levelname)s %(message)s"
     handler.setFormatter(_Formatter(fmt))
-    handler.addFilter(_RoleFilter())
+    handler.addFilter(_RoleFilter(*roles[:1]))    # the role set before
     log.addHandler(handler)
     if level is not None:           # else as set before (--log-level)
         log.setLevel(level)
@@ -4825,6 +4983,7 @@ def syslog_error():
 
 
 def reopen_logs():
+    """Reopen the log file (after logrotate moved it away)."""
     for handler in log.handlers:
         if isinstance(handler, logging.FileHandler):
             handler.acquire()
@@ -4854,6 +5013,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def default_pidfile():
+    """The pid file without -i: in /var/run for root, else in the home
+    directory."""
     if os.geteuid() == 0:
         return "/var/run/glite-jpimporter.pid"
     return os.path.join(os.path.expanduser("~"), "glite_jpimporter.pid")
@@ -4894,6 +5055,8 @@ class Options:
 
 
 def _number(opt, value, low=None, high=None, integer=False):
+    """The number `value` given to option `opt` (an int with `integer`),
+    within `low` and `high` when given; getopt.GetoptError if not."""
     try:
         number = int(value) if integer else float(value)
     except ValueError:
@@ -4907,6 +5070,8 @@ def _number(opt, value, low=None, high=None, integer=False):
 
 
 def _check_endpoint(opt, value):
+    """getopt.GetoptError unless `value` (given to `opt`) is a JPPS
+    address."""
     try:
         parse_endpoint(value)
     except ConfigError as exc:
@@ -5007,6 +5172,7 @@ def parse_args(argv):
 
 
 def usage(stream):
+    """Write the usage text (the module docstring) to `stream`."""
     stream.write(__doc__ % {
         "prog": PROG, "cadir": DEFAULT_CA_DIR, "jpps": DEFAULT_JPPS,
         "reg": DEFAULT_REG_MDIR, "dump": DEFAULT_DUMP_MDIR,
@@ -5025,6 +5191,8 @@ def file_directories(o):
 
 
 def open_maildirs(o, create=True):
+    """{kind: Maildir} of the three maildirs of options `o`, checked
+    and, with `create`, made."""
     return dict((kind, Maildir(os.path.abspath(path)).init(
         create, o.allow_shared_dirs))
         for kind, path in ((KIND_REG, o.reg_mdir), (KIND_DUMP, o.dump_mdir),
@@ -5032,6 +5200,7 @@ def open_maildirs(o, create=True):
 
 
 def maildir_paths(o):
+    """(kind, path) of each of the three maildirs of options `o`."""
     return ((KIND_REG, o.reg_mdir), (KIND_DUMP, o.dump_mdir),
             (KIND_SANDBOX, o.sandbox_mdir))
 
@@ -5132,6 +5301,8 @@ def status_report(o, now=None):
 
 
 def print_status(o, stream):
+    """Write the --status report (status_report()) as text to
+    `stream`."""
     now = time.time()
     report = status_report(o, now)
     daemon = report["daemon"]
@@ -5276,6 +5447,8 @@ def requeue_or_delete(o):
 
 
 def _jobid_forms(text):
+    """The normal form of `text` as a jobid, in a list; none if it is
+    not one."""
     try:
         return [parse_jobid(text)]
     except ValueError:
@@ -5356,6 +5529,7 @@ def to_stdout(write):
 
 
 def pidfile_owner(pidfile):
+    """The pid written in the locked `pidfile` (a PidFile), 0 if none."""
     try:
         os.lseek(pidfile.fd, 0, os.SEEK_SET)
         return int(os.read(pidfile.fd, 32).strip() or 0)

@@ -1303,7 +1303,7 @@ class TestImporterMessages(unittest.TestCase):
             b"jobid\thttps://lb/x\nfile\trelative\n": "absolute",
         }
         for data, reason in cases.items():
-            with self.assertRaises(jp_importer.MalformedMessage,
+            with self.assertRaises(jp_importer.MalformedMessageError,
                                    msg=data) as cm:
                 jp_importer.parse_keyed(data)
             self.assertIn(reason, str(cm.exception))
@@ -1311,7 +1311,7 @@ class TestImporterMessages(unittest.TestCase):
                              (b"https://lb/x\n", "owner"),
                              (b"https://lb/x\na\nb", "several lines"),
                              (b"nonsense\nowner", "jobid")):
-            with self.assertRaises(jp_importer.MalformedMessage) as cm:
+            with self.assertRaises(jp_importer.MalformedMessageError) as cm:
                 jp_importer.parse_registration(data)
             self.assertIn(reason, str(cm.exception))
 
@@ -1332,7 +1332,7 @@ class TestImporterSoapParsing(unittest.TestCase):
                 "<SOAP-ENV:Fault><faultcode>SOAP-ENV:Server</faultcode>"
                 "<faultstring>Oh, shit!</faultstring><detail>%s</detail>"
                 "</SOAP-ENV:Fault>" % (wrapper % detail))
-            with self.assertRaises(jp_importer.JPPSFault) as cm:
+            with self.assertRaises(jp_importer.JPPSFaultError) as cm:
                 jp_importer.parse_soap_response("StartUpload", body)
             self.assertEqual(cm.exception.code, errno.ENOENT)
             self.assertEqual([c[0] for c in cm.exception.chain], ["a", "b"])
@@ -1342,7 +1342,7 @@ class TestImporterSoapParsing(unittest.TestCase):
         body = self.envelope("<SOAP-ENV:Fault><faultcode>SOAP-ENV:Server"
                              "</faultcode><faultstring>boom</faultstring>"
                              "</SOAP-ENV:Fault>")
-        with self.assertRaises(jp_importer.JPPSFault) as cm:
+        with self.assertRaises(jp_importer.JPPSFaultError) as cm:
             jp_importer.parse_soap_response("RegisterJob", body)
         self.assertIsNone(cm.exception.code)
 
@@ -1366,7 +1366,7 @@ class TestImporterSoapParsing(unittest.TestCase):
         dest, commit = client.start_upload("https://lb:9000/a<&>",
                                            jp_importer.CLASS_LB, "text/lb")
         client.commit_upload(dest)
-        with self.assertRaises(jp_importer.JPPSFault) as cm:
+        with self.assertRaises(jp_importer.JPPSFaultError) as cm:
             client.get_job_attributes("https://lb:9000/a<&>",
                                       [REGTIME_ATTR])
         self.assertEqual(cm.exception.code, errno.EPERM)  # not the owner
@@ -1598,7 +1598,7 @@ class TestQueueQuarantine(unittest.TestCase):
 
     def test_owner_with_a_control_character_is_malformed(self):
         for owner in ("/CN=a\x01b", "/CN=a\rb", "/CN=\x1b[31m", "/CN=\x7f"):
-            with self.assertRaises(jp_importer.MalformedMessage) as cm:
+            with self.assertRaises(jp_importer.MalformedMessageError) as cm:
                 jp_importer.parse_registration(
                     ("https://lb/x\n" + owner).encode())
             self.assertIn("control character", str(cm.exception))
@@ -2986,7 +2986,7 @@ class TestGridFTPUpload(unittest.TestCase):
         cls.secure.stop()
 
     def setUp(self):
-        jp_importer._DCAU_DEMANDED.clear()      # --dcau auto starts with N
+        jp_importer._KEPT.dcau_demands.clear()      # --dcau auto starts with N
         self.dir = tempfile.mkdtemp(prefix="jp-gsiftp-test-")
         self.addCleanup(shutil.rmtree, self.dir, True)
         self.proxy = jp_importer.Credentials(self.pki.proxy, self.pki.proxy,
@@ -3342,7 +3342,7 @@ class TestConnectionReuse(FTPSCase):
 
     def setUp(self):
         FTPSCase.setUp(self)
-        jp_importer._DCAU_DEMANDED.clear()
+        jp_importer._KEPT.dcau_demands.clear()
         self.addCleanup(jp_importer.close_connections)
         self.payload = payloads(self.dir, (10000,))[0][1]
 
@@ -5218,6 +5218,15 @@ class TestOperatorWatching(unittest.TestCase):
         self.assertEqual(output.count("is back (unreachable since"), 1,
                          output)
         self.assertEqual(len(h.jpps.ops("StartUpload")), 4)
+
+    def test_log_lines_name_the_process(self):
+        h = ImporterHarness(self)
+        drop_message(h.reg, registration(0))
+        proc = h.once()
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertRegex(proc.stderr, r"\] registration-0: INFO registration "
+                         r"https://\S+: registered")
+        self.assertRegex(proc.stderr, r"\] master: INFO --once: 1 delivered")
 
 
 # ---------------------------------------------------------------------------
@@ -7376,8 +7385,8 @@ class TestCredentialsHardening(unittest.TestCase):
         p = pki()
         secure = GridFTPPeer(p, encrypt_data=True)
         self.addCleanup(secure.stop)
-        jp_importer._DCAU_DEMANDED.clear()
-        self.addCleanup(jp_importer._DCAU_DEMANDED.clear)
+        jp_importer._KEPT.dcau_demands.clear()
+        self.addCleanup(jp_importer._KEPT.dcau_demands.clear)
         # The JPPS is https://localhost:P; its destinations name the same
         # server by address: another host as far as trust goes.
         by_address = "gsiftp://127.0.0.1:%d%s/chain" % (secure.port,

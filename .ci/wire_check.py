@@ -48,7 +48,7 @@ def main():
         for step in steps:
             try:
                 step()
-            except jp_importer.JPPSFault:
+            except jp_importer.JPPSFaultError:
                 pass
         jpps.register("https://lb.example.org:9000/mine", pki.host_dn)
         jp.get_job_attributes("https://lb.example.org:9000/mine",

@@ -34,8 +34,7 @@ that class):
     the daemon, end to end     TestImporterRegistrations, TestMigration,
                                TestImporterUploads, TestGSoapJPPSPeer,
                                TestImporterProcesses, TestFaultsClear
-  Transports                   TestFTPSUpload, TestFTPSTransport,
-                               TestGridFTPUpload,
+  Transports                   TestFTPSTransport, TestGridFTPUpload,
                                TestConnectionReuse, TestTransportLimits
   lb_dump_exporter             TestDumpExporter, TestOnATerminal,
                                TestExporterHostileInput
@@ -3682,12 +3681,19 @@ class TestFaultsClear(unittest.TestCase):
 # connections, limits
 # ---------------------------------------------------------------------------
 
-class TestFTPSUpload(FTPSCase):
-    """The ftp:// transport against the real vsftpd and the fixture."""
+class TestFTPSTransport(FTPSCase):
+    """The ftp:// transport against the real vsftpd and the fixture:
+    client certificates and proxies, session reuse, plain FTP, implicit
+    TLS, untrusted or misnamed servers, time limits, QUIT after refusals,
+    credentials in the URL, the importer delivering to vsftpd."""
+
+    def vsftpd(self, **kw):
+        peer = VsftpdPeer(self.pki, **kw)
+        self.addCleanup(peer.stop)
+        return peer
 
     def test_vsftpd_with_session_reuse_and_client_certificates(self):
-        peer = VsftpdPeer(self.pki)
-        self.addCleanup(peer.stop)
+        peer = self.vsftpd()
         user = jp_importer.Credentials(self.pki.user_cert, self.pki.user_key,
                                        self.pki.ca_dir)
         for size, path, digest in payloads(self.dir, UPLOAD_SIZES):
@@ -3700,8 +3706,7 @@ class TestFTPSUpload(FTPSCase):
                                  (name, size))
 
     def test_vsftpd_refuses_an_untrusted_client(self):
-        peer = VsftpdPeer(self.pki)
-        self.addCleanup(peer.stop)
+        peer = self.vsftpd()
         payload = payloads(self.dir, (10,))[0][1]
         rogue = jp_importer.Credentials(self.pki.rogue_cert,
                                         self.pki.rogue_key, self.pki.ca_dir)
@@ -3821,8 +3826,7 @@ class TestFTPSUpload(FTPSCase):
         self.assertIn("530", proc.stderr)
 
     def test_importer_delivers_dumps_and_sandboxes_to_vsftpd(self):
-        peer = VsftpdPeer(self.pki)
-        self.addCleanup(peer.stop)
+        peer = self.vsftpd()
         h = ImporterHarness(self, dest_base=peer.url("jpps"),
                             local_root=peer.root)
         jobid, path = write_dump(h, 1, size=200000)
@@ -3838,14 +3842,6 @@ class TestFTPSUpload(FTPSCase):
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertEqual(sorted(h.jpps.committed.values()), digests)
         self.assertFalse(os.path.exists(path) or os.path.exists(archive))
-
-
-class TestFTPSTransport(FTPSCase):
-
-    def vsftpd(self, **kw):
-        peer = VsftpdPeer(self.pki, **kw)
-        self.addCleanup(peer.stop)
-        return peer
 
     def test_plain_server_needs_allow_plain(self):
         ftps = self.fixture(tls=False)

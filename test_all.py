@@ -1950,6 +1950,10 @@ class ExporterRun:
 # ---------------------------------------------------------------------------
 
 class TestPKI(unittest.TestCase):
+    """The throwaway PKI looks like a grid node's: a CA directory with hash
+    links and a signing policy, a host certificate for localhost, an RFC
+    3820 proxy that openssl verifies as one."""
+
 
     def test_proxy_verifies_as_rfc3820(self):
         p = pki()
@@ -1974,6 +1978,13 @@ class TestPKI(unittest.TestCase):
 
 
 class TestJPPSFixture(unittest.TestCase):
+    """The JPPS fixture keeps the real contract, since it is all we have of
+    the JPPS: strict SOAP as the WSDL says (namespaces, unqualified
+    children in order, required elements, xsd:dateTime, Content-Type and
+    SOAPAction), client certificates (proxies as their user), EEXIST,
+    ENOENT and EPERM where the JPPS answers them, one file per class per
+    job, and faults in the genericFault shape."""
+
 
     JOB = "https://lb.example.org:9000/rReV1TpJ5oY0Z1_M4NBfHw"
 
@@ -2128,6 +2139,11 @@ class TestJPPSFixture(unittest.TestCase):
 # ---------------------------------------------------------------------------
 
 class TestImporterMessages(unittest.TestCase):
+    """Message parsing in-process: jobids normalised with port 9000, the
+    registration format, the keyed formats every writer (ours, the
+    original exporter with its broken -j, the original upload library)
+    produces, and what is malformed."""
+
 
     def test_jobid_normalised_with_default_port(self):
         self.assertEqual(jp_importer.parse_jobid("https://lb.example.org/x"),
@@ -2195,6 +2211,10 @@ class TestImporterMessages(unittest.TestCase):
 
 
 class TestImporterSoapParsing(unittest.TestCase):
+    """The SOAP layer in-process: fault chains in both shapes and without
+    detail, hostile answers (a DTD, over 1 MiB, wrong namespaces) refused
+    before parsing, and request envelopes the strict fixture accepts."""
+
 
     def envelope(self, body):
         return JPPSFixture.envelope(body).encode()
@@ -2264,6 +2284,11 @@ class TestImporterSoapParsing(unittest.TestCase):
 
 
 class TestImporterMaildir(unittest.TestCase):
+    """The maildir engine in-process: an exclusive claim that sees a dead
+    owner, postponing with backoff and giving up, --requeue, lone tmp/
+    copies queued again, symlinked messages not followed, shared
+    directories refused, orphan spool archives removed."""
+
 
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="jp-maildir-test-")
@@ -2531,6 +2556,11 @@ class TestQueueQuarantine(unittest.TestCase):
 # ---------------------------------------------------------------------------
 
 class TestImporterRegistrations(unittest.TestCase):
+    """Registrations through the daemon and --once against the fixture:
+    delivered or quarantined, a JPPS down, hung or misbehaving (500,
+    garbage, truncated, a DTD, dropped) is retried, giving up only after
+    a failed attempt past the age, --status and --requeue."""
+
 
     def test_once_delivers_and_quarantines(self):
         h = ImporterHarness(self)
@@ -2772,6 +2802,12 @@ class TestMigration(unittest.TestCase):
 
 
 class TestImporterUploads(unittest.TestCase):
+    """Dumps and sandboxes through StartUpload, the FTPS fixture and
+    CommitUpload: files removed or stored, the failsafe registration with
+    the dump's owner, files that must not be uploaded (and one swapped
+    after the check), and every crash or lost answer between the steps
+    ending delivered once."""
+
 
     def assert_drained(self, maildir):
         for sub in ("new", "work", "post", "undeliverable", "tmp", "state"):
@@ -3228,6 +3264,12 @@ class TestGSoapJPPSPeer(unittest.TestCase):
 
 
 class TestImporterProcesses(unittest.TestCase):
+    """The process model: SIGKILL of a worker or the whole daemon loses
+    nothing, SIGTERM finishes the message in hand, the pid file lock and
+    the real detaching daemon, SIGHUP and a renewed credential, a worker
+    that keeps dying under --once, and one-line errors for bad command
+    lines and credentials."""
+
 
     def test_once_ends_when_a_worker_keeps_dying(self):
         """--once restarts a worker that died ONCE_RESTARTS times, then
@@ -4024,7 +4066,13 @@ class TestFTPSTransport(FTPSCase):
 
 
 class TestGridFTPUpload(unittest.TestCase):
-    """The gsiftp:// transport against the real globus-gridftp-server."""
+    """The gsiftp:// transport against the real globus-gridftp-server:
+    sizes from 0 bytes to 64 MiB with a proxy and a host certificate,
+    byte-identical and read back by globus-url-copy; DCAU N, A with
+    delegation against -encrypt-data, A with clear data, a client capped
+    at TLS 1.2; killed, stalled and silent servers; forbidden
+    destinations; untrusted servers and clients; the importer delivering
+    through the JPPS fixture."""
 
     @classmethod
     def setUpClass(cls):
@@ -4812,6 +4860,11 @@ class TestTransportLimits(FTPSCase):
 # ---------------------------------------------------------------------------
 
 class TestDumpExporter(unittest.TestCase):
+    """lb_dump_exporter on the samples and on large generated dumps,
+    grouped and -x, with bad lines; gzip and stdin; safe file names and
+    stores; and durability: kills and reruns, syncs before publication,
+    a failed sync, file size limits, a pausing pipe."""
+
 
     def test_real_samples(self):
         for sample in ("sample_job_waiting", "sample_job_aborted",
@@ -5712,6 +5765,10 @@ class TestExporterHostileInput(unittest.TestCase):
 # ---------------------------------------------------------------------------
 
 class TestUploadFiles(unittest.TestCase):
+    """jp_upload_files: a complete GNU tar archive, the message bytes
+    written the maildir way, the command line and the function, errors
+    that are one line and leave nothing, and delivery by the importer."""
+
 
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="jp-upload-files-test-")

@@ -48,6 +48,7 @@ import getopt
 import gzip
 import hashlib
 import io
+import itertools
 import os
 import re
 import select
@@ -99,6 +100,13 @@ CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 # pattern for whole KEY=VALUE fields, where a bare value could swallow
 # the next field, took exponential time on a line like a=a=a=...b\").
 BALANCED_RE = re.compile(rb'[^"]*(?:"[^"\\]*(?:\\.[^"\\]*)*"[^"]*)*')
+# A whole block of lines is checked at once (Exporter.block): the jobid
+# field of each line, found after a space, and the rest of that line
+# skipped (a second field in it shows in the count of JOBID_FIELD).
+BLOCK_JOBID_RE = re.compile(rb' DG\.JOBID="([^"\n]*)"[^\n]*\n')
+# translate() deletes these: what is left of a block is its quotes,
+# backslashes and line ends.
+NOT_QUOTING = bytes(range(256)).translate(None, b'"\\\n')
 UNSAFE_NAME_RE = re.compile(r"[^A-Za-z0-9_.-]|^\.")
 
 # ---------------------------------------------------------------------------
@@ -365,13 +373,14 @@ class Job:
 
     __slots__ = ("jobid", "name", "path", "fd", "buf", "buffered", "size",
                  "message", "retracted", "published", "finished",
-                 "fields")
+                 "fields", "joined")
 
     def __init__(self, jobid, name, path):
         self.jobid, self.name, self.path = jobid, name, path
         self.fd = None
         self.buf = []             # lines not yet written
         self.buffered = 0
+        self.joined = 0           # lines in buf beyond one per item
         self.size = 0
         self.message = None       # its maildir name, once written
         self.retracted = None     # private path of a message taken back
@@ -615,7 +624,90 @@ class Exporter:
 
     # -- lines ------------------------------------------------------------
 
-    def lines(self, number, lines, size=0, clean=False):
+    def block(self, number, data, clean=False):
+        """Route a block of whole lines, each ending with LF.
+
+        `number`: the number of the line before the block; `clean`: as
+        for lines().  Returns the number of the block's last line.
+
+        When every line of the block passes the checks (_block_ids(),
+        a few passes over the whole block), a grouped dump's lines reach
+        their job a run at a time, and only the first line of each job
+        goes through lines().  With -x, or when a line fails, every line
+        of the block goes through lines(), which says what is wrong with
+        which line.
+        """
+        # -x: lines of one job seldom follow each other; lines() routes
+        # and checks each (cheaper than checking the block first).
+        ids = None if self.mixed else self._block_ids(data)
+        if ids is None:
+            lines = data.split(b"\n")
+            lines.pop()
+            return self.lines(number, lines, len(data), clean)
+        runs = [(ident, len(list(group)))
+                for ident, group in itertools.groupby(ids)]
+        pos = 0
+        for i, (ident, count) in enumerate(runs):
+            if i + 1 < len(runs):
+                # The next run begins at the first line naming its job.
+                stop = data.rfind(b"\n", pos, data.find(
+                    JOBID_FIELD + runs[i + 1][0] + b'"', pos)) + 1
+            else:
+                stop = len(data)
+            field = JOBID_FIELD + ident + b'"'
+            if field != self.current_field:
+                # A new job: its first line the long way (it may be
+                # rejected, or of a job announced by an earlier run).
+                first = data.index(b"\n", pos)
+                number = self.lines(number, [data[pos:first]], checked=True)
+                pos, count = first + 1, count - 1
+                if field != self.current_field:
+                    lines = data[pos:stop].split(b"\n")
+                    lines.pop()
+                    number = self.lines(number, lines, checked=True)
+                    pos = stop
+                    continue
+            if count:
+                job = self.current
+                job.buf.append(data[pos:stop - 1])
+                job.joined += count - 1
+                job.buffered += stop - pos
+                number += count
+                if job.buffered > JOB_BUFFER:
+                    self._flush(job)
+            pos = stop
+        return number
+
+    @staticmethod
+    def _block_ids(data):
+        """The jobid (bytes) of each line of `data`, whole lines; None
+        when a line must go the long way.
+
+        A line passes if it has no NUL byte, exactly one DG.JOBID field,
+        after a space, and balanced quotes.  Of a line without a
+        backslash, translate() and removing the pairs '""' leave nothing
+        if its quotes pair up, one '"' if not; a line with a backslash
+        gets BALANCED_RE.
+        """
+        if b"\0" in data:
+            return None
+        ids = BLOCK_JOBID_RE.findall(data)
+        count = data.count(b"\n")
+        if len(ids) != count or data.count(JOBID_FIELD) != count:
+            return None
+        quoting = data.translate(None, NOT_QUOTING).replace(b'""', b"")
+        if quoting.startswith(b'"\n') or b'\n"\n' in quoting:
+            return None
+        at = data.find(b"\\")
+        while at >= 0:
+            start = data.rfind(b"\n", 0, at) + 1
+            end = data.index(b"\n", at)
+            if BALANCED_RE.fullmatch(data, start, end) is None:
+                return None
+            at = data.find(b"\\", end)
+        return ids
+
+    def lines(self, number, lines, size=0, clean=False, checked=False):
         """Route lines (without LF), numbered from `number` + 1.
 
         The hot loop: a line of the job being written (every line but
@@ -623,7 +715,8 @@ class Exporter:
         open, costs a few bytes operations; everything else goes the
         long way.  `clean` says the block has no NUL byte and no
         backslash: then a line's quotes are balanced when their number
-        is even.
+        is even.  `checked`: every line has passed _block_ids() (one
+        DG.JOBID field, balanced quotes, no NUL byte).
         """
         field, job = self.current_field, self.current
         quotes_ok = self._quotes_ok
@@ -641,14 +734,14 @@ class Exporter:
                 target = by_field.get(line[at:line.find(
                     b'"', at + skip) + 1]) if at >= 0 else None
             if target is None or at < 0 or (at and line[at - 1] != 32) or \
-                    line.count(JOBID_FIELD) != 1 or (
+                    not checked and (line.count(JOBID_FIELD) != 1 or (
                         line.count(b'"') & 1 if clean else
-                        b"\0" in line or not quotes_ok(line)):
+                        b"\0" in line or not quotes_ok(line))):
                 if not line or line == b"\r":
                     self.counts["blank"] += 1
                     continue
                 try:
-                    target = self._job_of(line)
+                    target = self._job_of(line, checked)
                 except BadLine as exc:
                     self.reject(number, line, str(exc))
                     continue
@@ -675,7 +768,7 @@ class Exporter:
             return line.count(b'"') % 2 == 0
         return BALANCED_RE.fullmatch(line) is not None
 
-    def _job_of(self, line):
+    def _job_of(self, line, checked=False):
         if b"\0" in line:
             raise BadLine("NUL byte in line")
         start = line.find(JOBID_FIELD)
@@ -683,7 +776,7 @@ class Exporter:
             raise BadLine("no DG.JOBID field")
         if line.count(JOBID_FIELD) != 1:
             raise BadLine("DG.JOBID given twice")
-        if not self._quotes_ok(line):
+        if not checked and not self._quotes_ok(line):
             raise BadLine("unbalanced quotes")
         end = line.find(b'"', start + len(JOBID_FIELD))
         field = line[start:end + 1]
@@ -872,10 +965,10 @@ class Exporter:
             write_all(job.fd, data)
         except OSError as exc:
             raise Error("cannot write %s: %s" % (job.path, exc.strerror))
-        self.counts["exported"] += len(job.buf)
+        self.counts["exported"] += len(job.buf) + job.joined
         job.size += len(data)
         job.buf = []
-        job.buffered = 0
+        job.buffered = job.joined = 0
 
     def reject(self, number, line, reason, more=()):
         """Keep a bad line where the admin sees it; go on with the rest.
@@ -1229,23 +1322,29 @@ def reader(stream, source, fd=None, idle=None):
 def split(exporter, read, data, tick=None):
     """Feed every line of the input to the exporter; the line count.
 
-    The input is read in big blocks and split with bytes.split: the
-    per-line work left in Python is a few bytes operations.
+    exporter: the Exporter; read: a reader() function; data: the first
+    bytes of the input, already read; tick: called after each block
+    (the progress line), or None.  The input is read in big blocks and
+    handed on as blocks of whole lines (Exporter.block), so that the
+    per-line work is done by bytes and re methods on a whole block.
     """
     number = 0
     carry = b""
     while True:
         if carry:
             data = carry + data
-        lines = data.split(b"\n")
-        carry = lines.pop()
-        if lines and len(lines[0]) > MAX_LINE:
+        end = data.rfind(b"\n") + 1
+        block, carry = data[:end], data[end:]
+        first = block.find(b"\n")
+        if first > MAX_LINE:
             # Only the first can be: the end of a long carry came in data.
             number += 1
-            exporter.reject(number, lines.pop(0), "line longer than %d "
+            exporter.reject(number, block[:first], "line longer than %d "
                             "bytes" % MAX_LINE)
-        number = exporter.lines(number, lines, len(data),
-                                b"\0" not in data and b"\\" not in data)
+            block = block[first + 1:]
+        if block:
+            number = exporter.block(number, block, b"\0" not in block and
+                                    b"\\" not in block)
         if len(carry) > MAX_LINE:
             # No end in sight: all of it into the rejects file, a block at
             # a time as it is read (a line of a gigabyte, or a small gzip

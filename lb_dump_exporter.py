@@ -49,6 +49,8 @@ import gzip
 import hashlib
 import io
 import itertools
+import marshal
+import mmap
 import os
 import re
 import select
@@ -83,6 +85,7 @@ JOB_BUFFER = 256 * 1024          # lines of a job written in one go
 MIXED_BUFFER = 16 * 1024 * 1024  # -x: at most this much buffered in all
 KNOWN_JOBIDS = 10000             # parsed jobids remembered (-x mostly)
 MAX_SAFE_NAME = 120
+CHECKER_WAIT = 60.0             # a checker silent this long is given up
 REJECTS_SHOWN = 20               # rejected lines reported on stderr, at most
 JOURNAL_KEEP = 30 * 86400        # a finished dump's journal entries, kept
 COMPLETE = b"complete\n"         # a journal's last line, once finished
@@ -624,11 +627,13 @@ class Exporter:
 
     # -- lines ------------------------------------------------------------
 
-    def block(self, number, data, clean=False):
+    def block(self, number, data, clean=False, ids=False):
         """Route a block of whole lines, each ending with LF.
 
         `number`: the number of the line before the block; `clean`: as
-        for lines().  Returns the number of the block's last line.
+        for lines(); `ids`: what _block_ids(data) returns, when already
+        known (a Checker's answer).  Returns the number of the block's
+        last line.
 
         When every line of the block passes the checks (_block_ids(),
         a few passes over the whole block), a grouped dump's lines reach
@@ -637,13 +642,16 @@ class Exporter:
         of the block goes through lines(), which says what is wrong with
         which line.
         """
-        # -x: lines of one job seldom follow each other; lines() routes
-        # and checks each (cheaper than checking the block first).
-        ids = None if self.mixed else self._block_ids(data)
-        if ids is None:
+        if ids is False:
+            # -x: lines of one job seldom follow each other; lines()
+            # routes and checks each (cheaper than checking the block
+            # first, unless a checker did that on another core).
+            ids = None if self.mixed else self._block_ids(data)
+        if ids is None or self.mixed:
             lines = data.split(b"\n")
             lines.pop()
-            return self.lines(number, lines, len(data), clean)
+            return self.lines(number, lines, len(data), clean,
+                              checked=ids is not None)
         runs = [(ident, len(list(group)))
                 for ident, group in itertools.groupby(ids)]
         pos = 0
@@ -1284,6 +1292,112 @@ def export(o, stderr=sys.stderr):
     return EXIT_REJECTED if counts["rejected"] else 0
 
 
+class Checker:
+    """A child process that runs Exporter._block_ids() on the blocks
+    handed to it, while the exporter routes and writes the block before:
+    the checks, most of the exporter's CPU time, run on another core.
+
+    It touches no file and holds no state: it reads a block from memory
+    shared with the exporter and answers with the jobids.  Killed, or
+    silent for CHECKER_WAIT seconds, it is done without: the exporter
+    checks the blocks itself.  It ends when the exporter's end of the
+    pipe closes, also when the exporter is killed.
+    """
+
+    SLOTS = 2                     # blocks handed over, not yet taken
+
+    def __init__(self):
+        """Fork the checker.  Raises OSError when it cannot be started."""
+        self.size = MAX_LINE + 2 * CHUNK       # a block is never longer
+        self.shared = mmap.mmap(-1, self.size * self.SLOTS)
+        self.waiting = []         # blocks handed over, oldest first
+        self.slot = 0
+        asks, self.ask = os.pipe()
+        self.answers, answer = os.pipe()
+        try:
+            self.pid = os.fork()
+        except OSError:
+            for fd in (asks, self.ask, self.answers, answer):
+                os.close(fd)
+            raise
+        if self.pid == 0:
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                os.close(self.ask)
+                os.close(self.answers)
+                self._serve(asks, answer)
+            finally:
+                os._exit(0)
+        os.close(asks)
+        os.close(answer)
+
+    def _serve(self, asks, answer):
+        """The child: check each block asked for until the pipe ends."""
+        with os.fdopen(asks, "rb") as requests:
+            for request in requests:
+                slot, length = map(int, request.split())
+                start = slot * self.size
+                reply = marshal.dumps(Exporter._block_ids(
+                    self.shared[start:start + length]))
+                write_all(answer, b"%010d%s" % (len(reply), reply))
+
+    def give(self, data):
+        """Hand the block `data` over; False when the checker cannot
+        take it (gone, or all slots are waiting to be taken)."""
+        if self.pid is None or len(self.waiting) >= self.SLOTS or \
+                len(data) > self.size:
+            return False
+        start = self.slot * self.size
+        self.shared[start:start + len(data)] = data
+        try:
+            write_all(self.ask, b"%d %d\n" % (self.slot, len(data)))
+        except OSError:
+            self.close()
+            return False
+        self.slot = (self.slot + 1) % self.SLOTS
+        self.waiting.append(data)
+        return True
+
+    def take(self):
+        """(block, its jobids as _block_ids() gives them) of the oldest
+        block handed over; checked here if the checker is gone."""
+        data = self.waiting.pop(0)
+        if self.pid is not None:
+            try:
+                size = int(self._read(10))
+                return data, marshal.loads(self._read(size))
+            except (OSError, ValueError, EOFError, TypeError):
+                self.close()
+        return data, Exporter._block_ids(data)
+
+    def _read(self, size):
+        """`size` bytes of the answer pipe.  Raises EOFError when the
+        checker is gone or silent for CHECKER_WAIT seconds."""
+        got = []
+        while size:
+            if not select.select([self.answers], [], [], CHECKER_WAIT)[0]:
+                raise EOFError("checker silent")
+            piece = os.read(self.answers, size)
+            if not piece:
+                raise EOFError("checker gone")
+            got.append(piece)
+            size -= len(piece)
+        return b"".join(got)
+
+    def close(self):
+        """End the checker (blocks still waiting are checked by take())."""
+        if self.pid is None:
+            return
+        for fd in (self.ask, self.answers):
+            os.close(fd)
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        os.waitpid(self.pid, 0)
+        self.pid = None
+
+
 def reader(stream, source, fd=None, idle=None):
     """read() of CHUNK bytes, with read errors as one clear Error.
 
@@ -1327,57 +1441,97 @@ def split(exporter, read, data, tick=None):
     (the progress line), or None.  The input is read in big blocks and
     handed on as blocks of whole lines (Exporter.block), so that the
     per-line work is done by bytes and re methods on a whole block.
+    From the second block on, a Checker checks each block on another
+    core while the one before is routed.
     """
     number = 0
     carry = b""
-    while True:
-        if carry:
-            data = carry + data
-        end = data.rfind(b"\n") + 1
-        block, carry = data[:end], data[end:]
-        first = block.find(b"\n")
-        if first > MAX_LINE:
-            # Only the first can be: the end of a long carry came in data.
-            number += 1
-            exporter.reject(number, block[:first], "line longer than %d "
-                            "bytes" % MAX_LINE)
-            block = block[first + 1:]
-        if block:
-            number = exporter.block(number, block, b"\0" not in block and
-                                    b"\\" not in block)
-        if len(carry) > MAX_LINE:
-            # No end in sight: all of it into the rejects file, a block at
-            # a time as it is read (a line of a gigabyte, or a small gzip
-            # of one, costs no gigabyte of memory).
-            number += 1
-            rest = []
+    blocks = 0
+    checker = None
 
-            def pieces():
-                piece = read()
-                while piece and b"\n" not in piece:
-                    yield piece
-                    if tick:
-                        tick()
+    def routed(number, keep=0):
+        # The blocks handed to the checker, in order, until `keep` wait.
+        while checker is not None and len(checker.waiting) > keep:
+            block, ids = checker.take()
+            number = exporter.block(number, block, b"\0" not in block and
+                                    b"\\" not in block, ids)
+        return number
+    try:
+        while True:
+            if carry:
+                data = carry + data
+            end = data.rfind(b"\n") + 1
+            block, carry = data[:end], data[end:]
+            first = block.find(b"\n")
+            if first > MAX_LINE:
+                # Only the first can be: the end of a long carry came in
+                # data.
+                number = routed(number)
+                number += 1
+                exporter.reject(number, block[:first], "line longer than "
+                                "%d bytes" % MAX_LINE)
+                block = block[first + 1:]
+            if block:
+                blocks += 1
+                if blocks == 2:
+                    checker = start_checker()
+                if checker is not None and checker.give(block):
+                    number = routed(number, checker.SLOTS - 1)
+                else:
+                    number = routed(number)
+                    number = exporter.block(number, block, b"\0" not in
+                                            block and b"\\" not in block)
+            if len(carry) > MAX_LINE:
+                # No end in sight: all of it into the rejects file, a
+                # block at a time as it is read (a line of a gigabyte, or
+                # a small gzip of one, costs no gigabyte of memory).
+                number = routed(number)
+                number += 1
+                rest = []
+
+                def pieces():
                     piece = read()
-                end = piece.find(b"\n") if piece else 0
-                yield piece[:end]
-                rest.append(piece[end + 1:])
-            exporter.reject(number, carry, "line longer than %d bytes"
-                            % MAX_LINE, pieces())
-            carry, data = b"", rest[0]
-            if not data:
-                data = read()
+                    while piece and b"\n" not in piece:
+                        yield piece
+                        if tick:
+                            tick()
+                        piece = read()
+                    end = piece.find(b"\n") if piece else 0
+                    yield piece[:end]
+                    rest.append(piece[end + 1:])
+                exporter.reject(number, carry, "line longer than %d bytes"
+                                % MAX_LINE, pieces())
+                carry, data = b"", rest[0]
                 if not data:
-                    break
-            continue
-        if tick:
-            tick()
-        data = read()
-        if not data:
-            break
+                    data = read()
+                    if not data:
+                        break
+                continue
+            if tick:
+                tick()
+            data = read()
+            if not data:
+                break
+        number = routed(number)
+    finally:
+        if checker is not None:
+            checker.close()
     if carry:                  # a last line without LF
         number = exporter.lines(number, [carry])
     return number
+
+
+def start_checker():
+    """A new Checker; None where it would not help (one CPU), is not
+    safe (threads running: the fork would copy none of them) or cannot
+    start."""
+    if (os.cpu_count() or 1) < 2 or threading.active_count() > 1 or \
+            not hasattr(os, "fork"):
+        return None
+    try:
+        return Checker()
+    except (OSError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------------------

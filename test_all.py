@@ -8151,6 +8151,14 @@ class TestExporterSpeedPaths(unittest.TestCase):
         except OSError:
             return True
 
+    def big_dump(self, jobs, extra=()):
+        """(ExporterRun, table, dump bytes) of `jobs` jobs of 3 lines of
+        about 650 bytes; mixed by 40 for ("-x",).  Not scaled: the sizes
+        are the exporter's blocks (1 MB)."""
+        table, data = generated_dump(jobs, per_job=3,
+                                     interleave=40 if extra else 1, pad=300)
+        return ExporterRun(self), table, data
+
     def start_fed(self, x, data, *extra):
         """An exporter reading `data` from a pipe, fed 2 MB of it: past
         the first block (its first MB), so its checker is running;
@@ -8165,10 +8173,7 @@ class TestExporterSpeedPaths(unittest.TestCase):
 
     def test_killed_checker_loses_nothing(self):
         for extra in ((), ("-x",)):
-            x = ExporterRun(self)
-            table, data = generated_dump(scaled(6000, 1), per_job=3,
-                                         interleave=40 if extra else 1,
-                                         pad=300)
+            x, table, data = self.big_dump(2000, extra)
             proc, checker = self.start_fed(x, data, *extra)
             os.kill(checker, signal.SIGKILL)
             proc.stdin.write(data[2 << 20:])
@@ -8177,8 +8182,7 @@ class TestExporterSpeedPaths(unittest.TestCase):
             x.assert_exported(table)
 
     def test_killed_exporter_leaves_no_checker(self):
-        x = ExporterRun(self)
-        table, data = generated_dump(scaled(6000, 1), per_job=3, pad=300)
+        x, table, data = self.big_dump(2000)
         proc, checker = self.start_fed(x, data)
         proc.kill()
         proc.wait(TIMEOUT)
@@ -8195,10 +8199,7 @@ class TestExporterSpeedPaths(unittest.TestCase):
         # fast way.  Each bad line is rejected with its number and
         # reason, and the jobs hold exactly their good lines.
         for extra in ((), ("-x",)):
-            x = ExporterRun(self)
-            table, data = generated_dump(scaled(3000, 1), per_job=3,
-                                         interleave=40 if extra else 1,
-                                         pad=300)
+            x, table, data = self.big_dump(3000, extra)
             owner = {}
             for jobid, lines in table:
                 for line in lines:

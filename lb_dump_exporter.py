@@ -283,11 +283,17 @@ class SyncThread(threading.Thread):
     short does not wait for it."""
 
     def __init__(self, paths):
+        """Start syncing `paths` (a list of files and directories) at once.
+
+        The outcome is in `error` (the OSError, or None) once join()
+        returns.
+        """
         threading.Thread.__init__(self, name="sync", daemon=True)
         self.paths, self.error = paths, None
         self.start()
 
     def run(self):
+        """The thread: sync_paths(paths), keeping an OSError in `error`."""
         try:
             sync_paths(self.paths)
         except OSError as exc:
@@ -316,6 +322,7 @@ def made_here(st):
 
 
 def unlink_quietly(path):
+    """Remove the file `path`; an error (it is gone already) is ignored."""
     try:
         os.unlink(path)
     except OSError:
@@ -323,6 +330,11 @@ def unlink_quietly(path):
 
 
 def write_all(fd, data):
+    """Write all of `data` (bytes-like) to the descriptor `fd`.
+
+    os.write() may write less than asked; this goes on until all is
+    written.  Raises OSError as os.write() does.
+    """
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
@@ -379,6 +391,9 @@ class Job:
                  "fields", "joined")
 
     def __init__(self, jobid, name, path):
+        """A job not yet started: `jobid` in normal form, `name` its
+        safe_name(), `path` its file in the store.
+        """
         self.jobid, self.name, self.path = jobid, name, path
         self.fd = None
         self.buf = []             # lines not yet written
@@ -404,6 +419,14 @@ class Exporter:
 
     def __init__(self, store, maildir, jpps=None, mixed=False,
                  allow_shared=False, reject=None):
+        """An exporter writing into `store` and `maildir` (both absolute).
+
+        jpps: the JPPS written into every message, or None; mixed: the
+        dump is not grouped by job (-x); allow_shared: accept directories
+        of other users (--allow-shared-dirs); reject: called as
+        reject(line number, reason) for each rejected line, or None.
+        Nothing is touched before prepare() and begin().
+        """
         self.store, self.maildir, self.jpps = store, maildir, jpps
         # Paths in them by concatenation: os.path.join, six times a job,
         # was the most called function of a run.
@@ -444,6 +467,11 @@ class Exporter:
     # -- set-up -----------------------------------------------------------
 
     def prepare(self):
+        """Create the store and the maildir with its subdirectories.
+
+        Raises Error when one cannot be made or is not safe to use (see
+        prepare_directory()).
+        """
         prepare_directory(self.store, 0o750, self.allow_shared, "store")
         prepare_directory(self.maildir, 0o700, self.allow_shared, "maildir")
         for sub in SUBDIRS:
@@ -512,6 +540,7 @@ class Exporter:
                                     # at the next run
 
     def journal_path(self):
+        """The path of this dump's journal in the store (after begin())."""
         return os.path.join(self.store, ".%s.%s.journal"
                             % (PROG, self.dump_id))
 
@@ -772,11 +801,20 @@ class Exporter:
 
     @staticmethod
     def _quotes_ok(line):
+        """Are the quotes of `line` (bytes) balanced?  Linear time: a
+        line without a backslash by counting, else with BALANCED_RE.
+        """
         if b"\\" not in line:
             return line.count(b'"') % 2 == 0
         return BALANCED_RE.fullmatch(line) is not None
 
     def _job_of(self, line, checked=False):
+        """The Job that `line` (bytes, with no LF) belongs to, started
+        if new; None if its job was announced by an earlier run.
+
+        checked: the quotes were checked already (by _block_ids()).
+        Raises BadLine with the reason when the line cannot be exported.
+        """
         if b"\0" in line:
             raise BadLine("NUL byte in line")
         start = line.find(JOBID_FIELD)
@@ -822,6 +860,10 @@ class Exporter:
         return job
 
     def _start(self, jobid, name):
+        """Create the file of a job first seen and return its new Job (or
+        the Job of a file this run made before, reopened).  Raises
+        BadLine for a planted file, Error when the file cannot be made.
+        """
         path = self.in_store + name + self.suffix
         job = Job(jobid, name, path)
         try:
@@ -841,6 +883,9 @@ class Exporter:
 
     @staticmethod
     def _refuse_planted(path):
+        """Raise BadLine when the existing `path` is a symbolic link or a
+        file the exporter did not make; return otherwise.
+        """
         try:
             st = os.lstat(path)
         except OSError:
@@ -852,6 +897,13 @@ class Exporter:
                           % path)
 
     def _reopen(self, jobid, name, path):
+        """The Job of a job seen again after its lines ended, with its
+        file `path` open for appending.
+
+        With -x a parked job is back; in a grouped dump the job is taken
+        back from its batch, or its published message is retracted.
+        Raises BadLine when the importer has the job already.
+        """
         if self.mixed:                # a parked job is back
             self.parked_jobids.pop(name, None)
             job = Job(jobid, name, path)
@@ -904,6 +956,7 @@ class Exporter:
         job.size = os.path.getsize(job.path)
 
     def _journaled_message(self, name):
+        """The message journaled for the job `name`, or None."""
         found = None
         for message, _, filename in self._read_journal()[0]:
             if filename == name + self.suffix:
@@ -911,6 +964,9 @@ class Exporter:
         return found
 
     def _open_append(self, path):
+        """A descriptor of `path` open for appending (never through a
+        symbolic link).  Raises Error when it cannot be opened.
+        """
         try:
             return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
         except OSError as exc:
@@ -941,6 +997,7 @@ class Exporter:
             self.parked_jobids[job.name] = job.jobid
 
     def _forget_fields(self, job):
+        """-x: the DG.JOBID fields of `job` no longer route lines to it."""
         for field in job.fields:
             del self.by_field[field]
         job.fields = []
@@ -1079,6 +1136,9 @@ class Exporter:
             self.sync_thread = SyncThread(paths)
 
     def _announce(self, jobs):
+        """Link the message of each of `jobs` into new/ (or rename its
+        retracted one back).  Raises Error when one cannot be published.
+        """
         for job in jobs:
             target = self.in_new + job.message
             try:
@@ -1097,6 +1157,9 @@ class Exporter:
         self._wait_sync()
 
     def _wait_sync(self):
+        """Wait for the sync of the last batch, if one runs.  Raises Error
+        when it failed; the batch written is then not published.
+        """
         thread, self.sync_thread = self.sync_thread, None
         if thread is None:
             return
@@ -1198,10 +1261,16 @@ class Progress:
     """A progress line on a terminal, every half second."""
 
     def __init__(self, stream, total):
+        """Progress on `stream` (a terminal) of an input of `total` bytes,
+        or of unknown size (None).
+        """
         self.stream, self.total = stream, total
         self.started = self.last = time.monotonic()
 
     def update(self, done, jobs, final=False):
+        """Show `done` bytes read and `jobs` exported, at most every half
+        second; final: show it now and end the line.
+        """
         now = time.monotonic()
         if not final and now - self.last < 0.5:
             return
@@ -1410,11 +1479,17 @@ def reader(stream, source, fd=None, idle=None):
     read_some = getattr(stream, "read1", stream.read)
 
     def read_fd(size):
+        """Up to `size` bytes of `fd`, calling idle() every BATCH_SECONDS
+        that nothing comes.
+        """
         while not select.select([fd], [], [], BATCH_SECONDS)[0]:
             idle()
         return os.read(fd, size)
 
     def read():
+        """The next block of the input (b"" at its end).  Raises Error
+        when the input cannot be read.
+        """
         try:
             if read.drained:
                 data = read_fd(CHUNK)
@@ -1583,6 +1658,7 @@ def parse_args(argv):
 
 
 def usage(stream):
+    """Write the help text (the module's docstring) to `stream`."""
     stream.write(__doc__ % {"prog": PROG, "store": DEFAULT_STORE,
                             "maildir": DEFAULT_MAILDIR, "maxline": MAX_LINE,
                             "shown": REJECTS_SHOWN,

@@ -1473,6 +1473,8 @@ def reader(stream, source, fd=None, idle=None):
     `fd`: the descriptor under `stream` when the input may pause (a
     pipe): once what `stream` buffered is read, every BATCH_SECONDS that
     nothing comes, idle() is called (it publishes the finished jobs).
+    read.ready() says whether read() would return without waiting;
+    read.done counts the bytes returned.
     """
     # read1: what is there, up to CHUNK; read() would wait on a pipe for
     # the whole CHUNK, holding back the jobs already complete.
@@ -1503,8 +1505,12 @@ def reader(stream, source, fd=None, idle=None):
                 exc, "strerror", None) or exc))
         read.done += len(data)
         return data
+    def ready():
+        """Would read() return without waiting for the input?"""
+        return not read.drained or bool(select.select([fd], [], [], 0)[0])
     read.done = 0
     read.drained = False
+    read.ready = ready
     return read
 
 
@@ -1584,6 +1590,10 @@ def split(exporter, read, data, tick=None):
                 continue
             if tick:
                 tick()
+            if checker is not None and not read.ready():
+                # A pause in the input (a pipe): what came is routed now,
+                # so that its finished jobs are published while it lasts.
+                number = routed(number)
             data = read()
             if not data:
                 break

@@ -103,6 +103,11 @@ CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 # pattern for whole KEY=VALUE fields, where a bare value could swallow
 # the next field, took exponential time on a line like a=a=a=...b\").
 BALANCED_RE = re.compile(rb'[^"]*(?:"[^"\\]*(?:\\.[^"\\]*)*"[^"]*)*')
+if sys.version_info >= (3, 11):
+    # The same, possessive (3.11 has them): no backtracking state kept,
+    # about a tenth faster.  The same lines match: a byte matches one way.
+    BALANCED_RE = re.compile(
+        rb'[^"]*+(?:"[^"\\]*+(?:\\.[^"\\]*+)*+"[^"]*+)*+')
 # A whole block of lines is checked at once (Exporter.block): the jobid
 # field of each line, found after a space, and the rest of that line
 # skipped (a second field in it shows in the count of JOBID_FIELD).
@@ -1025,12 +1030,13 @@ class Exporter:
         if job.fd is None:
             job.fd = self._open_append(job.path)
             self._track(job)
-        data = b"\n".join(job.buf) + b"\n"
+        job.buf.append(b"")           # the last LF, without a copy more
+        data = b"\n".join(job.buf)
         try:
             write_all(job.fd, data)
         except OSError as exc:
             raise Error("cannot write %s: %s" % (job.path, exc.strerror))
-        self.counts["exported"] += len(job.buf) + job.joined
+        self.counts["exported"] += len(job.buf) - 1 + job.joined
         job.size += len(data)
         job.buf = []
         job.buffered = job.joined = 0
@@ -1539,10 +1545,15 @@ def split(exporter, read, data, tick=None):
         return number
     try:
         while True:
-            if carry:
-                data = carry + data
             end = data.rfind(b"\n") + 1
-            block, carry = data[:end], data[end:]
+            if not end:
+                block, carry = b"", carry + data
+            elif carry:
+                # One copy of the block, not two (carry + data, then cut).
+                block = b"".join((carry, memoryview(data)[:end]))
+                carry = data[end:]
+            else:
+                block, carry = data[:end], data[end:]
             first = block.find(b"\n")
             if first > MAX_LINE:
                 # Only the first can be: the end of a long carry came in

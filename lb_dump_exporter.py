@@ -48,6 +48,9 @@ import getopt
 import gzip
 import hashlib
 import io
+import itertools
+import marshal
+import mmap
 import os
 import re
 import select
@@ -82,6 +85,7 @@ JOB_BUFFER = 256 * 1024          # lines of a job written in one go
 MIXED_BUFFER = 16 * 1024 * 1024  # -x: at most this much buffered in all
 KNOWN_JOBIDS = 10000             # parsed jobids remembered (-x mostly)
 MAX_SAFE_NAME = 120
+CHECKER_WAIT = 60.0             # a checker silent this long is given up
 REJECTS_SHOWN = 20               # rejected lines reported on stderr, at most
 JOURNAL_KEEP = 30 * 86400        # a finished dump's journal entries, kept
 COMPLETE = b"complete\n"         # a journal's last line, once finished
@@ -99,6 +103,18 @@ CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 # pattern for whole KEY=VALUE fields, where a bare value could swallow
 # the next field, took exponential time on a line like a=a=a=...b\").
 BALANCED_RE = re.compile(rb'[^"]*(?:"[^"\\]*(?:\\.[^"\\]*)*"[^"]*)*')
+if sys.version_info >= (3, 11):
+    # The same, possessive (3.11 has them): no backtracking state kept,
+    # about a tenth faster.  The same lines match: a byte matches one way.
+    BALANCED_RE = re.compile(
+        rb'[^"]*+(?:"[^"\\]*+(?:\\.[^"\\]*+)*+"[^"]*+)*+')
+# A whole block of lines is checked at once (Exporter.block): the jobid
+# field of each line, found after a space, and the rest of that line
+# skipped (a second field in it shows in the count of JOBID_FIELD).
+BLOCK_JOBID_RE = re.compile(rb' DG\.JOBID="([^"\n]*)"[^\n]*\n')
+# translate() deletes these: what is left of a block is its quotes,
+# backslashes and line ends.
+NOT_QUOTING = bytes(range(256)).translate(None, b'"\\\n')
 UNSAFE_NAME_RE = re.compile(r"[^A-Za-z0-9_.-]|^\.")
 
 # ---------------------------------------------------------------------------
@@ -272,11 +288,17 @@ class SyncThread(threading.Thread):
     short does not wait for it."""
 
     def __init__(self, paths):
+        """Start syncing `paths` (a list of files and directories) at once.
+
+        The outcome is in `error` (the OSError, or None) once join()
+        returns.
+        """
         threading.Thread.__init__(self, name="sync", daemon=True)
         self.paths, self.error = paths, None
         self.start()
 
     def run(self):
+        """The thread: sync_paths(paths), keeping an OSError in `error`."""
         try:
             sync_paths(self.paths)
         except OSError as exc:
@@ -305,6 +327,7 @@ def made_here(st):
 
 
 def unlink_quietly(path):
+    """Remove the file `path`; an error (it is gone already) is ignored."""
     try:
         os.unlink(path)
     except OSError:
@@ -312,6 +335,11 @@ def unlink_quietly(path):
 
 
 def write_all(fd, data):
+    """Write all of `data` (bytes-like) to the descriptor `fd`.
+
+    os.write() may write less than asked; this goes on until all is
+    written.  Raises OSError as os.write() does.
+    """
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
@@ -365,13 +393,17 @@ class Job:
 
     __slots__ = ("jobid", "name", "path", "fd", "buf", "buffered", "size",
                  "message", "retracted", "published", "finished",
-                 "fields")
+                 "fields", "joined")
 
     def __init__(self, jobid, name, path):
+        """A job not yet started: `jobid` in normal form, `name` its
+        safe_name(), `path` its file in the store.
+        """
         self.jobid, self.name, self.path = jobid, name, path
         self.fd = None
         self.buf = []             # lines not yet written
         self.buffered = 0
+        self.joined = 0           # lines in buf beyond one per item
         self.size = 0
         self.message = None       # its maildir name, once written
         self.retracted = None     # private path of a message taken back
@@ -392,6 +424,14 @@ class Exporter:
 
     def __init__(self, store, maildir, jpps=None, mixed=False,
                  allow_shared=False, reject=None):
+        """An exporter writing into `store` and `maildir` (both absolute).
+
+        jpps: the JPPS written into every message, or None; mixed: the
+        dump is not grouped by job (-x); allow_shared: accept directories
+        of other users (--allow-shared-dirs); reject: called as
+        reject(line number, reason) for each rejected line, or None.
+        Nothing is touched before prepare() and begin().
+        """
         self.store, self.maildir, self.jpps = store, maildir, jpps
         # Paths in them by concatenation: os.path.join, six times a job,
         # was the most called function of a run.
@@ -432,6 +472,11 @@ class Exporter:
     # -- set-up -----------------------------------------------------------
 
     def prepare(self):
+        """Create the store and the maildir with its subdirectories.
+
+        Raises Error when one cannot be made or is not safe to use (see
+        prepare_directory()).
+        """
         prepare_directory(self.store, 0o750, self.allow_shared, "store")
         prepare_directory(self.maildir, 0o700, self.allow_shared, "maildir")
         for sub in SUBDIRS:
@@ -500,6 +545,7 @@ class Exporter:
                                     # at the next run
 
     def journal_path(self):
+        """The path of this dump's journal in the store (after begin())."""
         return os.path.join(self.store, ".%s.%s.journal"
                             % (PROG, self.dump_id))
 
@@ -615,7 +661,95 @@ class Exporter:
 
     # -- lines ------------------------------------------------------------
 
-    def lines(self, number, lines, size=0, clean=False):
+    def block(self, number, data, clean=False, ids=False):
+        """Route a block of whole lines, each ending with LF.
+
+        `number`: the number of the line before the block; `clean`: as
+        for lines(); `ids`: what _block_ids(data) returns, when already
+        known (a Checker's answer).  Returns the number of the block's
+        last line.
+
+        When every line of the block passes the checks (_block_ids(),
+        a few passes over the whole block), a grouped dump's lines reach
+        their job a run at a time, and only the first line of each job
+        goes through lines().  With -x, or when a line fails, every line
+        of the block goes through lines(), which says what is wrong with
+        which line.
+        """
+        if ids is False:
+            # -x: lines of one job seldom follow each other; lines()
+            # routes and checks each (cheaper than checking the block
+            # first, unless a checker did that on another core).
+            ids = None if self.mixed else self._block_ids(data)
+        if ids is None or self.mixed:
+            lines = data.split(b"\n")
+            lines.pop()
+            return self.lines(number, lines, len(data), clean,
+                              checked=ids is not None)
+        runs = [(ident, len(list(group)))
+                for ident, group in itertools.groupby(ids)]
+        pos = 0
+        for i, (ident, count) in enumerate(runs):
+            if i + 1 < len(runs):
+                # The next run begins at the first line naming its job.
+                stop = data.rfind(b"\n", pos, data.find(
+                    JOBID_FIELD + runs[i + 1][0] + b'"', pos)) + 1
+            else:
+                stop = len(data)
+            field = JOBID_FIELD + ident + b'"'
+            if field != self.current_field:
+                # A new job: its first line the long way (it may be
+                # rejected, or of a job announced by an earlier run).
+                first = data.index(b"\n", pos)
+                number = self.lines(number, [data[pos:first]], checked=True)
+                pos, count = first + 1, count - 1
+                if field != self.current_field:
+                    lines = data[pos:stop].split(b"\n")
+                    lines.pop()
+                    number = self.lines(number, lines, checked=True)
+                    pos = stop
+                    continue
+            if count:
+                job = self.current
+                job.buf.append(data[pos:stop - 1])
+                job.joined += count - 1
+                job.buffered += stop - pos
+                number += count
+                if job.buffered > JOB_BUFFER:
+                    self._flush(job)
+            pos = stop
+        return number
+
+    @staticmethod
+    def _block_ids(data):
+        """The jobid (bytes) of each line of `data`, whole lines; None
+        when a line must go the long way.
+
+        A line passes if it has no NUL byte, exactly one DG.JOBID field,
+        after a space, and balanced quotes.  Of a line without a
+        backslash, translate() and removing the pairs '""' leave nothing
+        if its quotes pair up, one '"' if not; a line with a backslash
+        gets BALANCED_RE.
+        """
+        if b"\0" in data:
+            return None
+        ids = BLOCK_JOBID_RE.findall(data)
+        count = data.count(b"\n")
+        if len(ids) != count or data.count(JOBID_FIELD) != count:
+            return None
+        quoting = data.translate(None, NOT_QUOTING).replace(b'""', b"")
+        if quoting.startswith(b'"\n') or b'\n"\n' in quoting:
+            return None
+        at = data.find(b"\\")
+        while at >= 0:
+            start = data.rfind(b"\n", 0, at) + 1
+            end = data.index(b"\n", at)
+            if BALANCED_RE.fullmatch(data, start, end) is None:
+                return None
+            at = data.find(b"\\", end)
+        return ids
+
+    def lines(self, number, lines, size=0, clean=False, checked=False):
         """Route lines (without LF), numbered from `number` + 1.
 
         The hot loop: a line of the job being written (every line but
@@ -623,7 +757,8 @@ class Exporter:
         open, costs a few bytes operations; everything else goes the
         long way.  `clean` says the block has no NUL byte and no
         backslash: then a line's quotes are balanced when their number
-        is even.
+        is even.  `checked`: every line has passed _block_ids() (one
+        DG.JOBID field, balanced quotes, no NUL byte).
         """
         field, job = self.current_field, self.current
         quotes_ok = self._quotes_ok
@@ -641,14 +776,14 @@ class Exporter:
                 target = by_field.get(line[at:line.find(
                     b'"', at + skip) + 1]) if at >= 0 else None
             if target is None or at < 0 or (at and line[at - 1] != 32) or \
-                    line.count(JOBID_FIELD) != 1 or (
+                    not checked and (line.count(JOBID_FIELD) != 1 or (
                         line.count(b'"') & 1 if clean else
-                        b"\0" in line or not quotes_ok(line)):
+                        b"\0" in line or not quotes_ok(line))):
                 if not line or line == b"\r":
                     self.counts["blank"] += 1
                     continue
                 try:
-                    target = self._job_of(line)
+                    target = self._job_of(line, checked)
                 except BadLine as exc:
                     self.reject(number, line, str(exc))
                     continue
@@ -671,11 +806,20 @@ class Exporter:
 
     @staticmethod
     def _quotes_ok(line):
+        """Are the quotes of `line` (bytes) balanced?  Linear time: a
+        line without a backslash by counting, else with BALANCED_RE.
+        """
         if b"\\" not in line:
             return line.count(b'"') % 2 == 0
         return BALANCED_RE.fullmatch(line) is not None
 
-    def _job_of(self, line):
+    def _job_of(self, line, checked=False):
+        """The Job that `line` (bytes, with no LF) belongs to, started
+        if new; None if its job was announced by an earlier run.
+
+        checked: the quotes were checked already (by _block_ids()).
+        Raises BadLine with the reason when the line cannot be exported.
+        """
         if b"\0" in line:
             raise BadLine("NUL byte in line")
         start = line.find(JOBID_FIELD)
@@ -683,7 +827,7 @@ class Exporter:
             raise BadLine("no DG.JOBID field")
         if line.count(JOBID_FIELD) != 1:
             raise BadLine("DG.JOBID given twice")
-        if not self._quotes_ok(line):
+        if not checked and not self._quotes_ok(line):
             raise BadLine("unbalanced quotes")
         end = line.find(b'"', start + len(JOBID_FIELD))
         field = line[start:end + 1]
@@ -721,6 +865,10 @@ class Exporter:
         return job
 
     def _start(self, jobid, name):
+        """Create the file of a job first seen and return its new Job (or
+        the Job of a file this run made before, reopened).  Raises
+        BadLine for a planted file, Error when the file cannot be made.
+        """
         path = self.in_store + name + self.suffix
         job = Job(jobid, name, path)
         try:
@@ -740,6 +888,9 @@ class Exporter:
 
     @staticmethod
     def _refuse_planted(path):
+        """Raise BadLine when the existing `path` is a symbolic link or a
+        file the exporter did not make; return otherwise.
+        """
         try:
             st = os.lstat(path)
         except OSError:
@@ -751,6 +902,13 @@ class Exporter:
                           % path)
 
     def _reopen(self, jobid, name, path):
+        """The Job of a job seen again after its lines ended, with its
+        file `path` open for appending.
+
+        With -x a parked job is back; in a grouped dump the job is taken
+        back from its batch, or its published message is retracted.
+        Raises BadLine when the importer has the job already.
+        """
         if self.mixed:                # a parked job is back
             self.parked_jobids.pop(name, None)
             job = Job(jobid, name, path)
@@ -803,6 +961,7 @@ class Exporter:
         job.size = os.path.getsize(job.path)
 
     def _journaled_message(self, name):
+        """The message journaled for the job `name`, or None."""
         found = None
         for message, _, filename in self._read_journal()[0]:
             if filename == name + self.suffix:
@@ -810,6 +969,9 @@ class Exporter:
         return found
 
     def _open_append(self, path):
+        """A descriptor of `path` open for appending (never through a
+        symbolic link).  Raises Error when it cannot be opened.
+        """
         try:
             return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
         except OSError as exc:
@@ -840,6 +1002,7 @@ class Exporter:
             self.parked_jobids[job.name] = job.jobid
 
     def _forget_fields(self, job):
+        """-x: the DG.JOBID fields of `job` no longer route lines to it."""
         for field in job.fields:
             del self.by_field[field]
         job.fields = []
@@ -867,15 +1030,16 @@ class Exporter:
         if job.fd is None:
             job.fd = self._open_append(job.path)
             self._track(job)
-        data = b"\n".join(job.buf) + b"\n"
+        job.buf.append(b"")           # the last LF, without a copy more
+        data = b"\n".join(job.buf)
         try:
             write_all(job.fd, data)
         except OSError as exc:
             raise Error("cannot write %s: %s" % (job.path, exc.strerror))
-        self.counts["exported"] += len(job.buf)
+        self.counts["exported"] += len(job.buf) - 1 + job.joined
         job.size += len(data)
         job.buf = []
-        job.buffered = 0
+        job.buffered = job.joined = 0
 
     def reject(self, number, line, reason, more=()):
         """Keep a bad line where the admin sees it; go on with the rest.
@@ -978,6 +1142,9 @@ class Exporter:
             self.sync_thread = SyncThread(paths)
 
     def _announce(self, jobs):
+        """Link the message of each of `jobs` into new/ (or rename its
+        retracted one back).  Raises Error when one cannot be published.
+        """
         for job in jobs:
             target = self.in_new + job.message
             try:
@@ -996,6 +1163,9 @@ class Exporter:
         self._wait_sync()
 
     def _wait_sync(self):
+        """Wait for the sync of the last batch, if one runs.  Raises Error
+        when it failed; the batch written is then not published.
+        """
         thread, self.sync_thread = self.sync_thread, None
         if thread is None:
             return
@@ -1097,10 +1267,16 @@ class Progress:
     """A progress line on a terminal, every half second."""
 
     def __init__(self, stream, total):
+        """Progress on `stream` (a terminal) of an input of `total` bytes,
+        or of unknown size (None).
+        """
         self.stream, self.total = stream, total
         self.started = self.last = time.monotonic()
 
     def update(self, done, jobs, final=False):
+        """Show `done` bytes read and `jobs` exported, at most every half
+        second; final: show it now and end the line.
+        """
         now = time.monotonic()
         if not final and now - self.last < 0.5:
             return
@@ -1191,23 +1367,137 @@ def export(o, stderr=sys.stderr):
     return EXIT_REJECTED if counts["rejected"] else 0
 
 
+class Checker:
+    """A child process that runs Exporter._block_ids() on the blocks
+    handed to it, while the exporter routes and writes the block before:
+    the checks, most of the exporter's CPU time, run on another core.
+
+    It touches no file and holds no state: it reads a block from memory
+    shared with the exporter and answers with the jobids.  Killed, or
+    silent for CHECKER_WAIT seconds, it is done without: the exporter
+    checks the blocks itself.  It ends when the exporter's end of the
+    pipe closes, also when the exporter is killed.
+    """
+
+    SLOTS = 2                     # blocks handed over, not yet taken
+
+    def __init__(self):
+        """Fork the checker.  Raises OSError when it cannot be started."""
+        self.size = MAX_LINE + 2 * CHUNK       # a block is never longer
+        self.shared = mmap.mmap(-1, self.size * self.SLOTS)
+        self.waiting = []         # blocks handed over, oldest first
+        self.slot = 0
+        asks, self.ask = os.pipe()
+        self.answers, answer = os.pipe()
+        try:
+            self.pid = os.fork()
+        except OSError:
+            for fd in (asks, self.ask, self.answers, answer):
+                os.close(fd)
+            raise
+        if self.pid == 0:
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                os.close(self.ask)
+                os.close(self.answers)
+                self._serve(asks, answer)
+            finally:
+                os._exit(0)
+        os.close(asks)
+        os.close(answer)
+
+    def _serve(self, asks, answer):
+        """The child: check each block asked for until the pipe ends."""
+        with os.fdopen(asks, "rb") as requests:
+            for request in requests:
+                slot, length = map(int, request.split())
+                start = slot * self.size
+                reply = marshal.dumps(Exporter._block_ids(
+                    self.shared[start:start + length]))
+                write_all(answer, b"%010d%s" % (len(reply), reply))
+
+    def give(self, data):
+        """Hand the block `data` over; False when the checker cannot
+        take it (gone, or all slots are waiting to be taken)."""
+        if self.pid is None or len(self.waiting) >= self.SLOTS or \
+                len(data) > self.size:
+            return False
+        start = self.slot * self.size
+        self.shared[start:start + len(data)] = data
+        try:
+            write_all(self.ask, b"%d %d\n" % (self.slot, len(data)))
+        except OSError:
+            self.close()
+            return False
+        self.slot = (self.slot + 1) % self.SLOTS
+        self.waiting.append(data)
+        return True
+
+    def take(self):
+        """(block, its jobids as _block_ids() gives them) of the oldest
+        block handed over; checked here if the checker is gone."""
+        data = self.waiting.pop(0)
+        if self.pid is not None:
+            try:
+                size = int(self._read(10))
+                return data, marshal.loads(self._read(size))
+            except (OSError, ValueError, EOFError, TypeError):
+                self.close()
+        return data, Exporter._block_ids(data)
+
+    def _read(self, size):
+        """`size` bytes of the answer pipe.  Raises EOFError when the
+        checker is gone or silent for CHECKER_WAIT seconds."""
+        got = []
+        while size:
+            if not select.select([self.answers], [], [], CHECKER_WAIT)[0]:
+                raise EOFError("checker silent")
+            piece = os.read(self.answers, size)
+            if not piece:
+                raise EOFError("checker gone")
+            got.append(piece)
+            size -= len(piece)
+        return b"".join(got)
+
+    def close(self):
+        """End the checker (blocks still waiting are checked by take())."""
+        if self.pid is None:
+            return
+        for fd in (self.ask, self.answers):
+            os.close(fd)
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        os.waitpid(self.pid, 0)
+        self.pid = None
+
+
 def reader(stream, source, fd=None, idle=None):
     """read() of CHUNK bytes, with read errors as one clear Error.
 
     `fd`: the descriptor under `stream` when the input may pause (a
     pipe): once what `stream` buffered is read, every BATCH_SECONDS that
     nothing comes, idle() is called (it publishes the finished jobs).
+    read.ready() says whether read() would return without waiting;
+    read.done counts the bytes returned.
     """
     # read1: what is there, up to CHUNK; read() would wait on a pipe for
     # the whole CHUNK, holding back the jobs already complete.
     read_some = getattr(stream, "read1", stream.read)
 
     def read_fd(size):
+        """Up to `size` bytes of `fd`, calling idle() every BATCH_SECONDS
+        that nothing comes.
+        """
         while not select.select([fd], [], [], BATCH_SECONDS)[0]:
             idle()
         return os.read(fd, size)
 
     def read():
+        """The next block of the input (b"" at its end).  Raises Error
+        when the input cannot be read.
+        """
         try:
             if read.drained:
                 data = read_fd(CHUNK)
@@ -1221,64 +1511,123 @@ def reader(stream, source, fd=None, idle=None):
                 exc, "strerror", None) or exc))
         read.done += len(data)
         return data
+    def ready():
+        """Would read() return without waiting for the input?"""
+        return not read.drained or bool(select.select([fd], [], [], 0)[0])
     read.done = 0
     read.drained = False
+    read.ready = ready
     return read
 
 
 def split(exporter, read, data, tick=None):
     """Feed every line of the input to the exporter; the line count.
 
-    The input is read in big blocks and split with bytes.split: the
-    per-line work left in Python is a few bytes operations.
+    exporter: the Exporter; read: a reader() function; data: the first
+    bytes of the input, already read; tick: called after each block
+    (the progress line), or None.  The input is read in big blocks and
+    handed on as blocks of whole lines (Exporter.block), so that the
+    per-line work is done by bytes and re methods on a whole block.
+    From the second block on, a Checker checks each block on another
+    core while the one before is routed.
     """
     number = 0
     carry = b""
-    while True:
-        if carry:
-            data = carry + data
-        lines = data.split(b"\n")
-        carry = lines.pop()
-        if lines and len(lines[0]) > MAX_LINE:
-            # Only the first can be: the end of a long carry came in data.
-            number += 1
-            exporter.reject(number, lines.pop(0), "line longer than %d "
-                            "bytes" % MAX_LINE)
-        number = exporter.lines(number, lines, len(data),
-                                b"\0" not in data and b"\\" not in data)
-        if len(carry) > MAX_LINE:
-            # No end in sight: all of it into the rejects file, a block at
-            # a time as it is read (a line of a gigabyte, or a small gzip
-            # of one, costs no gigabyte of memory).
-            number += 1
-            rest = []
+    blocks = 0
+    checker = None
 
-            def pieces():
-                piece = read()
-                while piece and b"\n" not in piece:
-                    yield piece
-                    if tick:
-                        tick()
+    def routed(number, keep=0):
+        # The blocks handed to the checker, in order, until `keep` wait.
+        while checker is not None and len(checker.waiting) > keep:
+            block, ids = checker.take()
+            number = exporter.block(number, block, b"\0" not in block and
+                                    b"\\" not in block, ids)
+        return number
+    try:
+        while True:
+            end = data.rfind(b"\n") + 1
+            if not end:
+                block, carry = b"", carry + data
+            elif carry:
+                # One copy of the block, not two (carry + data, then cut).
+                block = b"".join((carry, memoryview(data)[:end]))
+                carry = data[end:]
+            else:
+                block, carry = data[:end], data[end:]
+            first = block.find(b"\n")
+            if first > MAX_LINE:
+                # Only the first can be: the end of a long carry came in
+                # data.
+                number = routed(number)
+                number += 1
+                exporter.reject(number, block[:first], "line longer than "
+                                "%d bytes" % MAX_LINE)
+                block = block[first + 1:]
+            if block:
+                blocks += 1
+                if blocks == 2:
+                    checker = start_checker()
+                if checker is not None and checker.give(block):
+                    number = routed(number, checker.SLOTS - 1)
+                else:
+                    number = routed(number)
+                    number = exporter.block(number, block, b"\0" not in
+                                            block and b"\\" not in block)
+            if len(carry) > MAX_LINE:
+                # No end in sight: all of it into the rejects file, a
+                # block at a time as it is read (a line of a gigabyte, or
+                # a small gzip of one, costs no gigabyte of memory).
+                number = routed(number)
+                number += 1
+                rest = []
+
+                def pieces():
                     piece = read()
-                end = piece.find(b"\n") if piece else 0
-                yield piece[:end]
-                rest.append(piece[end + 1:])
-            exporter.reject(number, carry, "line longer than %d bytes"
-                            % MAX_LINE, pieces())
-            carry, data = b"", rest[0]
-            if not data:
-                data = read()
+                    while piece and b"\n" not in piece:
+                        yield piece
+                        if tick:
+                            tick()
+                        piece = read()
+                    end = piece.find(b"\n") if piece else 0
+                    yield piece[:end]
+                    rest.append(piece[end + 1:])
+                exporter.reject(number, carry, "line longer than %d bytes"
+                                % MAX_LINE, pieces())
+                carry, data = b"", rest[0]
                 if not data:
-                    break
-            continue
-        if tick:
-            tick()
-        data = read()
-        if not data:
-            break
+                    data = read()
+                    if not data:
+                        break
+                continue
+            if tick:
+                tick()
+            if checker is not None and not read.ready():
+                # A pause in the input (a pipe): what came is routed now,
+                # so that its finished jobs are published while it lasts.
+                number = routed(number)
+            data = read()
+            if not data:
+                break
+        number = routed(number)
+    finally:
+        if checker is not None:
+            checker.close()
     if carry:                  # a last line without LF
         number = exporter.lines(number, [carry])
     return number
+
+
+def start_checker():
+    """A new Checker; None where it would not help (one CPU), is not
+    safe (threads running: the fork would copy none of them) or cannot
+    start."""
+    if (os.cpu_count() or 1) < 2 or threading.active_count() > 1 or \
+            not hasattr(os, "fork"):
+        return None
+    try:
+        return Checker()
+    except (OSError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -1330,6 +1679,7 @@ def parse_args(argv):
 
 
 def usage(stream):
+    """Write the help text (the module's docstring) to `stream`."""
     stream.write(__doc__ % {"prog": PROG, "store": DEFAULT_STORE,
                             "maildir": DEFAULT_MAILDIR, "maxline": MAX_LINE,
                             "shown": REJECTS_SHOWN,

@@ -126,7 +126,7 @@ class Error(Exception):
     """A runtime error that ends the run; str() is the one-line reason."""
 
 
-class BadLine(Exception):
+class BadLineError(Exception):
     """A dump line that cannot be exported; str() is the reason."""
 
 
@@ -142,11 +142,11 @@ def parse_jobid(text):
     """
     match = JOBID_RE.match(text)
     if not match or CONTROL_RE.search(text):
-        raise BadLine("invalid jobid %r" % text[:200])
+        raise BadLineError("invalid jobid %r" % text[:200])
     host, port, unique, info = match.groups()
     port = int(port) if port else 9000
     if not 0 < port < 65536:
-        raise BadLine("invalid jobid %r: port out of range" % text[:200])
+        raise BadLineError("invalid jobid %r: port out of range" % text[:200])
     return "https://%s:%d/%s%s" % (host, port, unique, info or ""), unique
 
 
@@ -784,7 +784,7 @@ class Exporter:
                     continue
                 try:
                     target = self._job_of(line, checked)
-                except BadLine as exc:
+                except BadLineError as exc:
                     self.reject(number, line, str(exc))
                     continue
                 if target is None:        # announced by an earlier run
@@ -818,17 +818,17 @@ class Exporter:
         if new; None if its job was announced by an earlier run.
 
         checked: the quotes were checked already (by _block_ids()).
-        Raises BadLine with the reason when the line cannot be exported.
+        Raises BadLineError with the reason when the line cannot be exported.
         """
         if b"\0" in line:
-            raise BadLine("NUL byte in line")
+            raise BadLineError("NUL byte in line")
         start = line.find(JOBID_FIELD)
         if start < 0 or (start and line[start - 1] not in b" \t"):
-            raise BadLine("no DG.JOBID field")
+            raise BadLineError("no DG.JOBID field")
         if line.count(JOBID_FIELD) != 1:
-            raise BadLine("DG.JOBID given twice")
+            raise BadLineError("DG.JOBID given twice")
         if not checked and not self._quotes_ok(line):
-            raise BadLine("unbalanced quotes")
+            raise BadLineError("unbalanced quotes")
         end = line.find(b'"', start + len(JOBID_FIELD))
         field = line[start:end + 1]
         known = self.known.get(field)
@@ -837,9 +837,9 @@ class Exporter:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise BadLine("jobid is not UTF-8")
+                raise BadLineError("jobid is not UTF-8")
             if "\\" in text:
-                raise BadLine("invalid jobid %r" % text[:200])
+                raise BadLineError("invalid jobid %r" % text[:200])
             jobid, unique = parse_jobid(text)
             known = jobid, safe_name(unique)
             if len(self.known) >= KNOWN_JOBIDS:
@@ -867,7 +867,7 @@ class Exporter:
     def _start(self, jobid, name):
         """Create the file of a job first seen and return its new Job (or
         the Job of a file this run made before, reopened).  Raises
-        BadLine for a planted file, Error when the file cannot be made.
+        BadLineError for a planted file, Error when the file cannot be made.
         """
         path = self.in_store + name + self.suffix
         job = Job(jobid, name, path)
@@ -888,7 +888,7 @@ class Exporter:
 
     @staticmethod
     def _refuse_planted(path):
-        """Raise BadLine when the existing `path` is a symbolic link or a
+        """Raise BadLineError when the existing `path` is a symbolic link or a
         file the exporter did not make; return otherwise.
         """
         try:
@@ -896,10 +896,10 @@ class Exporter:
         except OSError:
             return                # the reopen says what is wrong
         if stat.S_ISLNK(st.st_mode):
-            raise BadLine("%s is a symbolic link: not followed" % path)
+            raise BadLineError("%s is a symbolic link: not followed" % path)
         if not made_here(st):
-            raise BadLine("%s is not a file the exporter made: left alone"
-                          % path)
+            raise BadLineError("%s is not a file the exporter made: left alone"
+                               % path)
 
     def _reopen(self, jobid, name, path):
         """The Job of a job seen again after its lines ended, with its
@@ -907,7 +907,7 @@ class Exporter:
 
         With -x a parked job is back; in a grouped dump the job is taken
         back from its batch, or its published message is retracted.
-        Raises BadLine when the importer has the job already.
+        Raises BadLineError when the importer has the job already.
         """
         if self.mixed:                # a parked job is back
             self.parked_jobids.pop(name, None)
@@ -915,8 +915,8 @@ class Exporter:
             job.fd = self._open_append(path)
             return job
         if name in self.handed_over:
-            raise BadLine("job %s reappeared after its dump was handed to "
-                          "the importer" % jobid)
+            raise BadLineError("job %s reappeared after its dump was handed "
+                               "to the importer" % jobid)
         job = self._take_back(name)
         if job is None:
             # Its message is written, or published: publish what is
@@ -947,15 +947,15 @@ class Exporter:
         """
         message = self._journaled_message(job.name)
         if message is None:
-            raise BadLine("job %s reappeared but its message is unknown"
-                          % job.jobid)
+            raise BadLineError("job %s reappeared but its message is unknown"
+                               % job.jobid)
         private = self.in_tmp + message + ".retracted"
         try:
             os.rename(self.in_new + message, private)
         except FileNotFoundError:
             self.handed_over.add(job.name)
-            raise BadLine("job %s reappeared after its dump was handed to "
-                          "the importer" % job.jobid)
+            raise BadLineError("job %s reappeared after its dump was handed "
+                               "to the importer" % job.jobid)
         job.message, job.retracted = message, private
         job.published = True
         job.size = os.path.getsize(job.path)

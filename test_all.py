@@ -37,7 +37,8 @@ that class):
   Transports                   TestFTPSTransport, TestGridFTPUpload,
                                TestConnectionReuse, TestTransportLimits
   lb_dump_exporter             TestDumpExporter, TestOnATerminal,
-                               TestExporterHostileInput
+                               TestExporterHostileInput,
+                               TestExporterSpeedPaths
   jp_upload_files              TestUploadFiles
   Operators                    TestOperatorRunning, TestOriginalCommandLines,
                                TestOperatorWatching
@@ -5760,6 +5761,134 @@ class TestExporterHostileInput(unittest.TestCase):
         self.assertEqual(read_text(victim), "precious\n")
 
 
+class TestExporterSpeedPaths(unittest.TestCase):
+    """The exporter's fast ways: blocks checked at once, runs of a job's
+    lines routed in one piece, and the checker process."""
+
+    @staticmethod
+    def children(pid):
+        """Pids of the live processes whose parent is `pid`."""
+        found = []
+        for name in os.listdir("/proc"):
+            try:
+                with open("/proc/%s/stat" % name) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[1] == str(pid) and fields[0] != "Z":
+                found.append(int(name))
+        return found
+
+    @staticmethod
+    def gone(pid):
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            return True
+
+    def big_dump(self, jobs, extra=()):
+        """(ExporterRun, table, dump bytes) of `jobs` jobs of 3 lines of
+        about 650 bytes; mixed by 40 for ("-x",).  Not scaled: the sizes
+        are the exporter's blocks (1 MB)."""
+        table, data = generated_dump(jobs, per_job=3,
+                                     interleave=40 if extra else 1, pad=300)
+        return ExporterRun(self), table, data
+
+    def start_fed(self, x, data, *extra):
+        """An exporter reading `data` from a pipe, fed 2 MB of it: past
+        the first block (its first MB), so its checker is running;
+        (process, checker pid)."""
+        proc = subprocess.Popen(x.args("-q", *extra), stdin=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        self.addCleanup(proc.stderr.close)
+        proc.stdin.write(data[:2 << 20])
+        proc.stdin.flush()
+        wait_for(lambda: self.children(proc.pid), what="the checker")
+        return proc, self.children(proc.pid)[0]
+
+    def test_killed_checker_loses_nothing(self):
+        for extra in ((), ("-x",)):
+            x, table, data = self.big_dump(2000, extra)
+            proc, checker = self.start_fed(x, data, *extra)
+            os.kill(checker, signal.SIGKILL)
+            proc.stdin.write(data[2 << 20:])
+            proc.stdin.close()
+            self.assertEqual(proc.wait(TIMEOUT), 0, proc.stderr.read())
+            x.assert_exported(table)
+
+    def test_killed_exporter_leaves_no_checker(self):
+        x, table, data = self.big_dump(2000)
+        proc, checker = self.start_fed(x, data)
+        proc.kill()
+        proc.wait(TIMEOUT)
+        proc.stdin.close()
+        wait_for(lambda: self.gone(checker), what="the checker's end")
+        dump = x.dump_file(data)
+        final = x.run("-q", "-d", dump)
+        self.assertEqual(final.returncode, 0, final.stderr)
+        x.assert_exported(table)
+
+    def test_bad_lines_in_big_blocks_as_line_by_line(self):
+        # Bad lines, and odd but good ones, spread over a dump of several
+        # blocks: their blocks go line by line; every other block the
+        # fast way.  Each bad line is rejected with its number and
+        # reason, and the jobs hold exactly their good lines.
+        for extra in ((), ("-x",)):
+            x, table, data = self.big_dump(3000, extra)
+            owner = {}
+            for jobid, lines in table:
+                for line in lines:
+                    owner[line] = jobid
+            lines = data.splitlines(True)
+            expected = dict((jobid, list(lines)) for jobid, lines in table)
+
+            def replace(at, new):
+                jobid = owner[lines[at]]
+                expected[jobid][expected[jobid].index(lines[at])] = new
+                lines[at] = new
+            # About 1,600 lines a block: the faults at 2500 (a quote
+            # escaped wrongly) and 4000 (quotes without backslashes, not
+            # paired) are alone in theirs.
+            good = lines[1000]
+            field = good.index(b" DG.JOBID=")
+            replace(1000, good.replace(b" DG.JOBID=", b"\tDG.JOBID="))
+            good = lines[8000]
+            replace(8000, good[field + 1:-1] + b" " + good[:field] + b"\n")
+            bad = [
+                (2500, lines[2500].replace(b'quoted\\"', b'quoted\\\\"'),
+                 "unbalanced quotes"),
+                (4000, lines[4000].replace(b'\\"quoted\\"', b'"quoted'),
+                 "unbalanced quotes"),
+                (5600, lines[5600].replace(b"PROG=", b"P\0G="),
+                 "NUL byte in line"),
+                (7000, lines[7000][:-1] + b' DG.JOBID="x"\n',
+                 "DG.JOBID given twice"),
+                (8100, lines[8100].replace(b":9000/", b":90000/"),
+                 "port out of range"),
+                (8200, lines[8200].replace(b" DG.JOBID", b" DG.JOB"),
+                 "no DG.JOBID field")]
+            for at, line, _ in bad:
+                expected[owner[lines[at]]].remove(lines[at])
+                lines[at] = line
+            lines.insert(8500, b"\r\n")
+            lines.insert(8500, b"\n")
+            dump = x.dump_file(b"".join(lines))
+            proc = x.run("-d", dump, *extra)
+            self.assertEqual(proc.returncode, 3, proc.stderr)
+            x.assert_exported([(jobid, expected[jobid])
+                               for jobid, _ in table])
+            found = re.findall(rb"# line (\d+): ([^\n]*)\n", x.rejects())
+            self.assertEqual(len(found), len(bad))
+            for (at, line, reason), (number, said) in zip(bad, found):
+                self.assertEqual(int(number), at + 1)
+                self.assertIn(reason, said.decode())
+                self.assertIn(line, x.rejects())
+            self.assertIn("%d lines, %d exported, %d rejected, 2 blank"
+                          % (len(lines), len(lines) - 2 - len(bad), len(bad)),
+                          proc.stderr)
+
+
 # ---------------------------------------------------------------------------
 # jp_upload_files: archive, message, errors, function interface
 # ---------------------------------------------------------------------------
@@ -8307,134 +8436,6 @@ def run_demo(out=sys.stdout):
         for server in reversed(servers):
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
-
-
-class TestExporterSpeedPaths(unittest.TestCase):
-    """The exporter's fast ways: blocks checked at once, runs of a job's
-    lines routed in one piece, and the checker process."""
-
-    @staticmethod
-    def children(pid):
-        """Pids of the live processes whose parent is `pid`."""
-        found = []
-        for name in os.listdir("/proc"):
-            try:
-                with open("/proc/%s/stat" % name) as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if fields[1] == str(pid) and fields[0] != "Z":
-                found.append(int(name))
-        return found
-
-    @staticmethod
-    def gone(pid):
-        try:
-            with open("/proc/%d/stat" % pid) as f:
-                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-        except OSError:
-            return True
-
-    def big_dump(self, jobs, extra=()):
-        """(ExporterRun, table, dump bytes) of `jobs` jobs of 3 lines of
-        about 650 bytes; mixed by 40 for ("-x",).  Not scaled: the sizes
-        are the exporter's blocks (1 MB)."""
-        table, data = generated_dump(jobs, per_job=3,
-                                     interleave=40 if extra else 1, pad=300)
-        return ExporterRun(self), table, data
-
-    def start_fed(self, x, data, *extra):
-        """An exporter reading `data` from a pipe, fed 2 MB of it: past
-        the first block (its first MB), so its checker is running;
-        (process, checker pid)."""
-        proc = subprocess.Popen(x.args("-q", *extra), stdin=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
-        self.addCleanup(proc.stderr.close)
-        proc.stdin.write(data[:2 << 20])
-        proc.stdin.flush()
-        wait_for(lambda: self.children(proc.pid), what="the checker")
-        return proc, self.children(proc.pid)[0]
-
-    def test_killed_checker_loses_nothing(self):
-        for extra in ((), ("-x",)):
-            x, table, data = self.big_dump(2000, extra)
-            proc, checker = self.start_fed(x, data, *extra)
-            os.kill(checker, signal.SIGKILL)
-            proc.stdin.write(data[2 << 20:])
-            proc.stdin.close()
-            self.assertEqual(proc.wait(TIMEOUT), 0, proc.stderr.read())
-            x.assert_exported(table)
-
-    def test_killed_exporter_leaves_no_checker(self):
-        x, table, data = self.big_dump(2000)
-        proc, checker = self.start_fed(x, data)
-        proc.kill()
-        proc.wait(TIMEOUT)
-        proc.stdin.close()
-        wait_for(lambda: self.gone(checker), what="the checker's end")
-        dump = x.dump_file(data)
-        final = x.run("-q", "-d", dump)
-        self.assertEqual(final.returncode, 0, final.stderr)
-        x.assert_exported(table)
-
-    def test_bad_lines_in_big_blocks_as_line_by_line(self):
-        # Bad lines, and odd but good ones, spread over a dump of several
-        # blocks: their blocks go line by line; every other block the
-        # fast way.  Each bad line is rejected with its number and
-        # reason, and the jobs hold exactly their good lines.
-        for extra in ((), ("-x",)):
-            x, table, data = self.big_dump(3000, extra)
-            owner = {}
-            for jobid, lines in table:
-                for line in lines:
-                    owner[line] = jobid
-            lines = data.splitlines(True)
-            expected = dict((jobid, list(lines)) for jobid, lines in table)
-
-            def replace(at, new):
-                jobid = owner[lines[at]]
-                expected[jobid][expected[jobid].index(lines[at])] = new
-                lines[at] = new
-            # About 1,600 lines a block: the faults at 2500 (a quote
-            # escaped wrongly) and 4000 (quotes without backslashes, not
-            # paired) are alone in theirs.
-            good = lines[1000]
-            field = good.index(b" DG.JOBID=")
-            replace(1000, good.replace(b" DG.JOBID=", b"\tDG.JOBID="))
-            good = lines[8000]
-            replace(8000, good[field + 1:-1] + b" " + good[:field] + b"\n")
-            bad = [
-                (2500, lines[2500].replace(b'quoted\\"', b'quoted\\\\"'),
-                 "unbalanced quotes"),
-                (4000, lines[4000].replace(b'\\"quoted\\"', b'"quoted'),
-                 "unbalanced quotes"),
-                (5600, lines[5600].replace(b"PROG=", b"P\0G="),
-                 "NUL byte in line"),
-                (7000, lines[7000][:-1] + b' DG.JOBID="x"\n',
-                 "DG.JOBID given twice"),
-                (8100, lines[8100].replace(b":9000/", b":90000/"),
-                 "port out of range"),
-                (8200, lines[8200].replace(b" DG.JOBID", b" DG.JOB"),
-                 "no DG.JOBID field")]
-            for at, line, _ in bad:
-                expected[owner[lines[at]]].remove(lines[at])
-                lines[at] = line
-            lines.insert(8500, b"\r\n")
-            lines.insert(8500, b"\n")
-            dump = x.dump_file(b"".join(lines))
-            proc = x.run("-d", dump, *extra)
-            self.assertEqual(proc.returncode, 3, proc.stderr)
-            x.assert_exported([(jobid, expected[jobid])
-                               for jobid, _ in table])
-            found = re.findall(rb"# line (\d+): ([^\n]*)\n", x.rejects())
-            self.assertEqual(len(found), len(bad))
-            for (at, line, reason), (number, said) in zip(bad, found):
-                self.assertEqual(int(number), at + 1)
-                self.assertIn(reason, said.decode())
-                self.assertIn(line, x.rejects())
-            self.assertIn("%d lines, %d exported, %d rejected, 2 blank"
-                          % (len(lines), len(lines) - 2 - len(bad), len(bad)),
-                          proc.stderr)
 
 
 if __name__ == "__main__":

@@ -137,6 +137,7 @@ def member_name(path):
 
 
 def fsync_dir(path):
+    """Sync directory `path`, so an entry made in it survives a crash."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -145,6 +146,7 @@ def fsync_dir(path):
 
 
 def unlink_quietly(path):
+    """Remove `path` if it is there; a failure is ignored (cleaning up)."""
     try:
         os.unlink(path)
     except OSError:
@@ -152,6 +154,7 @@ def unlink_quietly(path):
 
 
 def strerror(exc):
+    """The reason of OSError `exc`, without its errno number."""
     return exc.strerror or str(exc)
 
 
@@ -417,6 +420,7 @@ def parse_args(argv):
 
 
 def usage(stream):
+    """Write the help (the module docstring) to `stream`."""
     stream.write(__doc__ % {"prog": PROG, "maildir": DEFAULT_MAILDIR})
 
 

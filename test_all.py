@@ -1717,6 +1717,20 @@ def sha256_of(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def queue_dump_and_sandbox(h, dump_size, archive_size):
+    """A registered job with a dump and a sandbox archive, and a message
+    for each in the harness's maildirs; (dump path, archive path, sorted
+    sha256 digests of both)."""
+    jobid, path = write_dump(h, 1, size=dump_size)
+    h.jpps.register(jobid, USER_SUBJECT)
+    archive = h.path("sandbox", "spool", "1.tar")
+    os.makedirs(os.path.dirname(archive), mode=0o700)
+    write_archive(archive, archive_size)
+    drop_message(h.dump, dump_message(jobid, path))
+    drop_message(h.sandbox, sandbox_message(jobid, archive, h.pki.proxy))
+    return path, archive, sorted([sha256_of(path), sha256_of(archive)])
+
+
 class FTPSCase(unittest.TestCase):
     """What the ftp:// transport tests share: a directory, the host
     credential, fresh FTPS fixtures."""
@@ -3900,15 +3914,7 @@ class TestFTPSTransport(FTPSCase):
         peer = self.vsftpd()
         h = ImporterHarness(self, dest_base=peer.url("jpps"),
                             local_root=peer.root)
-        jobid, path = write_dump(h, 1, size=200000)
-        h.jpps.register(jobid, USER_SUBJECT)
-        archive = h.path("sandbox", "spool", "1.tar")
-        os.makedirs(os.path.dirname(archive), mode=0o700)
-        write_archive(archive, 30000)
-        digests = sorted([sha256_of(path), sha256_of(archive)])
-        drop_message(h.dump, dump_message(jobid, path))
-        drop_message(h.sandbox, sandbox_message(jobid, archive,
-                                                h.pki.proxy))
+        path, archive, digests = queue_dump_and_sandbox(h, 200000, 30000)
         proc = h.once()
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertEqual(sorted(h.jpps.committed.values()), digests)
@@ -4405,15 +4411,7 @@ class TestGridFTPUpload(unittest.TestCase):
     def test_importer_delivers_dumps_and_sandboxes(self):
         h = ImporterHarness(self, dest_base=self.peer.url("chain"),
                             local_root="/")
-        jobid, path = write_dump(h, 1, size=100000)
-        h.jpps.register(jobid, USER_SUBJECT)
-        archive = h.path("sandbox", "spool", "1.tar")
-        os.makedirs(os.path.dirname(archive), mode=0o700)
-        write_archive(archive, 20000)
-        digests = sorted([sha256_of(path), sha256_of(archive)])
-        drop_message(h.dump, dump_message(jobid, path))
-        drop_message(h.sandbox, sandbox_message(jobid, archive,
-                                                h.pki.proxy))
+        path, archive, digests = queue_dump_and_sandbox(h, 100000, 20000)
         proc = h.once()
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertEqual(sorted(h.jpps.committed.values()), digests)

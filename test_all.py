@@ -1717,6 +1717,22 @@ def sha256_of(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def untrusting_credentials(p, directory, cert, key):
+    """Credentials `cert`/`key` whose CA directory (made in `directory`)
+    holds only the rogue CA: no server of the test PKI is trusted."""
+    ca_dir = os.path.join(directory, "other-ca")
+    os.mkdir(ca_dir)
+    shutil.copy(p.rogue_ca_cert, os.path.join(ca_dir, "x.0"))
+    return jp_importer.Credentials(cert, key, ca_dir)
+
+
+def other_host_cert(p, name, usage="serverAuth"):
+    """(certificate, key) of the test CA for other.example, not for the
+    localhost the servers are reached by."""
+    return p.issue(name, "/O=Grid/OU=Test/CN=other.example", usage,
+                   san="DNS:other.example")
+
+
 def queue_dump_and_sandbox(h, dump_size, archive_size):
     """A registered job with a dump and a sandbox archive, and a message
     for each in the harness's maildirs; (dump path, archive path, sorted
@@ -3856,19 +3872,14 @@ class TestFTPSTransport(FTPSCase):
     def test_untrusted_server_and_wrong_host_name(self):
         ftps = self.fixture()
         payload = payloads(self.dir, (10,))[0][1]
-        other_ca = os.path.join(self.dir, "other-ca")
-        os.mkdir(other_ca)
-        shutil.copy(self.pki.rogue_ca_cert, os.path.join(other_ca, "x.0"))
-        untrusting = jp_importer.Credentials(self.pki.host_cert,
-                                             self.pki.host_key, other_ca)
+        untrusting = untrusting_credentials(self.pki, self.dir,
+                                            self.pki.host_cert,
+                                            self.pki.host_key)
         with self.assertRaises(jp_importer.TransientError) as cm:
             jp_importer.upload_ftp(ftps.url("x"), payload, untrusting, 10)
         self.assertIn("server certificate not accepted", str(cm.exception))
         # A server whose certificate names another host.
-        cert, key = self.pki.issue("other-host", "/O=Grid/OU=Test/CN=other."
-                                   "example", "serverAuth",
-                                   san="DNS:other.example")
-        other = self.fixture(cert=(cert, key))
+        other = self.fixture(cert=other_host_cert(self.pki, "other-host"))
         with self.assertRaises(jp_importer.TransientError) as cm:
             jp_importer.upload_ftp(other.url("x"), payload, self.host, 10)
         self.assertIn("server certificate not accepted", str(cm.exception))
@@ -3974,20 +3985,15 @@ class TestFTPSTransport(FTPSCase):
 
     def test_vsftpd_untrusted_or_misnamed_server(self):
         payload = payloads(self.dir, (10,))[0][1]
-        other_ca = os.path.join(self.dir, "other-ca")
-        os.mkdir(other_ca)
-        shutil.copy(self.pki.rogue_ca_cert, os.path.join(other_ca, "r.0"))
-        untrusting = jp_importer.Credentials(self.pki.host_cert,
-                                             self.pki.host_key, other_ca)
+        untrusting = untrusting_credentials(self.pki, self.dir,
+                                            self.pki.host_cert,
+                                            self.pki.host_key)
         peer = self.vsftpd()
         with self.assertRaises(jp_importer.TransientError) as cm:
             jp_importer.upload_ftp(peer.url("u"), payload, untrusting, 10)
         self.assertIn("server certificate not accepted", str(cm.exception))
         self.assertIn("certificate verify failed", str(cm.exception))
-        cert, key = self.pki.issue("vsftpd-other", "/O=Grid/OU=Test/CN=other."
-                                   "example", "serverAuth",
-                                   san="DNS:other.example")
-        misnamed = self.vsftpd(cert=(cert, key))
+        misnamed = self.vsftpd(cert=other_host_cert(self.pki, "vsftpd-other"))
         with self.assertRaises(jp_importer.TransientError) as cm:
             jp_importer.upload_ftp(misnamed.url("m"), payload, self.host, 10)
         self.assertIn("server certificate not accepted", str(cm.exception))
@@ -4272,19 +4278,14 @@ class TestGridFTPUpload(unittest.TestCase):
 
     def test_untrusted_server_and_wrong_host_name(self):
         payload = payloads(self.dir, (10,))[0][1]
-        other_ca = os.path.join(self.dir, "other-ca")
-        os.mkdir(other_ca)
-        shutil.copy(self.pki.rogue_ca_cert, os.path.join(other_ca, "x.0"))
-        untrusting = jp_importer.Credentials(self.pki.proxy, self.pki.proxy,
-                                             other_ca)
+        untrusting = untrusting_credentials(self.pki, self.dir,
+                                            self.pki.proxy, self.pki.proxy)
         with self.assertRaises(jp_importer.TransientError) as cm:
             jp_importer.upload_gsiftp(self.peer.url("untrusted"), payload,
                                       untrusting, 10)
         self.assertIn("server certificate not accepted", str(cm.exception))
-        cert, key = self.pki.issue("gridftp-other", "/O=Grid/OU=Test/CN="
-                                   "other.example", "serverAuth,clientAuth",
-                                   san="DNS:other.example")
-        other = GridFTPPeer(self.pki, cert=(cert, key))
+        other = GridFTPPeer(self.pki, cert=other_host_cert(
+            self.pki, "gridftp-other", "serverAuth,clientAuth"))
         self.addCleanup(other.stop)
         with self.assertRaises(jp_importer.TransientError) as cm:
             jp_importer.upload_gsiftp(other.url("wrong-name"), payload,

@@ -4478,7 +4478,15 @@ class Worker:
 # ---------------------------------------------------------------------------
 
 class Wakeup:
-    """A self-pipe: signal handlers record the signal and wake wait()."""
+    """A self-pipe: signal handlers record the signal and wake wait().
+
+    The byte that wakes wait() is written by the interpreter's C-level
+    handler (signal.set_wakeup_fd), not by handler(): a Python handler
+    runs only between bytecodes of the main thread, so a signal that
+    came just before select() started, or to another thread, would
+    leave select() asleep for its whole timeout (the master's is ten
+    minutes).
+    """
 
     def __init__(self):
         self.read_fd, self.write_fd = os.pipe()
@@ -4488,17 +4496,15 @@ class Wakeup:
         self.signals = []
 
     def handler(self, sig, frame):
-        """The signal handler: record `sig` and wake wait()."""
+        """The signal handler: record `sig` for take()."""
         self.signals.append(sig)
-        try:
-            os.write(self.write_fd, b"s")
-        except OSError:
-            pass
 
-    def install(self, signals):
-        """Handle each of `signals` with handler()."""
+    def install(self, signals, handler=None):
+        """Handle each of `signals` with `handler` (default: handler()),
+        and wake wait() on any of them.  Call from the main thread."""
+        signal.set_wakeup_fd(self.write_fd)
         for sig in signals:
-            signal.signal(sig, self.handler)
+            signal.signal(sig, handler or self.handler)
 
     def wait(self, timeout):
         """Sleep up to `timeout` s; a signal ends it at once."""
@@ -4520,7 +4526,10 @@ class Wakeup:
         return sigs
 
     def close(self):
-        """Close the pipe."""
+        """Close the pipe; signals no longer write to it."""
+        previous = signal.set_wakeup_fd(-1)
+        if previous != self.write_fd:
+            signal.set_wakeup_fd(previous)      # not ours: left as it was
         os.close(self.read_fd)
         os.close(self.write_fd)
 
@@ -4549,8 +4558,7 @@ def run_worker(kind, maildir, options, credentials, once=False,
             worker.stop_requested = True
         wakeup.handler(sig, frame)
 
-    for sig in WORKER_SIGNALS:
-        signal.signal(sig, on_signal)
+    wakeup.install(WORKER_SIGNALS, on_signal)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
     try:
         while not worker.stop_requested:

@@ -3375,6 +3375,36 @@ class TestImporterProcesses(unittest.TestCase):
         self.assertEqual(len(listing(h.reg, "new")), 1)   # not started
         self.assertFalse(os.path.exists(h.pidfile))
 
+    def test_a_signal_while_the_sleep_begins_wakes_it(self):
+        """A TERM whose Python handler has not run when select() starts
+        (here: it reached another thread) still ends Wakeup.wait() at
+        once.  A handler that wrote the wake-up byte itself left the
+        master asleep for its whole ten-minute wait."""
+        code = (
+            "import os, signal, sys, threading, time\n"
+            "sys.path.insert(0, %r); import jp_importer\n"
+            "wakeup = jp_importer.Wakeup()\n"
+            "wakeup.install([signal.SIGTERM])\n"
+            "threading.Thread(target=threading.Event().wait,\n"
+            "                 daemon=True).start()   # takes the TERM\n"
+            "signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])\n"
+            "print('ready', flush=True)\n"
+            "started = time.monotonic()\n"
+            "wakeup.wait(3 * %r)\n"
+            "signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])\n"
+            "print(wakeup.take(), time.monotonic() - started < %r)\n"
+            % (HERE, TIMEOUT, TIMEOUT))
+        proc = subprocess.Popen([sys.executable, "-c", code],
+                                stdout=subprocess.PIPE, universal_newlines=True)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        self.assertEqual(proc.stdout.readline(), "ready\n")
+        wchan = "/proc/%d/task/%d/wchan" % (proc.pid, proc.pid)
+        wait_for(lambda: "poll_schedule_timeout" in read_text(wchan),
+                 what="the main thread asleep in select()")
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.communicate(timeout=TIMEOUT)[0],
+                         "[%d] True\n" % signal.SIGTERM)
+
     def test_pidfile_lock_and_real_daemon(self):
         h = ImporterHarness(self)
         proc = run([sys.executable, JP_IMPORTER, "--log", h.logfile]

@@ -46,7 +46,8 @@ end-to-end
     same importer's registrations/s (3,000 moved into its reg/new/ at
     once), and BARE_PIPELINE, four stdlib processes doing only what a
     dump costs the peers (StartUpload, MKD, STOR over a resumed TLS data
-    connection, CommitUpload) on kept connections.
+    connection, CommitUpload) on kept connections, and that pipeline's
+    JPPS calls alone and FTPS stores alone.
 startup
     the short-lived commands against python3 -c pass.
 
@@ -95,10 +96,12 @@ print(time.perf_counter() - started)
 # What one dump costs the peers, with nothing of ours: StartUpload,
 # MKD of the job's directory, STOR over a TLS-resumed data connection,
 # CommitUpload, on one keep-alive HTTPS connection and one FTPS control
-# connection.  Prints "ready", waits for a line on stdin, prints seconds.
+# connection.  Its part "calls" times the two JPPS calls alone, "stores"
+# the MKD and STOR alone (StartUpload done before the clock starts).
+# Prints "ready", waits for a line on stdin, prints seconds.
 BARE_PIPELINE = r"""
-import ftplib, http.client, re, ssl, sys, time
-jpps_port, first, count, cert, key, ca, data = sys.argv[1:8]
+import ftplib, http.client, io, re, ssl, sys, time
+jpps_port, first, count, cert, key, ca, data, part = sys.argv[1:9]
 first, count = int(first), int(count)
 payload = open(data, "rb").read()
 ctx = ssl.create_default_context(cafile=ca)
@@ -122,21 +125,15 @@ def call(op, body):
         sys.exit("%%s: HTTP %%d %%s" %% (op, resp.status, text[:300]))
     return text
 
-conn = http.client.HTTPSConnection("localhost", int(jpps_port), context=ctx)
-jobs = ["https://lb.example.org:9000/bare%%07d" %% j
-        for j in range(first, first + count)]
-for job in jobs:
-    call("RegisterJob", "<job>%%s</job><owner>/O=Grid/CN=u</owner>" %% job)
-ftp, logged_in = None, None
-print("ready", flush=True)
-sys.stdin.readline()
-started = time.perf_counter()
-for job in jobs:
+def start_upload(job):
     answer = call("StartUpload", '<job>%%s</job><class>urn:org.glite.jp.'
                   'primary:lb</class><name xsi:nil="true"/><commitBefore>'
                   '2038-01-01T00:00:00Z</commitBefore><contentType>text/lb'
                   '</contentType>' %% job)
-    dest = re.search("<destination>([^<]*)</destination>", answer).group(1)
+    return re.search("<destination>([^<]*)</destination>", answer).group(1)
+
+def store(dest):
+    global ftp
     host, port, path = re.match("ftp://([^:/]+):(\\d+)(/.*)", dest).groups()
     if ftp is None:
         ftp = FTPS(context=ctx)
@@ -153,8 +150,24 @@ for job in jobs:
         ftp.voidcmd("MKD " + path.rsplit("/", 1)[0])
     except ftplib.error_perm:
         pass
-    ftp.storbinary("STOR " + path, __import__("io").BytesIO(payload))
-    call("CommitUpload", "<destination>%%s</destination>" %% dest)
+    ftp.storbinary("STOR " + path, io.BytesIO(payload))
+
+conn = http.client.HTTPSConnection("localhost", int(jpps_port), context=ctx)
+jobs = ["https://lb.example.org:9000/bare%%s%%07d" %% (part, j)
+        for j in range(first, first + count)]
+for job in jobs:
+    call("RegisterJob", "<job>%%s</job><owner>/O=Grid/CN=u</owner>" %% job)
+ftp = None
+dests = [start_upload(job) for job in jobs] if part == "stores" else None
+print("ready", flush=True)
+sys.stdin.readline()
+started = time.perf_counter()
+for n, job in enumerate(jobs):
+    dest = dests[n] if dests else start_upload(job)
+    if part != "calls":
+        store(dest)
+    if part != "stores":
+        call("CommitUpload", "<destination>%%s</destination>" %% dest)
 print(time.perf_counter() - started, flush=True)
 """
 
@@ -661,8 +674,9 @@ def registrations_through(md, run_dir, count):
     return count / (time.time() - started)
 
 
-def bare_pipeline(p, jpps, payload, jobs, work, workers=4):
-    """Jobs/s of `workers` BARE_PIPELINE processes, `jobs` in all."""
+def bare_pipeline(p, jpps, payload, jobs, work, part="dump", workers=4):
+    """Jobs/s of `workers` BARE_PIPELINE processes, `jobs` in all, doing
+    `part` of a dump's work: "dump" (all), "calls" or "stores"."""
     script = os.path.join(work, "bare_pipeline.py")
     import jp_importer
     with open(script, "w") as f:
@@ -670,7 +684,7 @@ def bare_pipeline(p, jpps, payload, jobs, work, workers=4):
     share = jobs // workers
     procs = [subprocess.Popen(
         [sys.executable, script, str(jpps.port), str(i * share), str(share),
-         p.host_cert, p.host_key, p.ca_cert, payload],
+         p.host_cert, p.host_key, p.ca_cert, payload, part],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         for i in range(workers)]
     try:
@@ -701,7 +715,9 @@ def bench_end_to_end(table, quick, runs):
     upload where a registration takes one call), and a bare pipeline of
     as many processes doing only what a dump costs the peers (StartUpload,
     MKD, STOR over a resumed TLS data connection, CommitUpload) on kept
-    connections, with no maildir, file or check of ours."""
+    connections, with no maildir, file or check of ours; and that
+    pipeline's two halves alone (the JPPS calls, the FTPS stores), to
+    show which of the peers bounds it."""
     p = test_all.pki()
     jobs = 100 if quick else 1000
     ceiling_jobs = 1000 if quick else 3000
@@ -726,6 +742,9 @@ def bench_end_to_end(table, quick, runs):
                 os.path.basename(run_dir)), log=False)
             try:
                 bare = bare_pipeline(p, jpps, payload, jobs, run_dir)
+                calls = bare_pipeline(p, jpps, payload, jobs, run_dir, "calls")
+                stores = bare_pipeline(p, jpps, payload, jobs, run_dir,
+                                       "stores")
                 md = {k: make_maildir(os.path.join(run_dir, k))
                       for k in ("reg", "dump", "sandbox")}
                 log = open(os.path.join(run_dir, "log"), "wb")
@@ -757,7 +776,10 @@ def bench_end_to_end(table, quick, runs):
                     raise RuntimeError("dumps given up: see %s" % run_dir)
                 return {"rate": jobs / elapsed, "ceiling": ceiling,
                         "ratio": jobs / elapsed / ceiling, "bare": bare,
-                        "x bare": jobs / elapsed / bare}
+                        "x bare": jobs / elapsed / bare, "calls": calls,
+                        "stores": stores, "bare ratio": bare / ceiling,
+                        "calls ratio": calls / ceiling,
+                        "stores ratio": stores / ceiling}
             finally:
                 jpps.stop()
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -766,7 +788,11 @@ def bench_end_to_end(table, quick, runs):
         table.add("end-to-end", "ceiling: %d registrations, same importer"
                   % max(ceiling_jobs, jobs), m["ceiling"], "jobs/s")
         table.add("end-to-end", "bare pipeline: 4 kept-connection clients",
-                  m["bare"], "jobs/s", m["ceiling"], m["bare"] / m["ceiling"])
+                  m["bare"], "jobs/s", m["ceiling"], m["bare ratio"])
+        table.add("end-to-end", "  its StartUpload + CommitUpload alone",
+                  m["calls"], "jobs/s", m["ceiling"], m["calls ratio"])
+        table.add("end-to-end", "  its MKD + STOR (FTPS) alone",
+                  m["stores"], "jobs/s", m["ceiling"], m["stores ratio"])
         table.add("end-to-end", "%d dumps of 10 kB: exporter, importer -D 4"
                   % jobs, m["rate"], "jobs/s", m["ceiling"], m["ratio"],
                   "%.2f x bare pipeline" % m["x bare"])

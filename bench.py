@@ -59,7 +59,6 @@ import getopt
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess

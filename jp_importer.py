@@ -5202,9 +5202,7 @@ def open_maildirs(o, create=True):
     """{kind: Maildir} of the three maildirs of options `o`, checked
     and, with `create`, made."""
     return dict((kind, Maildir(os.path.abspath(path)).init(
-        create, o.allow_shared_dirs))
-        for kind, path in ((KIND_REG, o.reg_mdir), (KIND_DUMP, o.dump_mdir),
-                           (KIND_SANDBOX, o.sandbox_mdir)))
+        create, o.allow_shared_dirs)) for kind, path in maildir_paths(o))
 
 
 def maildir_paths(o):

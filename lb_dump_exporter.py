@@ -661,13 +661,12 @@ class Exporter:
 
     # -- lines ------------------------------------------------------------
 
-    def block(self, number, data, clean=False, ids=False):
+    def block(self, number, data, ids=False):
         """Route a block of whole lines, each ending with LF.
 
-        `number`: the number of the line before the block; `clean`: as
-        for lines(); `ids`: what _block_ids(data) returns, when already
-        known (a Checker's answer).  Returns the number of the block's
-        last line.
+        `number`: the number of the line before the block; `ids`: what
+        _block_ids(data) returns, when already known (a Checker's
+        answer).  Returns the number of the block's last line.
 
         When every line of the block passes the checks (_block_ids(),
         a few passes over the whole block), a grouped dump's lines reach
@@ -684,6 +683,7 @@ class Exporter:
         if ids is None or self.mixed:
             lines = data.split(b"\n")
             lines.pop()
+            clean = ids is None and b"\0" not in data and b"\\" not in data
             return self.lines(number, lines, len(data), clean,
                               checked=ids is not None)
         runs = [(ident, len(list(group)))
@@ -1540,8 +1540,7 @@ def split(exporter, read, data, tick=None):
         # The blocks handed to the checker, in order, until `keep` wait.
         while checker is not None and len(checker.waiting) > keep:
             block, ids = checker.take()
-            number = exporter.block(number, block, b"\0" not in block and
-                                    b"\\" not in block, ids)
+            number = exporter.block(number, block, ids)
         return number
     try:
         while True:
@@ -1571,8 +1570,7 @@ def split(exporter, read, data, tick=None):
                     number = routed(number, checker.SLOTS - 1)
                 else:
                     number = routed(number)
-                    number = exporter.block(number, block, b"\0" not in
-                                            block and b"\\" not in block)
+                    number = exporter.block(number, block)
             if len(carry) > MAX_LINE:
                 # No end in sight: all of it into the rejects file, a
                 # block at a time as it is read (a line of a gigabyte, or

@@ -50,7 +50,6 @@ that class):
 """
 
 import atexit
-import base64
 import contextlib
 import errno
 import fcntl
@@ -63,7 +62,6 @@ import json
 import logging
 import os
 import pty
-import queue
 import random
 import re
 import select
@@ -1733,16 +1731,23 @@ def other_host_cert(p, name, usage="serverAuth"):
                    san="DNS:other.example")
 
 
+def queue_dump(h, n, **kw):
+    """write_dump(h, n, **kw), the job registered with the JPPS fixture
+    and a message for the dump in the harness's dump maildir; (jobid,
+    dump path, message name)."""
+    jobid, path = write_dump(h, n, **kw)
+    h.jpps.register(jobid, USER_SUBJECT)
+    return jobid, path, drop_message(h.dump, dump_message(jobid, path))
+
+
 def queue_dump_and_sandbox(h, dump_size, archive_size):
     """A registered job with a dump and a sandbox archive, and a message
     for each in the harness's maildirs; (dump path, archive path, sorted
     sha256 digests of both)."""
-    jobid, path = write_dump(h, 1, size=dump_size)
-    h.jpps.register(jobid, USER_SUBJECT)
+    jobid, path, _ = queue_dump(h, 1, size=dump_size)
     archive = h.path("sandbox", "spool", "1.tar")
     os.makedirs(os.path.dirname(archive), mode=0o700)
     write_archive(archive, archive_size)
-    drop_message(h.dump, dump_message(jobid, path))
     drop_message(h.sandbox, sandbox_message(jobid, archive, h.pki.proxy))
     return path, archive, sorted([sha256_of(path), sha256_of(archive)])
 
@@ -2848,10 +2853,8 @@ class TestImporterUploads(unittest.TestCase):
         h = upload_harness(self)
         digests = {}
         for n in range(3):
-            jobid, path = write_dump(h, n, size=n * 40000)
-            h.jpps.register(jobid, USER_SUBJECT)
+            jobid, path, _ = queue_dump(h, n, size=n * 40000)
             digests[jobid] = sha256_of(path)
-            drop_message(h.dump, dump_message(jobid, path))
         proc = h.once()
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertEqual(sorted(h.jpps.committed.values()),
@@ -2869,10 +2872,8 @@ class TestImporterUploads(unittest.TestCase):
         base = "/dev/shm" if os.path.isdir("/dev/shm") else h.dir
         store = tempfile.mkdtemp(prefix="jp-store-", dir=base)
         self.addCleanup(shutil.rmtree, store, True)
-        jobid, path = write_dump(h, 1)
+        _, path, _ = queue_dump(h, 1)
         digest = sha256_of(path)
-        h.jpps.register(jobid, USER_SUBJECT)
-        drop_message(h.dump, dump_message(jobid, path))
         h.once("-S", store)
         kept = os.path.join(store, os.path.basename(path))
         self.assertEqual(sha256_of(kept), digest)
@@ -3049,9 +3050,7 @@ class TestImporterUploads(unittest.TestCase):
 
     def test_lost_commit_answer_ends_delivered_once(self):
         h = upload_harness(self)
-        jobid, path = write_dump(h, 4)
-        h.jpps.register(jobid, USER_SUBJECT)
-        name = drop_message(h.dump, dump_message(jobid, path))
+        jobid, path, name = queue_dump(h, 4)
         # The JPPS commits, then the connection drops before the answer.
         # The client sends it again on a new connection (or, where the
         # drop looks like a TLS error, in the next attempt) and gets
@@ -3075,9 +3074,7 @@ class TestImporterUploads(unittest.TestCase):
 
     def test_commit_enoent_after_the_deadline_starts_over(self):
         h = upload_harness(self)
-        jobid, path = write_dump(h, 6)
-        h.jpps.register(jobid, USER_SUBJECT)
-        name = drop_message(h.dump, dump_message(jobid, path))
+        _, _, name = queue_dump(h, 6)
         # As if a crash had left an upload recorded long ago: ENOENT
         # then proves nothing, so the message starts over.
         m = jp_importer.Maildir(h.dump).init()
@@ -3093,9 +3090,7 @@ class TestImporterUploads(unittest.TestCase):
 
     def test_upload_refused_then_accepted(self):
         h = upload_harness(self)
-        jobid, path = write_dump(h, 5)
-        h.jpps.register(jobid, USER_SUBJECT)
-        name = drop_message(h.dump, dump_message(jobid, path))
+        _, path, name = queue_dump(h, 5)
         h.ftps.inject("full")
         h.once()
         self.assertEqual(listing(h.dump, "post"), [name])
@@ -3111,9 +3106,7 @@ class TestImporterUploads(unittest.TestCase):
 
     def test_unfinished_upload_past_the_deadline_starts_over(self):
         h = upload_harness(self)
-        jobid, path = write_dump(h, 7)
-        h.jpps.register(jobid, USER_SUBJECT)
-        name = drop_message(h.dump, dump_message(jobid, path))
+        _, _, name = queue_dump(h, 7)
         h.ftps.inject("drop_data", after=100)
         h.once()
         state = h.state(h.dump, name)
@@ -3132,9 +3125,7 @@ class TestImporterUploads(unittest.TestCase):
 
     def test_progress_lost_in_a_machine_crash_costs_time_not_the_dump(self):
         h = upload_harness(self)
-        jobid, path = write_dump(h, 8)
-        h.jpps.register(jobid, USER_SUBJECT)
-        drop_message(h.dump, dump_message(jobid, path))
+        jobid, path, _ = queue_dump(h, 8)
         h.once()
         self.assertEqual(len(h.jpps.committed), 1)
         # Progress records are not synced: a crash of the machine right
@@ -4454,10 +4445,8 @@ class TestGridFTPUpload(unittest.TestCase):
         h = ImporterHarness(self, dest_base=self.secure.url("chain"),
                             local_root="/")
         h.cert = h.key = self.pki.proxy
-        jobid, path = write_dump(h, 2, size=300000)
+        _, path, _ = queue_dump(h, 2, size=300000)
         digest = sha256_of(path)
-        h.jpps.register(jobid, USER_SUBJECT)
-        drop_message(h.dump, dump_message(jobid, path))
         start = len(self.secure.log_text())
         proc = h.once()                         # --dcau auto
         self.assertEqual(proc.returncode, 0, proc.stderr)
@@ -4487,9 +4476,7 @@ class TestConnectionReuse(FTPSCase):
     def test_worker_uploads_share_one_connection_closed_at_exit(self):
         h = upload_harness(self)
         for n in range(5):
-            jobid, path = write_dump(h, n)
-            h.jpps.register(jobid, USER_SUBJECT)
-            drop_message(h.dump, dump_message(jobid, path))
+            queue_dump(h, n)
         proc = h.once("-D", "1")
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertEqual(len(h.jpps.committed), 5)
@@ -7170,9 +7157,7 @@ class TestOperatorWatching(unittest.TestCase):
         h = upload_harness(self)
         h.ftps.inject("stall", count=10, command="USER")
         for n in range(4):
-            jobid, path = write_dump(h, n)
-            h.jpps.register(jobid, USER_SUBJECT)
-            drop_message(h.dump, dump_message(jobid, path))
+            queue_dump(h, n)
         proc = h.once("--retry", "30", "--timeout", "1")
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertEqual(h.ftps.connections, 1)         # not 4
@@ -7693,10 +7678,8 @@ class TestBadInputInBulk(unittest.TestCase):
         digests = []
         os.makedirs(h.path("sandbox", "spool"), mode=0o700)
         for n in range(5):
-            jobid, path = write_dump(h, n, size=n * 1000)
-            h.jpps.register(jobid, USER_SUBJECT)
+            jobid, path, _ = queue_dump(h, n, size=n * 1000)
             digests.append(sha256_of(path))
-            drop_message(h.dump, dump_message(jobid, path))
             archive = h.path("sandbox", "spool", "%d.tar" % n)
             write_archive(archive, 1000 + n)
             digests.append(sha256_of(archive))
@@ -7981,10 +7964,8 @@ class TestTLSAndSecrets(unittest.TestCase):
         # file; a sandbox naming the proxy.
         digests = []
         for n in range(4):
-            jobid, path = write_dump(h, n, size=20000)
-            h.jpps.register(jobid, USER_SUBJECT)
+            _, path, _ = queue_dump(h, n, size=20000)
             digests.append(sha256_of(path))
-            drop_message(h.dump, dump_message(jobid, path))
         drop_message(h.dump, dump_message(
             "https://lb.example.org:9000/gone", h.path("lbexport", "gone")))
         ftps.inject("refuse_login")
@@ -8131,10 +8112,8 @@ class TestCredentialsHardening(unittest.TestCase):
                                                         secure.root)
         h = ImporterHarness(self, dest_base=by_address, local_root="/")
         h.cert = h.key = p.proxy
-        jobid, path = write_dump(h, 1, size=300000)
+        _, path, name = queue_dump(h, 1, size=300000)
         digest = sha256_of(path)
-        h.jpps.register(jobid, USER_SUBJECT)
-        name = drop_message(h.dump, dump_message(jobid, path))
         for dcau in ("auto", "A"):
             proc = h.once("--dcau", dcau)
             self.assertEqual(proc.returncode, 0, proc.stderr)
@@ -8200,9 +8179,7 @@ class TestCredentialsHardening(unittest.TestCase):
     def test_revoked_server_certificates_are_refused(self):
         cert, key, ca_dir = revoked_server()
         h = upload_harness(self)
-        jobid, path = write_dump(h, 1)
-        h.jpps.register(jobid, USER_SUBJECT)
-        drop_message(h.dump, dump_message(jobid, path))
+        queue_dump(h, 1)
         name = drop_message(h.reg, registration(1))
         # The CRL revokes one certificate: the others still pass.
         proc = h.once("-C", ca_dir)

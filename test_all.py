@@ -17,7 +17,8 @@ Contents, in file order (a helper used by one class only sits just above
 that class):
 
   Fixtures and helpers
-    skip_or_fail, wait_for, run, free_port
+    skip_or_fail, wait_for, run (and TranscriptResult, which shows a
+    failing test's command output), free_port
     the test PKI               PKI, pki()
     the JPPS                   JPPSFixture, JPPSCall, raw_soap, fault_of
     maildirs, the importer     make_maildir, drop_message, listing,
@@ -27,7 +28,7 @@ that class):
                                dump_message, sandbox_message, FTPSCase
     a JPPS built with gSOAP    GSoapJPPSPeer
     LB dumps, the exporter     ulm_line, generated_dump, ExporterRun
-    the fixtures' own tests    TestPKI, TestJPPSFixture
+    the fixtures' own tests    TestHelpers, TestPKI, TestJPPSFixture
   jp_importer
     in-process                 TestImporterMessages, TestImporterSoapParsing,
                                TestImporterMaildir, TestQueueQuarantine
@@ -144,13 +145,55 @@ def wait_for(predicate, timeout=TIMEOUT, interval=0.02, what="condition"):
         time.sleep(interval)
 
 
+# What the commands of the running test wrote to stderr: a failing test
+# shows it (TranscriptResult), since a rare failure in CI is seen once.
+TRANSCRIPT = []
+TRANSCRIPT_TAIL = 4000          # characters kept of each command's stderr
+
+
 def run(cmd, **kwargs):
     """Run a command, return CompletedProcess with text stdout/stderr."""
     kwargs.setdefault("stdout", subprocess.PIPE)
     kwargs.setdefault("stderr", subprocess.PIPE)
     kwargs.setdefault("universal_newlines", True)
     kwargs.setdefault("timeout", 120)
-    return subprocess.run(cmd, **kwargs)
+    proc = subprocess.run(cmd, **kwargs)
+    err = proc.stderr
+    if isinstance(err, bytes):
+        err = err.decode("utf-8", "replace")
+    if err:
+        TRANSCRIPT.append("$ %s  (exit %s)\n%s" % (
+            " ".join(os.path.basename(str(a)) if i < 2 else str(a)
+                     for i, a in enumerate(cmd)),
+            proc.returncode, err[-TRANSCRIPT_TAIL:]))
+    return proc
+
+
+class TranscriptResult(unittest.TextTestResult):
+    """A test result whose failures and errors end with what the test's
+    commands (run through run()) wrote to stderr."""
+
+    def startTest(self, test):
+        del TRANSCRIPT[:]
+        super().startTest(test)
+
+    def _with_transcript(self, outcomes):
+        if TRANSCRIPT:
+            test, text = outcomes[-1]
+            outcomes[-1] = (test, text + "\nstderr of the test's commands:"
+                            "\n" + "\n".join(TRANSCRIPT))
+
+    def addFailure(self, test, err):
+        super().addFailure(test, err)
+        self._with_transcript(self.failures)
+
+    def addError(self, test, err):
+        super().addError(test, err)
+        self._with_transcript(self.errors)
+
+
+class TranscriptRunner(unittest.TextTestRunner):
+    resultclass = TranscriptResult
 
 
 def free_port():
@@ -1984,6 +2027,35 @@ class ExporterRun:
 # ---------------------------------------------------------------------------
 # The fixtures' own tests: the PKI, the JPPS fixture
 # ---------------------------------------------------------------------------
+
+class TestHelpers(unittest.TestCase):
+    """The suite's own plumbing: a failure shows what the failing test's
+    commands wrote to stderr, and only that test's."""
+
+    def test_a_failure_ends_with_its_commands_stderr(self):
+        class Failing(unittest.TestCase):
+            def test_one(self):
+                run([sys.executable, "-c", "import sys; "
+                     "sys.stderr.write('the first one\\n')"])
+                run([sys.executable, "-c", "import sys; "
+                     "sys.stderr.write('why it failed\\n'); sys.exit(3)"])
+                self.fail("as planned")
+
+            def test_two(self):
+                raise RuntimeError("an error")
+
+        result = TranscriptRunner(stream=io.StringIO()).run(
+            unittest.TestSuite([Failing("test_one"), Failing("test_two")]))
+        (_, failure), = result.failures
+        self.assertIn("AssertionError: as planned", failure)
+        self.assertRegex(failure, r"\$ python\S* -c .*\(exit 0\)\n"
+                         r"the first one\n")
+        self.assertRegex(failure, r"\(exit 3\)\nwhy it failed\n$")
+        # The next test starts with an empty transcript.
+        (_, error), = result.errors
+        self.assertIn("RuntimeError: an error", error)
+        self.assertNotIn("why it failed", error)
+
 
 class TestPKI(unittest.TestCase):
     """The throwaway PKI looks like a grid node's: a CA directory with hash
@@ -8184,7 +8256,7 @@ class TestCredentialsHardening(unittest.TestCase):
         # The CRL revokes one certificate: the others still pass.
         proc = h.once("-C", ca_dir)
         self.assertEqual(proc.returncode, 0, proc.stderr)
-        self.assertEqual(len(h.jpps.committed), 1)
+        self.assertEqual(len(h.jpps.committed), 1, proc.stderr)
         self.assertEqual(len(h.jpps.ops("RegisterJob", "ok")), 1)
         # A JPPS presenting the revoked one: nothing sent, retried later.
         h.jpps.context = h.pki.server_context(cert, key)
@@ -8447,4 +8519,4 @@ def run_demo(out=sys.stdout):
 if __name__ == "__main__":
     if "--demo" in sys.argv[1:]:
         sys.exit(run_demo())
-    unittest.main()
+    unittest.main(testRunner=TranscriptRunner)

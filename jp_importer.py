@@ -2944,6 +2944,9 @@ def _ftp_error(exc, where, secure=True):
     there, and that must not give a message up.
     """
     text = one_line(str(exc), 300)
+    if not text:            # EOFError(), as ftplib raises for a closed line
+        text = ("connection closed by the server"
+                if isinstance(exc, EOFError) else type(exc).__name__)
     if isinstance(exc, ftplib.error_perm) and not secure:
         return TransientError("%s refused without TLS (unauthenticated, so "
                               "retried): %s" % (where, text))

@@ -1221,6 +1221,12 @@ class FTPSFixture:
     def stop(self):
         self.released.set()
         if self.sock is not None:
+            # close() alone would leave the port listening while accept()
+            # is blocked on it; shutdown() ends both, as a stopped server.
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self.sock.close()
             self.sock = None
 
@@ -3949,6 +3955,21 @@ class TestFTPSTransport(FTPSCase):
             self.assertIn(text, str(cm.exception))
         with self.assertRaises(jp_importer.PermanentError) as cm:
             jp_importer.upload_ftp(ftps.url(""), payload, self.host, 10)
+        # A server that hangs up at once: said in words (EOFError has
+        # none of its own).
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        closer = threading.Thread(target=lambda: listener.accept()[0].close())
+        closer.start()
+        with self.assertRaises(jp_importer.TransientError) as cm:
+            jp_importer.upload_ftp("ftp://localhost:%d/x" % port, payload,
+                                   self.host, 10)
+        closer.join(TIMEOUT)
+        self.assertEqual(str(cm.exception), "ftp localhost:%d: connection "
+                         "closed by the server" % port)
 
     def test_fixture_stall_times_out(self):
         ftps = self.fixture()

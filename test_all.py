@@ -179,9 +179,11 @@ class TranscriptResult(unittest.TextTestResult):
 
     def _with_transcript(self, outcomes):
         if TRANSCRIPT:
+            # An entry is text, or a callable that reads a daemon's log.
+            texts = [t() if callable(t) else t for t in TRANSCRIPT]
             test, text = outcomes[-1]
             outcomes[-1] = (test, text + "\nstderr of the test's commands:"
-                            "\n" + "\n".join(TRANSCRIPT))
+                            "\n" + "\n".join(texts))
 
     def addFailure(self, test, err):
         super().addFailure(test, err)
@@ -190,6 +192,27 @@ class TranscriptResult(unittest.TextTestResult):
     def addError(self, test, err):
         super().addError(test, err)
         self._with_transcript(self.errors)
+
+
+class DaemonLog:
+    """A transcript entry: the end of an ImporterHarness daemon's log,
+    read when the failure is reported, or, under Pythons that report it
+    after the cleanups removed the file (before 3.11), as snapshot() saw
+    it during those cleanups."""
+
+    def __init__(self, harness):
+        self.harness, self.text = harness, None
+
+    def snapshot(self):
+        try:
+            self.text = self.harness.output()[-TRANSCRIPT_TAIL:]
+        except OSError:
+            pass
+
+    def __call__(self):
+        self.snapshot()
+        return "$ jp_importer.py -g ... (its log)\n%s" % (
+            self.text if self.text is not None else "(not kept)")
 
 
 class TranscriptRunner(unittest.TextTestRunner):
@@ -1132,6 +1155,10 @@ class ImporterHarness:
                                 + self.args(*extra), stdout=out,
                                 stderr=subprocess.STDOUT, **kw)
         out.close()
+        if not any(getattr(t, "harness", None) is self for t in TRANSCRIPT):
+            log = DaemonLog(self)
+            TRANSCRIPT.append(log)
+            self.case.addCleanup(log.snapshot)    # after the kill below
 
         def cleanup():
             if proc.poll() is None:
@@ -2039,7 +2066,7 @@ class ExporterRun:
 
 class TestHelpers(unittest.TestCase):
     """The suite's own plumbing: a failure shows what the failing test's
-    commands wrote to stderr, and only that test's."""
+    commands and importer daemons wrote to stderr, and only that test's."""
 
     def test_a_failure_ends_with_its_commands_stderr(self):
         class Failing(unittest.TestCase):
@@ -2053,9 +2080,22 @@ class TestHelpers(unittest.TestCase):
             def test_two(self):
                 raise RuntimeError("an error")
 
+            def test_three(self):
+                h = ImporterHarness(self)
+                proc = h.start()
+                wait_for(lambda: "started:" in h.output(), what="start")
+                h.stop(proc)
+                self.fail("after a daemon")
+
+        ours = TRANSCRIPT[:]
         result = TranscriptRunner(stream=io.StringIO()).run(
-            unittest.TestSuite([Failing("test_one"), Failing("test_two")]))
-        (_, failure), = result.failures
+            unittest.TestSuite([Failing("test_one"), Failing("test_two"),
+                                Failing("test_three")]))
+        TRANSCRIPT[:] = ours
+        (_, failure), (_, daemon) = result.failures
+        # A daemon's log too, though its directory is gone by now.
+        self.assertRegex(daemon, r"\$ jp_importer.py -g \.\.\. \(its log\)"
+                         r"\n[\s\S]* INFO started: 3 workers [\s\S]* INFO stopped\n")
         self.assertIn("AssertionError: as planned", failure)
         self.assertRegex(failure, r"\$ python\S* -c .*\(exit 0\)\n"
                          r"the first one\n")

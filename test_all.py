@@ -171,7 +171,8 @@ def run(cmd, **kwargs):
 
 class TranscriptResult(unittest.TextTestResult):
     """A test result whose failures and errors end with what the test's
-    commands (run through run()) wrote to stderr."""
+    commands (run through run()) and importer daemons (started by
+    ImporterHarness.start) wrote to stderr."""
 
     def startTest(self, test):
         del TRANSCRIPT[:]
@@ -2061,7 +2062,7 @@ class ExporterRun:
 
 
 # ---------------------------------------------------------------------------
-# The fixtures' own tests: the PKI, the JPPS fixture
+# The fixtures' own tests: the helpers, the PKI, the JPPS fixture
 # ---------------------------------------------------------------------------
 
 class TestHelpers(unittest.TestCase):

@@ -1129,6 +1129,7 @@ class ImporterHarness:
         self.pidfile = self.path("importer.pid")
         self.logfile = self.path("importer.log")
         self.cert, self.key = self.pki.host_cert, self.pki.host_key
+        self.daemon_log = None      # its transcript entry, once started
 
     def path(self, *names):
         return os.path.join(self.dir, *names)
@@ -1156,10 +1157,10 @@ class ImporterHarness:
                                 + self.args(*extra), stdout=out,
                                 stderr=subprocess.STDOUT, **kw)
         out.close()
-        if not any(getattr(t, "harness", None) is self for t in TRANSCRIPT):
-            log = DaemonLog(self)
-            TRANSCRIPT.append(log)
-            self.case.addCleanup(log.snapshot)    # after the kill below
+        if self.daemon_log is None:
+            self.daemon_log = DaemonLog(self)
+            TRANSCRIPT.append(self.daemon_log)
+            self.case.addCleanup(self.daemon_log.snapshot)  # after the kill
 
         def cleanup():
             if proc.poll() is None:
